@@ -1,0 +1,73 @@
+"""Gaussian splat renderers: a fast separable one for inference and training, a dense one as oracle.
+
+An isotropic Gaussian factorises over the axes, so a volume of N splats is
+``V[d, h, w] = sum_j w_j gz_j[d] gy_j[h] gx_j[w]``: one (d*h, N) x (N, w) matrix product per
+particle instead of CryoLens's dense (voxels x splats) distance tensor. Both renderers follow
+spec.md c.6: coordinate component x runs along the last array axis, z along the first.
+"""
+from __future__ import annotations
+
+import torch
+
+#: CryoLens floors the Gaussian exponent here; exp(-88) is below float32's normal range.
+EXPONENT_FLOOR = -88.0
+
+
+def render_separable(
+    centres: torch.Tensor,
+    weights: torch.Tensor,
+    sigmas: torch.Tensor,
+    axis: torch.Tensor,
+) -> torch.Tensor:
+    """Render splats on the cube ``axis x axis x axis`` and clamp the sum to [0, 1].
+
+    centres: (B, 3, N) rows (x, y, z) in grid units; weights, sigmas: (B, N), sigmas in grid
+    units; axis: (n,) coordinates of the grid points along every axis. Returns (B, n, n, n)
+    indexed [d, h, w].
+    """
+    batch, _, n_splats = centres.shape
+    n = axis.shape[0]
+    inv_two_var = 1.0 / (2.0 * sigmas * sigmas)  # (B, N)
+
+    def profile(k: int) -> torch.Tensor:  # (B, N, n)
+        diff = axis.view(1, 1, n) - centres[:, k, :, None]
+        return torch.exp(-(diff * diff) * inv_two_var[:, :, None])
+
+    gx, gy, gz = profile(0), profile(1), profile(2)
+    gx = gx * weights[:, :, None]
+    if torch.is_grad_enabled() or centres.device.type != "cpu":
+        planes = (gz[:, :, :, None] * gy[:, :, None, :]).reshape(batch, n_splats, n * n)
+        volume = torch.bmm(planes.transpose(1, 2), gx)
+    else:
+        # One particle at a time keeps its (N, n*n) planes in cache: ~2x faster on a CPU.
+        volume = torch.empty(batch, n * n, n, dtype=centres.dtype)
+        for b in range(batch):
+            planes = (gz[b, :, :, None] * gy[b, :, None, :]).reshape(n_splats, n * n)
+            torch.mm(planes.t(), gx[b], out=volume[b])
+    return volume.reshape(batch, n, n, n).clamp(0.0, 1.0)
+
+
+def render_dense(
+    centres: torch.Tensor,
+    weights: torch.Tensor,
+    sigmas: torch.Tensor,
+    axis: torch.Tensor,
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """The plain renderer, written the obvious way: every voxel against every splat.
+
+    Same arguments and result as :func:`render_separable`. Slow and memory-hungry; it exists to
+    test the fast path, so it computes (p - c)^2 directly rather than CryoLens's expanded form.
+    """
+    batch, _, _ = centres.shape
+    n = axis.shape[0]
+    zz, yy, xx = torch.meshgrid(axis, axis, axis, indexing="ij")
+    points = torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)  # (n^3, 3) as (x, y, z)
+    out = torch.empty(batch, points.shape[0], dtype=centres.dtype, device=centres.device)
+    two_var = 2.0 * sigmas * sigmas  # (B, N)
+    for start in range(0, points.shape[0], chunk):
+        p = points[start : start + chunk]  # (P, 3)
+        d2 = ((p[None, :, None, :] - centres.transpose(1, 2)[:, None, :, :]) ** 2).sum(-1)
+        expo = torch.clamp(-d2 / two_var[:, None, :], min=EXPONENT_FLOOR)
+        out[:, start : start + chunk] = (weights[:, None, :] * torch.exp(expo)).sum(-1)
+    return out.reshape(batch, n, n, n).clamp(0.0, 1.0)
