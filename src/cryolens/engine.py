@@ -145,7 +145,8 @@ class Engine:
             raise InputError("at least one volume is needed", field="volumes")
         if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
             raise InputError(f"volumes must be real numbers, got dtype {array.dtype}", "volumes")
-        array = np.ascontiguousarray(array, dtype=np.float32)
+        with np.errstate(over="ignore"):  # beyond float32 range becomes inf, reported below
+            array = np.ascontiguousarray(array, dtype=np.float32)
         if not np.isfinite(array).all():
             raise InputError(
                 "volumes must be finite: found NaN or infinity (or a value beyond float32 range)",

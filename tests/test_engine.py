@@ -1,0 +1,103 @@
+"""The engine: shapes, chunking, input checks, and splats that re-render to the decoder's volume."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cryolens.engine import Engine
+from cryolens.errors import DeviceError, InputError
+from cryolens.model import CryoLensConfig, CryoLensVAE
+
+SMALL = CryoLensConfig(latent_dims=8, affinity_dims=6, n_affinity=40, n_free=10)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.manual_seed(0)
+    model = CryoLensVAE(SMALL)
+    with torch.no_grad():  # O(1) latents, so splats spread over the box as in a trained model
+        model.mu.weight.mul_(40)
+        model.pose.weight.mul_(40)
+    return Engine(model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def volumes():
+    return np.random.default_rng(0).standard_normal((5, 48, 48, 48)).astype(np.float32)
+
+
+def test_every_output_has_a_leading_n(engine, volumes):
+    f = engine.features(volumes)
+    assert f.embedding.shape == (5, 8) and f.log_var.shape == (5, 8)
+    assert f.pose_axis_angle.shape == (5, 4) and f.pose_quaternion.shape == (5, 4)
+    assert f.global_weight.shape == (5,)
+    assert np.allclose(np.linalg.norm(f.pose_quaternion, axis=1), 1, atol=1e-5)
+    r = engine.reconstruct(volumes, segments=True)
+    assert r.volume.shape == r.affinity.shape == r.free.shape == (5, 48, 48, 48)
+    s = engine.splats(volumes)
+    assert s.centres.shape == (5, 50, 3) and s.sigmas.shape == s.weights.shape == (5, 50)
+    assert engine.splats(volumes, include_free=False).centres.shape == (5, 40, 3)
+    assert engine.features(volumes[0]).embedding.shape == (1, 8)
+
+
+def test_chunking_by_memory_budget_changes_nothing(engine, volumes):
+    whole = engine.reconstruct(volumes, use_predicted_pose=True)
+    small = Engine(engine.model, device="cpu", memory_budget=1)
+    assert list(small._chunks(5, 56)) == [slice(i, i + 1) for i in range(5)]
+    chunked = small.reconstruct(volumes, use_predicted_pose=True)
+    assert np.allclose(whole.volume, chunked.volume, atol=1e-5)
+    assert np.allclose(whole.features.embedding, chunked.features.embedding, atol=1e-5)
+
+
+def test_options_change_the_output(engine, volumes):
+    base = engine.reconstruct(volumes[:2])
+    assert not np.allclose(base.volume, engine.reconstruct(volumes[:2], final_convolution=False).volume)
+    assert not np.allclose(base.volume, engine.reconstruct(volumes[:2], use_predicted_pose=True).volume)
+    raw = engine.reconstruct(volumes[:2], denormalise=False).volume
+    norm = engine.normalise(volumes[:2])
+    assert np.allclose(base.volume, raw * norm.std[:, None, None, None] + norm.mean[:, None, None, None],
+                       atol=1e-5)
+
+
+def test_splats_rerender_to_the_raw_render(engine, volumes):
+    """Our splat definition is the renderer's: a plain Gaussian sum in voxel units reproduces it."""
+    s = engine.splats(volumes[:2])
+    raw = engine.reconstruct(volumes[:2], use_predicted_pose=True, final_convolution=False,
+                             denormalise=False).volume
+    idx = np.arange(48, dtype=np.float64)
+    for n in range(2):
+        c, sig, w = s.centres[n].astype(np.float64), s.sigmas[n].astype(np.float64), s.weights[n]
+        gz, gy, gx = (np.exp(-(idx[None, :] - c[:, k, None]) ** 2 / (2 * sig[:, None] ** 2))
+                      for k in range(3))
+        volume = np.einsum("j,jd,jh,jw->dhw", w, gz, gy, gx).clip(0, 1)
+        assert np.abs(volume - raw[n]).max() < 1e-5
+        assert volume.max() > 0.05  # the check is not vacuous
+
+
+def test_normalisation_is_per_particle(engine, volumes):
+    scaled = volumes.copy()
+    scaled[1] = scaled[1] * 1000 + 5
+    a, b = engine.features(volumes), engine.features(scaled)
+    assert np.allclose(a.embedding, b.embedding, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (np.zeros((2, 32, 32, 32), np.float32), "shape (N, 48, 48, 48)"),
+    (np.zeros((48, 48), np.float32), "shape"),
+    (np.zeros((0, 48, 48, 48), np.float32), "at least one"),
+    (np.full((1, 48, 48, 48), np.nan, np.float32), "finite"),
+    (np.full((1, 48, 48, 48), 1e39), "finite"),
+    (np.full((1, 48, 48, 48), "a"), "real numbers"),
+])
+def test_bad_input_is_an_input_error(engine, bad, fragment):
+    with pytest.raises(InputError, match=None) as info:
+        engine.features(bad)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_where_there_is_none_is_a_clear_error():
+    with pytest.raises(DeviceError, match="no CUDA"):
+        Engine(CryoLensVAE(SMALL), device="cuda")
+    assert Engine(CryoLensVAE(SMALL), device="auto").device.type == "cpu"
