@@ -1,0 +1,39 @@
+"""Shared fixtures: where ../shared lives, and the parity checkpoint and golden arrays in it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CRYOLENS_SHARED", REPO.parent / "shared"))
+PARITY = SHARED / "parity"
+PARITY_CKPT = PARITY / "v001_random_lightning.ckpt"
+GOLDEN = PARITY / "golden_dev.npz"
+
+needs_parity = pytest.mark.skipif(
+    not (PARITY_CKPT.exists() and GOLDEN.exists()),
+    reason=f"parity fixtures not found under {PARITY} (set CRYOLENS_SHARED to the shared/ folder)",
+)
+
+
+@pytest.fixture(scope="session")
+def golden():
+    if not GOLDEN.exists():
+        pytest.skip(f"golden arrays not found at {GOLDEN}")
+    with np.load(GOLDEN) as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope="session")
+def parity_engine():
+    if not PARITY_CKPT.exists():
+        pytest.skip(f"parity checkpoint not found at {PARITY_CKPT}")
+    from cryolens.engine import Engine
+
+    return Engine.from_checkpoint(str(PARITY_CKPT), device="cpu")
