@@ -1,0 +1,92 @@
+"""Server settings in one place: built from CLI flags or ``CRYOLENS_*`` environment variables.
+
+The CLI exports its flags as environment variables so that ``--reload`` and
+``uvicorn cryolens.server.minimal_cryolens_server:app --workers N`` rebuild the same settings
+in every process.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, fields
+
+#: Named checkpoint served when none is given; shipped with the package, so no download.
+DEFAULT_CHECKPOINT = "demo"
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_PORT = 8023
+#: Any origin may call, never with credentials. ``""`` turns CORS off.
+DEFAULT_CORS = "*"
+DEFAULT_DEVICE = "auto"
+DEFAULT_LOG_LEVEL = "INFO"
+#: Largest request body accepted (bytes); a 64-volume JSON batch is ~150 MB.
+DEFAULT_MAX_BODY_BYTES = 256 * 1024**2
+#: Most volumes one /batch_process request may carry.
+DEFAULT_MAX_VOLUMES = 256
+#: Inference jobs that may wait for the worker before new ones get 503.
+DEFAULT_QUEUE_SIZE = 16
+#: Seconds a client is told to wait (``Retry-After``) when the queue is full.
+DEFAULT_RETRY_AFTER_S = 5
+#: Volumes per engine pass in /batch_process when the request does not say.
+DEFAULT_BATCH_SIZE = 32
+
+DEVICES = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+ENV_PREFIX = "CRYOLENS_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a server process needs to know before it starts."""
+
+    checkpoint: str = DEFAULT_CHECKPOINT
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    cors: str = DEFAULT_CORS
+    device: str = DEFAULT_DEVICE
+    log_level: str = DEFAULT_LOG_LEVEL
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_volumes: int = DEFAULT_MAX_VOLUMES
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    retry_after_s: int = DEFAULT_RETRY_AFTER_S
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "log_level", self.log_level.upper())
+        object.__setattr__(self, "device", self.device.lower())
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, "
+                             f"got {self.log_level!r}")
+        for name in ("port", "max_body_bytes", "max_volumes", "queue_size", "retry_after_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def cors_origins(self) -> list[str]:
+        """Allowed origins; empty means no CORS middleware at all."""
+        return [origin.strip() for origin in self.cors.split(",") if origin.strip()]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read ``CRYOLENS_<FIELD>`` (e.g. ``CRYOLENS_CHECKPOINT``); unset means the default."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            if f.type == "int":
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be an integer, "
+                                     f"got {raw!r}") from None
+            else:
+                values[f.name] = raw
+        return cls(**values)
+
+    def export_env(self, environ: MutableMapping[str, str] | None = None) -> None:
+        """Write every field as ``CRYOLENS_<FIELD>`` so child processes rebuild these settings."""
+        environ = os.environ if environ is None else environ
+        for f in fields(self):
+            environ[ENV_PREFIX + f.name.upper()] = str(getattr(self, f.name))
