@@ -1,0 +1,339 @@
+"""Training and fine-tuning of CryoLens-architecture models, on simulated or on your own particles.
+
+The same segmented architecture and parameter names as CryoLens, so :mod:`cryolens.checkpoints`
+loads what this writes. Checkpoints are safetensors; the loss log is JSON lines.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cryolens.model import CryoLensConfig, CryoLensVAE
+from cryolens.model.rotation import pose_to_matrix
+
+#: The shipped demo model's shape: CryoLens's architecture, fewer latents and splats.
+DEMO_CONFIG = CryoLensConfig(latent_dims=16, affinity_dims=12, n_affinity=192, n_free=48)
+
+
+@dataclass
+class TrainSettings:
+    """Everything that determines a training run (saved with every checkpoint)."""
+
+    out_dir: str = "runs/demo"
+    steps: int = 20000
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    # simulated data (when ``data`` is None)
+    snr_min: float = 1.0
+    snr_max: float = 10.0
+    tilt_range: float = 60.0
+    max_shift: float = 2.0
+    # real particles to fine-tune on: a folder of MRC files, an .npy or an .h5 stack
+    data: str | None = None
+    init: str | None = None  # checkpoint to start from (fine-tuning)
+    # loss weights
+    beta_kl: float = 1e-3
+    w_teacher: float = 1.0  # decode with the true pose too: teaches the canonical frame
+    w_pose: float = 1.0  # rotation-matrix loss, fades out over the first half
+    w_contrast: float = 0.1  # structure-contrastive term on the affinity embedding
+    temperature: float = 0.1
+    # model shape for a new model
+    latent_dims: int = DEMO_CONFIG.latent_dims
+    affinity_dims: int = DEMO_CONFIG.affinity_dims
+    n_affinity: int = DEMO_CONFIG.n_affinity
+    n_free: int = DEMO_CONFIG.n_free
+    # bookkeeping
+    max_minutes: float | None = None  # stop early (and save) after this long
+    checkpoint_every: int = 500
+    log_every: int = 25
+    workers: int = 0
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def model_config(self) -> CryoLensConfig:
+        return CryoLensConfig(latent_dims=self.latent_dims, affinity_dims=self.affinity_dims,
+                              n_affinity=self.n_affinity, n_free=self.n_free)
+
+
+# -- data -----------------------------------------------------------------------------------
+class SimulatedStream(torch.utils.data.IterableDataset):
+    """Endless simulated batches; batch ``s`` depends only on (seed, s), so runs resume exactly."""
+
+    def __init__(self, settings: TrainSettings, start_step: int) -> None:
+        self.settings = settings
+        self.start_step = start_step
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        from cryolens.synth import ParticleSimulator
+
+        s = self.settings
+        rng = np.random.default_rng([s.seed, step])
+        snr = float(np.exp(rng.uniform(np.log(s.snr_min), np.log(s.snr_max))))
+        sim = ParticleSimulator(snr=snr, tilt_range=s.tilt_range, max_shift=s.max_shift,
+                                seed=int(rng.integers(2**63)))
+        b = sim.sample(s.batch_size)
+        return {
+            "particles": torch.from_numpy(b.particles),
+            "target": torch.from_numpy(b.clean),
+            "rotations": torch.from_numpy(b.rotations),
+            "labels": torch.from_numpy(b.labels),
+        }
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        step = self.start_step + worker
+        while True:
+            yield self.batch(step)
+            step += n_workers
+
+
+class ParticleStack(torch.utils.data.IterableDataset):
+    """Your own particles, reconstructed as themselves (no labels, no known pose)."""
+
+    def __init__(self, volumes: np.ndarray, settings: TrainSettings, start_step: int) -> None:
+        self.volumes = volumes
+        self.settings = settings
+        self.start_step = start_step
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        step = self.start_step + worker
+        while True:
+            rng = np.random.default_rng([self.settings.seed, step])
+            pick = rng.integers(0, len(self.volumes), self.settings.batch_size)
+            batch = _zscore(self.volumes[pick].astype(np.float32))
+            yield {"particles": torch.from_numpy(batch), "target": torch.from_numpy(batch)}
+            step += n_workers
+
+
+def _zscore(volumes: np.ndarray) -> np.ndarray:
+    mean = volumes.mean(axis=(1, 2, 3), keepdims=True)
+    std = volumes.std(axis=(1, 2, 3), keepdims=True)
+    return (volumes - mean) / (std + 1e-6)
+
+
+def load_particles(path: str | os.PathLike) -> np.ndarray:
+    """(N, S, S, S) particles from a folder of .mrc files, an .npy stack or an .h5 stack."""
+    path = Path(path)
+    if path.is_dir():
+        import mrcfile
+
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".mrc", ".map", ".rec"))
+        if not files:
+            raise FileNotFoundError(f"no .mrc files in {path}")
+        volumes = []
+        for file in files:
+            with mrcfile.open(file, permissive=True) as mrc:
+                volumes.append(np.asarray(mrc.data, np.float32))
+        return np.stack(volumes)
+    if path.suffix == ".npy":
+        return np.load(path)
+    if path.suffix in (".h5", ".hdf5"):
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            name = next(k for k in f if isinstance(f[k], h5py.Dataset) and f[k].ndim == 4)
+            return np.asarray(f[name], np.float32)
+    raise ValueError(f"cannot read particles from {path}: use a folder of MRC files, .npy or .h5")
+
+
+# -- model initialisation -------------------------------------------------------------------
+def initialise(model: CryoLensVAE) -> None:
+    """A start that renders sensible volumes: splats near the centre, a blur as final conv."""
+    dec = model.decoder
+    with torch.no_grad():
+        for name in ("affinity_centroids", "free_centroids"):
+            if hasattr(dec, name):
+                getattr(dec, name)[4].weight.mul_(0.5)
+        dec._decoder[1].weight.fill_(1.0)
+        dec._decoder[1].bias.zero_()
+        r = torch.arange(9, dtype=torch.float32) - 4
+        g = torch.exp(-(r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) / 2)
+        dec._decoder[2].weight.copy_((g / g.sum() * 3.0)[None, None])
+        dec._decoder[2].bias.zero_()
+
+
+# -- losses ---------------------------------------------------------------------------------
+def kl_divergence(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).sum(1).mean()
+
+
+def contrastive(embedding: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Supervised contrastive loss: same-structure embeddings together, others apart."""
+    z = nn.functional.normalize(embedding, dim=1)
+    logits = z @ z.T / temperature
+    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(eye, -1e9)
+    positives = (labels[:, None] == labels[None, :]) & ~eye
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    count = positives.sum(1)
+    valid = count > 0
+    if not valid.any():
+        return embedding.new_zeros(())
+    mean_pos = (log_prob * positives).sum(1)[valid] / count[valid]
+    return -mean_pos.mean()
+
+
+def training_step(model: CryoLensVAE, batch: dict, settings: TrainSettings, step: int) -> dict:
+    x = batch["particles"]
+    target = batch["target"]
+    enc = model.encode(x)
+    z = enc.mu + torch.randn_like(enc.mu) * torch.exp(0.5 * enc.log_var)
+    out = model.decoder(z, enc.pose, enc.global_weight)
+    losses = {"recon": nn.functional.mse_loss(out, target)}
+    losses["kl"] = kl_divergence(enc.mu, enc.log_var)
+    total = losses["recon"] + settings.beta_kl * losses["kl"]
+    if "rotations" in batch:
+        rot = batch["rotations"]
+        true_pose = _matrix_to_axis_angle(rot)
+        teacher = model.decoder(z, true_pose, enc.global_weight)
+        losses["teacher"] = nn.functional.mse_loss(teacher, target)
+        losses["pose"] = (pose_to_matrix(enc.pose) - rot).pow(2).sum((1, 2)).mean()
+        fade = max(0.0, 1.0 - step / (0.5 * settings.steps))
+        losses["contrast"] = contrastive(enc.mu[:, : model.config.affinity_dims],
+                                         batch["labels"], settings.temperature)
+        total = (total + settings.w_teacher * losses["teacher"]
+                 + settings.w_pose * fade * losses["pose"]
+                 + settings.w_contrast * losses["contrast"])
+    losses["total"] = total
+    return losses
+
+
+def _matrix_to_axis_angle(rot: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) rotations -> (B, 4) (angle, unit axis) in the pose head's convention."""
+    trace = rot[:, 0, 0] + rot[:, 1, 1] + rot[:, 2, 2]
+    w = torch.sqrt(torch.clamp(1 + trace, min=1e-12)) / 2
+    x = torch.sqrt(torch.clamp(1 + rot[:, 0, 0] - rot[:, 1, 1] - rot[:, 2, 2], min=0)) / 2
+    y = torch.sqrt(torch.clamp(1 - rot[:, 0, 0] + rot[:, 1, 1] - rot[:, 2, 2], min=0)) / 2
+    zq = torch.sqrt(torch.clamp(1 - rot[:, 0, 0] - rot[:, 1, 1] + rot[:, 2, 2], min=0)) / 2
+    x = torch.copysign(x, rot[:, 2, 1] - rot[:, 1, 2])
+    y = torch.copysign(y, rot[:, 0, 2] - rot[:, 2, 0])
+    zq = torch.copysign(zq, rot[:, 1, 0] - rot[:, 0, 1])
+    vec = torch.stack([x, y, zq], 1)
+    norm = torch.linalg.vector_norm(vec, dim=1, keepdim=True)
+    angle = 2 * torch.atan2(norm[:, 0], w)
+    axis = vec / torch.clamp(norm, min=1e-12)
+    return torch.cat([angle[:, None], axis], 1)
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+def save_checkpoint(path: Path, model: CryoLensVAE, meta: dict) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"cryolens": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def _latest(out_dir: Path) -> Path | None:
+    found = sorted(out_dir.glob("step_*.safetensors"))
+    return found[-1] if found else None
+
+
+def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True) -> Path:
+    """Train (or resume) and return the path of the final checkpoint."""
+    from cryolens.engine import resolve_device
+
+    out_dir = Path(settings.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(settings.device)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    np.random.seed(settings.seed)
+
+    start_step = 0
+    latest = _latest(out_dir) if resume else None
+    if settings.init and not latest:
+        from cryolens.checkpoints import load_model
+
+        model, _ = load_model(settings.init)
+    else:
+        model = CryoLensVAE(settings.model_config())
+        initialise(model)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-5)
+    if latest:
+        model.load_state_dict(load_file(str(latest)), strict=False)
+        opt_path = latest.with_suffix(".opt.pt")
+        if opt_path.exists():
+            optimizer.load_state_dict(torch.load(opt_path, map_location=device, weights_only=True))
+        start_step = int(latest.stem.split("_")[1])
+        torch.manual_seed(settings.seed + start_step)
+
+    def lr_at(step: int) -> float:
+        warm = min(1.0, (step + 1) / 200)
+        return settings.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / settings.steps)))
+
+    if settings.data:
+        dataset = ParticleStack(load_particles(settings.data), settings, start_step)
+    else:
+        dataset = SimulatedStream(settings, start_step)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=settings.workers,
+        persistent_workers=settings.workers > 0, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if settings.workers else None,
+    )
+    (out_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
+    log = open(out_dir / "log.jsonl", "a")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=settings.steps, initial=start_step, unit="step", dynamic_ncols=True)
+    started = time.time()
+    running: dict[str, float] = {}
+    step = start_step
+    meta = {"settings": asdict(settings), "config": model.config.to_dict()}
+    for step, batch in zip(range(start_step, settings.steps), loader):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        losses = training_step(model, batch, settings, step)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        for k, v in losses.items():
+            running[k] = running.get(k, 0.0) + float(v.detach())
+        done = step + 1
+        if done % settings.log_every == 0 or done == settings.steps:
+            n = settings.log_every if done % settings.log_every == 0 else done % settings.log_every
+            record = {"step": done, "elapsed_s": round(time.time() - started, 2),
+                      "lr": lr_at(step), **{k: v / n for k, v in running.items()}}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            running = {}
+            if bar:
+                bar.set_postfix(recon=f"{record['recon']:.4f}", total=f"{record['total']:.4f}")
+        if bar:
+            bar.update(1)
+        out_of_time = settings.max_minutes and time.time() - started > 60 * settings.max_minutes
+        if done % settings.checkpoint_every == 0 or done == settings.steps or out_of_time:
+            path = out_dir / f"step_{done:07d}.safetensors"
+            save_checkpoint(path, model, {**meta, "step": done})
+            torch.save(optimizer.state_dict(), path.with_suffix(".opt.pt"))
+            for old in sorted(out_dir.glob("step_*.safetensors"))[:-2]:
+                old.unlink()
+                old.with_suffix(".opt.pt").unlink(missing_ok=True)
+        if out_of_time:
+            break
+    if bar:
+        bar.close()
+    log.close()
+    final = out_dir / "final.safetensors"
+    save_checkpoint(final, model.eval(), {**meta, "step": step + 1})
+    return final
