@@ -107,10 +107,16 @@ class Engine:
         device: str | torch.device = "auto",
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         checkpoint=None,
+        allow_tf32: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # denormal products are ~100x slower on x86
+        elif self.device.type == "cuda" and not allow_tf32:
+            # cuDNN convolutions default to TF32 (10-bit mantissa): ~1e-3 relative error in the
+            # encoder, far outside CryoLens parity. Full float32 costs little at these sizes.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.model = model.to(self.device).eval()
         self.config: CryoLensConfig = model.config
         self.memory_budget = int(memory_budget)

@@ -188,7 +188,8 @@ def contrastive(embedding: torch.Tensor, labels: torch.Tensor, temperature: floa
     return -mean_pos.mean()
 
 
-def training_step(model: CryoLensVAE, batch: dict, settings: TrainSettings, step: int) -> dict:
+def training_step(model: CryoLensVAE, batch: dict, settings: TrainSettings, progress: float) -> dict:
+    """Losses for one batch; ``progress`` in [0, 1] is how far the run is (fades the pose loss)."""
     x = batch["particles"]
     target = batch["target"]
     enc = model.encode(x)
@@ -203,7 +204,7 @@ def training_step(model: CryoLensVAE, batch: dict, settings: TrainSettings, step
         teacher = model.decoder(z, true_pose, enc.global_weight)
         losses["teacher"] = nn.functional.mse_loss(teacher, target)
         losses["pose"] = (pose_to_matrix(enc.pose) - rot).pow(2).sum((1, 2)).mean()
-        fade = max(0.0, 1.0 - step / (0.5 * settings.steps))
+        fade = max(0.0, 1.0 - 2.0 * progress)
         losses["contrast"] = contrastive(enc.mu[:, : model.config.affinity_dims],
                                          batch["labels"], settings.temperature)
         total = (total + settings.w_teacher * losses["teacher"]
@@ -255,6 +256,7 @@ def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
 
+    started = time.time()
     start_step = 0
     latest = _latest(out_dir) if resume else None
     if settings.init and not latest:
@@ -274,9 +276,18 @@ def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True
         start_step = int(latest.stem.split("_")[1])
         torch.manual_seed(settings.seed + start_step)
 
+    def progress_at(step: int) -> float:
+        """Fraction of the run done: by steps, or by time when a time limit is the tighter one
+        (then the schedule no longer depends on the step alone, so such runs are not
+        bit-reproducible across machines)."""
+        done = step / settings.steps
+        if settings.max_minutes:
+            done = max(done, (time.time() - started) / (60 * settings.max_minutes))
+        return min(1.0, done)
+
     def lr_at(step: int) -> float:
         warm = min(1.0, (step + 1) / 200)
-        return settings.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / settings.steps)))
+        return settings.lr * warm * 0.5 * (1 + math.cos(math.pi * progress_at(step)))
 
     if settings.data:
         dataset = ParticleStack(load_particles(settings.data), settings, start_step)
@@ -294,7 +305,6 @@ def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True
         from tqdm import tqdm
 
         bar = tqdm(total=settings.steps, initial=start_step, unit="step", dynamic_ncols=True)
-    started = time.time()
     running: dict[str, float] = {}
     step = start_step
     meta = {"settings": asdict(settings), "config": model.config.to_dict()}
@@ -302,7 +312,7 @@ def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        losses = training_step(model, batch, settings, step)
+        losses = training_step(model, batch, settings, progress_at(step))
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
