@@ -304,14 +304,16 @@ def _add_info_routes(app: FastAPI) -> None:
 
 
 async def _parse(request: Request, options: type[BaseModel],
-                 convert: Callable[[dict[str, Any]], np.ndarray]) -> tuple[Any, np.ndarray]:
+                 convert: Callable[[dict[str, Any]], np.ndarray],
+                 array_field: str | None = None) -> tuple[Any, np.ndarray]:
     """JSON body -> (validated options, float32 volumes), parsed on a worker thread."""
     if not codecs.is_json_content_type(request.headers.get("content-type")):
         raise HTTPException(415, "Content-Type must be application/json")
     body = await request.body()
 
     def parse() -> tuple[Any, np.ndarray]:
-        payload = codecs.loads_object(body)
+        payload = (codecs.loads_object(body) if array_field is None
+                   else codecs.loads_with_split_array(body, array_field))
         return options.model_validate(payload), convert(payload)
 
     return await run_in_threadpool(parse)
@@ -406,7 +408,8 @@ def _add_volume_routes(app: FastAPI, settings: Settings) -> None:
         opts, volumes = await _parse(
             request, schemas.BatchOptions,
             lambda payload: codecs.volumes(_required(payload, "input_volumes"),
-                                           "input_volumes", shape, settings.max_volumes))
+                                           "input_volumes", shape, settings.max_volumes),
+            array_field="input_volumes")
         want_splats = opts.operation == "splats"
         want_recon = opts.return_reconstructions and opts.operation in (None, "reconstruction")
 

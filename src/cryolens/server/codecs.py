@@ -30,9 +30,28 @@ class ORJSONResponse(Response):
         return dumps(content)
 
 
+#: Arrays larger than this are written row by row, so the writing thread yields the GIL often.
+ROW_WISE_BYTES = 4 * 1024**2
+_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
 def dumps(content: Any) -> bytes:
-    return orjson.dumps(content, default=_default,
-                        option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+    """JSON bytes; a top-level dict's big arrays go out one row at a time (same bytes)."""
+    if not isinstance(content, dict) or not any(_row_wise(v) for v in content.values()):
+        return orjson.dumps(content, default=_default, option=_OPTIONS)
+    parts = []
+    for key, value in content.items():
+        if _row_wise(value):
+            text = b"[" + b",".join(orjson.dumps(row, default=_default, option=_OPTIONS)
+                                    for row in value) + b"]"
+        else:
+            text = orjson.dumps(value, default=_default, option=_OPTIONS)
+        parts.append(orjson.dumps(str(key)) + b":" + text)
+    return b"{" + b",".join(parts) + b"}"
+
+
+def _row_wise(value: Any) -> bool:
+    return isinstance(value, np.ndarray) and value.ndim > 1 and value.nbytes > ROW_WISE_BYTES
 
 
 def _default(value: Any) -> Any:
@@ -73,6 +92,84 @@ def loads_object(body: bytes) -> dict[str, Any]:
     return value
 
 
+def loads_with_split_array(body: bytes, field: str) -> dict[str, Any]:
+    """Like :func:`loads_object`, but a large body's top-level array ``field`` comes back as a
+    list of raw JSON byte slices, one per element, parsed later one at a time.
+
+    One ``orjson.loads`` of a 150 MB batch holds the GIL for ~1 s, which would stall the event
+    loop (and ``/health``); element by element, the parsing thread yields every few ms. Bodies
+    under :data:`SPLIT_THRESHOLD_BYTES`, or any body this scan cannot vouch for, take the plain
+    path, which also produces the exact error messages.
+    """
+    if len(body) >= SPLIT_THRESHOLD_BYTES:
+        split = _split_top_level_array(body, field)
+        if split is not None:
+            return split
+    return loads_object(body)
+
+
+#: Bodies at least this large have their volume array parsed element by element.
+SPLIT_THRESHOLD_BYTES = 8 * 1024**2
+_OPEN = np.frombuffer(b"[{", np.uint8)
+_CLOSE = np.frombuffer(b"]}", np.uint8)
+
+
+def _split_top_level_array(body: bytes, field: str) -> dict[str, Any] | None:
+    data = np.frombuffer(body, np.uint8)
+    if (data == ord("\\")).any():
+        return None  # escaped quotes would need a real tokenizer
+    quotes = np.flatnonzero(data == ord('"'))
+    if len(quotes) % 2:
+        return None
+    brackets = np.flatnonzero(np.isin(data, _OPEN) | np.isin(data, _CLOSE))
+    if len(quotes):  # drop brackets inside strings: between quote 2k and quote 2k+1
+        inside = np.searchsorted(quotes, brackets) % 2 == 1
+        brackets = brackets[~inside]
+    if not len(brackets):
+        return None
+    step = np.where(np.isin(data[brackets], _OPEN), 1, -1)
+    depth = np.cumsum(step)  # depth just after each bracket
+    if depth.min() < 0 or depth[-1] != 0 or data[brackets[0]] != ord("{"):
+        return None
+    key = body.find(b'"' + field.encode() + b'"')
+    if key < 0 or body.find(b'"' + field.encode() + b'"', key + 1) >= 0:
+        return None
+    at = np.searchsorted(brackets, key)
+    if at == 0 or depth[at - 1] != 1:
+        return None  # the key is not at the top level
+    colon = body[key + len(field) + 2:brackets[at]].strip()
+    if colon != b":" or data[brackets[at]] != ord("["):
+        return None
+    start = at  # the array's own '[' (depth 2 after it)
+    close = start + 1 + int(np.argmax(depth[start + 1:] == 1))
+    if depth[close] != 1:
+        return None
+    inner = slice(start + 1, close)
+    opens = brackets[inner][(depth[inner] == 3) & (step[inner] == 1)]
+    ends = brackets[inner][(depth[inner] == 2) & (step[inner] == -1)]
+    if len(opens) != len(ends):
+        return None
+    pieces = [body[a:b + 1] for a, b in zip(opens.tolist(), ends.tolist())]
+    edges = [brackets[start] + 1, *[e + 1 for e in ends.tolist()]]
+    gaps = [body[a:b] for a, b in zip(edges, [*opens.tolist(), brackets[close]])]
+    if any(gap.strip() not in (b",", b"") for gap in gaps) or \
+            sum(gap.strip() == b"," for gap in gaps) != max(0, len(pieces) - 1) or \
+            (pieces and gaps[0].strip()) or (pieces and gaps[-1].strip()):
+        return None  # something other than nested arrays in the array: plain path
+    payload = loads_object(body[:brackets[start]] + b"[]" + body[brackets[close] + 1:])
+    payload[field] = [_RawJSON(piece) for piece in pieces]
+    return payload
+
+
+class _RawJSON:
+    """An element of a split array, still JSON text."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: bytes) -> None:
+        self.text = text
+
+
 def truncate(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -83,7 +180,7 @@ def _json_type(value: Any) -> str:
 
 
 def _shape_text(shape: tuple[int | str, ...]) -> str:
-    return "(" + ", ".join(map(str, shape)) + ")"
+    return "(" + ", ".join(map(str, shape)) + (",)" if len(shape) == 1 else ")")
 
 
 def numeric_array(value: Any, field: str, expected: str = "an array of numbers") -> np.ndarray:
@@ -131,5 +228,6 @@ def volumes(value: Any, field: str, box: tuple[int, ...], max_volumes: int) -> n
                               f"accepted per request", field=field)
     out = np.empty((len(value), *box), np.float32)
     for i, item in enumerate(value):
-        out[i] = volume(item, f"{field}[{i}]", box)
+        name = f"{field}[{i}]"
+        out[i] = volume(loads_json(item.text, name) if isinstance(item, _RawJSON) else item, name, box)
     return out

@@ -1,0 +1,104 @@
+"""Start real server processes on free ports for the server tests, and always clean them up."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+#: Seconds a server may take to import torch, load its model and answer /health.
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """A server subprocess: ``url``, ``output()`` (stdout+stderr so far) and ``stop()``."""
+
+    def __init__(self, args: list[str], port: int, env: dict[str, str] | None = None,
+                 cwd: str | os.PathLike | None = None) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = tempfile.NamedTemporaryFile(prefix="cryolens-server-", suffix=".log",
+                                                delete=False)
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env=full_env, cwd=cwd, start_new_session=True)
+
+    def output(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")
+
+    def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> ServerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n"
+                                   f"{self.output()[-3000:]}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server not healthy after {timeout} s:\n{self.output()[-3000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM the server's process group (uvicorn workers, reloader children), then kill."""
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, 15)
+                self.process.wait(STOP_TIMEOUT_S)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.process.pid, 9)
+                except ProcessLookupError:
+                    pass
+                self.process.wait(STOP_TIMEOUT_S)
+        self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)
+
+
+def start_cli_server(checkpoint: str | os.PathLike, *extra: str, env: dict[str, str] | None = None,
+                     wait: bool = True) -> ServerProcess:
+    """``python -m cryolens.server.minimal_cryolens_server --checkpoint X --port P --device cpu``."""
+    port = free_port()
+    server = ServerProcess([PYTHON, "-m", "cryolens.server.minimal_cryolens_server",
+                            "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+                            "--port", str(port), "--device", "cpu", *extra], port, env=env)
+    return server.wait_healthy() if wait else server
+
+
+def start_uvicorn(checkpoint: str | os.PathLike, *extra: str, cwd=None) -> ServerProcess:
+    """``uvicorn cryolens.server.minimal_cryolens_server:app`` configured by CRYOLENS_* only."""
+    port = free_port()
+    env = {"CRYOLENS_CHECKPOINT": str(checkpoint), "CRYOLENS_DEVICE": "cpu"}
+    server = ServerProcess([PYTHON, "-m", "uvicorn", "cryolens.server.minimal_cryolens_server:app",
+                            "--host", "127.0.0.1", "--port", str(port), *extra], port, env=env,
+                           cwd=cwd)
+    return server.wait_healthy()
+
+
+def small_model_file(path: Path) -> Path:
+    """A small random CryoLens model (40 splats, 8 latent dims) as safetensors: fast tests."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cryolens.model import CryoLensConfig, CryoLensVAE
+
+    torch.manual_seed(0)
+    model = CryoLensVAE(CryoLensConfig(latent_dims=8, affinity_dims=6, n_affinity=32, n_free=8))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if "coords" not in k}
+    save_file(state, str(path))
+    return path
