@@ -30,8 +30,8 @@ class ServerProcess:
                  cwd: str | os.PathLike | None = None) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self._log = tempfile.NamedTemporaryFile(prefix="cryolens-server-", suffix=".log",
-                                                delete=False)
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
+            prefix="cryolens-server-", suffix=".log", delete=False)
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
                                         env=full_env, cwd=cwd, start_new_session=True)

@@ -29,7 +29,7 @@ def seed_client_example() -> str:
     """The "Python Client Example" block of the seed docs (or the committed copy of it)."""
     if SEED_DOC.exists():
         match = re.search(r"## Python Client Example\s+```python\n(.*?)```",
-                          SEED_DOC.read_text(), re.S)
+                          SEED_DOC.read_text(), re.DOTALL)
         assert match, "the seed docs lost their Python Client Example"
         return match.group(1)
     return SEED_COPY.read_text()

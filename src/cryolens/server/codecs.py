@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from starlette.responses import Response
+from starlette.responses import JSONResponse
 
 from cryolens.errors import InputError, PayloadTooLarge
 
@@ -19,10 +19,9 @@ JSON_MEDIA_TYPE = "application/json"
 _NUMERIC_KINDS = "fiu"  # float, signed and unsigned int: what a volume may hold
 
 
-class ORJSONResponse(Response):
-    """JSON written by orjson; numpy arrays are serialised natively (float32 stays float32)."""
-
-    media_type = JSON_MEDIA_TYPE
+class ORJSONResponse(JSONResponse):
+    """JSON written by orjson; numpy arrays are serialised natively (float32 stays float32).
+    Pre-rendered ``bytes`` pass through untouched."""
 
     def render(self, content: Any) -> bytes:
         if isinstance(content, bytes):

@@ -1,0 +1,88 @@
+"""In-process checks of what a real process cannot easily provoke: a bug (500 with a request id,
+no traceback), a full queue (503 + Retry-After), and settings from the environment."""
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+with warnings.catch_warnings():  # starlette's own note about its httpx-based client
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+from cryolens.server import Settings, create_app
+
+BOX = (48, 48, 48)
+
+
+class FakeEngine:
+    """Just enough of an Engine: features() fails or blocks on demand."""
+
+    device = SimpleNamespace(type="cpu")
+    box_shape = BOX
+    checkpoint = None
+
+    def __init__(self, fail: bool = False, block: threading.Event | None = None) -> None:
+        self.fail, self.block = fail, block
+
+    def features(self, volumes):
+        if self.block is not None:
+            self.block.wait(10)
+        if self.fail:
+            raise RuntimeError("secret internal detail /home/someone/model.ckpt")
+        raise AssertionError("not reached in these tests")
+
+
+def body() -> dict:
+    return {"input_volume": np.zeros(BOX).tolist()}
+
+
+def test_unexpected_error_is_a_bare_500_with_request_id():
+    with TestClient(create_app(Settings(), engine=FakeEngine(fail=True))) as client:
+        response = client.post("/extract_features", json=body())
+    assert response.status_code == 500
+    payload = response.json()
+    assert payload["detail"] == "internal error" and len(payload["request_id"]) == 32
+    assert "secret" not in response.text and response.headers["x-request-id"]
+
+
+def test_full_queue_answers_503_with_retry_after():
+    gate = threading.Event()
+    app = create_app(Settings(queue_size=1, retry_after_s=7), engine=FakeEngine(block=gate))
+    with TestClient(app) as client:
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(
+            client.post("/extract_features", json=body()))) for _ in range(2)]
+        for thread in threads:  # one runs (blocked), one waits in the queue
+            thread.start()
+            time.sleep(0.5)
+        busy = client.post("/extract_features", json=body())
+        gate.set()
+        for thread in threads:
+            thread.join()
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "7"
+    assert "queue is full" in busy.json()["detail"]
+
+
+def test_settings_from_environment_round_trip():
+    settings = Settings(checkpoint="v001", port=9000, cors="", device="CPU", log_level="debug",
+                        max_volumes=8)
+    env: dict[str, str] = {}
+    settings.export_env(env)
+    assert Settings.from_env(env) == settings
+    assert settings.device == "cpu" and settings.log_level == "DEBUG"
+    assert settings.cors_origins == []
+    assert Settings().cors_origins == ["*"]
+    assert Settings(cors="https://a.example, https://b.example").cors_origins == [
+        "https://a.example", "https://b.example"]
+
+
+@pytest.mark.parametrize("env", [{"CRYOLENS_PORT": "x"}, {"CRYOLENS_DEVICE": "tpu"},
+                                 {"CRYOLENS_MAX_VOLUMES": "0"}])
+def test_bad_environment_settings_are_refused(env):
+    with pytest.raises(ValueError):
+        Settings.from_env(env)
