@@ -19,8 +19,9 @@ finite = st.floats(-4, 4, allow_nan=False, width=32)
 
 @settings(max_examples=60, deadline=None)
 @given(angle=st.floats(-6.28, 6.28),
-       axis=st.tuples(finite, finite, finite).filter(lambda a: np.linalg.norm(a) > 1e-3))
+       axis=st.tuples(finite, finite, finite).filter(lambda a: np.linalg.norm(a) > 0.05))
 def test_rotation_is_orthonormal_and_about_the_axis(angle, axis):
+    # (the 1e-8 on the axis norm makes tiny axes non-unit, as in CryoLens: tested in parity)
     pose = torch.tensor([[angle, *axis]], dtype=torch.float64)
     q = axis_angle_to_quaternion(pose)
     assert torch.allclose(q.norm(dim=1), torch.ones(1, dtype=torch.float64), atol=1e-6)
