@@ -109,3 +109,12 @@ def test_crop_region_is_centre_of_full_render():
         full = model.decoder.render(s, "full")
         crop = model.decoder.render(s, "crop")
     assert torch.allclose(full[:, 13:61, 13:61, 13:61], crop, atol=1e-6)
+
+
+def test_renderer_backward_matches_autograd():
+    from cryolens.model.render import _OuterSum
+
+    g = torch.Generator().manual_seed(5)
+    factors = [torch.rand(2, 5, 4, dtype=torch.float64, generator=g).requires_grad_()
+               for _ in range(3)]
+    assert torch.autograd.gradcheck(_OuterSum.apply, factors)

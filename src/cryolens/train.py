@@ -46,7 +46,7 @@ class TrainSettings:
     # loss weights
     beta_kl: float = 1e-3
     w_teacher: float = 1.0  # decode with the true pose too: teaches the canonical frame
-    w_pose: float = 1.0  # rotation-matrix loss, fades out over the first half
+    w_pose: float = 1.0  # rotation-matrix loss, fades out over the first three quarters
     w_contrast: float = 0.1  # structure-contrastive term on the affinity embedding
     temperature: float = 0.1
     # model shape for a new model
@@ -204,7 +204,7 @@ def training_step(model: CryoLensVAE, batch: dict, settings: TrainSettings, prog
         teacher = model.decoder(z, true_pose, enc.global_weight)
         losses["teacher"] = nn.functional.mse_loss(teacher, target)
         losses["pose"] = (pose_to_matrix(enc.pose) - rot).pow(2).sum((1, 2)).mean()
-        fade = max(0.0, 1.0 - 2.0 * progress)
+        fade = max(0.0, 1.0 - progress / 0.75)
         losses["contrast"] = contrastive(enc.mu[:, : model.config.affinity_dims],
                                          batch["labels"], settings.temperature)
         total = (total + settings.w_teacher * losses["teacher"]

@@ -35,9 +35,10 @@ def render_separable(
 
     gx, gy, gz = profile(0), profile(1), profile(2)
     gx = gx * weights[:, :, None]
-    if torch.is_grad_enabled() or centres.device.type != "cpu":
-        planes = (gz[:, :, :, None] * gy[:, :, None, :]).reshape(batch, n_splats, n * n)
-        volume = torch.bmm(planes.transpose(1, 2), gx)
+    if torch.is_grad_enabled():
+        volume = _OuterSum.apply(gz, gy, gx)
+    elif centres.device.type != "cpu":
+        volume = torch.bmm(_planes(gz, gy).transpose(1, 2), gx)
     else:
         # One particle at a time keeps its (N, n*n) planes in cache: ~2x faster on a CPU.
         volume = torch.empty(batch, n * n, n, dtype=centres.dtype)
@@ -45,6 +46,38 @@ def render_separable(
             planes = (gz[b, :, :, None] * gy[b, :, None, :]).reshape(n_splats, n * n)
             torch.mm(planes.t(), gx[b], out=volume[b])
     return volume.reshape(batch, n, n, n).clamp(0.0, 1.0)
+
+
+def _planes(gz: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """(B, N, n) x (B, N, n) -> (B, N, n*n): each splat's (d, h) profile product."""
+    batch, n_splats, n = gz.shape
+    return (gz[:, :, :, None] * gy[:, :, None, :]).reshape(batch, n_splats, n * n)
+
+
+class _OuterSum(torch.autograd.Function):
+    """``V[b, d*n + h, w] = sum_j gz[b,j,d] gy[b,j,h] gx[b,j,w]`` with a hand-written backward.
+
+    Autograd through the broadcast product keeps and re-broadcasts (B, N, n, n) tensors; here
+    the backward is two matrix products and two small contractions, about twice as fast for
+    training, and the planes are recomputed instead of stored.
+    """
+
+    @staticmethod
+    def forward(ctx, gz, gy, gx):
+        ctx.save_for_backward(gz, gy, gx)
+        return torch.bmm(_planes(gz, gy).transpose(1, 2), gx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gz, gy, gx = ctx.saved_tensors
+        batch, n_splats, n = gz.shape
+        grad = grad.contiguous()
+        d_gx = torch.bmm(_planes(gz, gy), grad)  # (B, N, n)
+        # t[b, j, d, h] = sum_w grad[b, (d, h), w] gx[b, j, w]
+        t = torch.bmm(gx, grad.transpose(1, 2)).reshape(batch, n_splats, n, n)
+        d_gz = torch.matmul(t, gy[..., None])[..., 0]
+        d_gy = torch.matmul(gz[:, :, None, :], t)[:, :, 0]
+        return d_gz, d_gy, d_gx
 
 
 def render_dense(
