@@ -1,4 +1,4 @@
-"""Request and response models: the seed contract (docs/server.md) as pydantic classes.
+"""Request and response models: the seed contract (the CryoLens server docs) as pydantic classes.
 
 Volume fields are declared here for the OpenAPI schema only; the routes parse them with
 orjson + numpy (see ``codecs.py``), which is ~100x faster than pydantic on 110,592 floats.
