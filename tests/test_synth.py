@@ -188,7 +188,7 @@ def test_rotations_are_proper(batch: ParticleBatch) -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.floats(-1, 1, allow_nan=False), min_size=4, max_size=4)
+@given(st.lists(st.floats(-1, 1, allow_nan=False, allow_subnormal=False), min_size=4, max_size=4)
        .filter(lambda q: np.linalg.norm(q) > 1e-3))
 def test_quaternion_matrix_is_a_rotation(q: list[float]) -> None:
     q = np.asarray(q) / np.linalg.norm(q)
