@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--data", help="fine-tune on these particles: MRC folder, .npy or .h5 stack")
     t.add_argument("--init", help="checkpoint to start from (name, path or URL)")
+    t.add_argument("--structures", nargs="+", help="simulate only these structures (names)")
     t.add_argument("--snr-min", type=float)
     t.add_argument("--snr-max", type=float)
     t.add_argument("--checkpoint-every", type=int)

@@ -40,6 +40,7 @@ class TrainSettings:
     snr_max: float = 10.0
     tilt_range: float = 60.0
     max_shift: float = 2.0
+    structures: list[str] | None = None  # names to simulate (default: all packaged structures)
     # real particles to fine-tune on: a folder of MRC files, an .npy or an .h5 stack
     data: str | None = None
     init: str | None = None  # checkpoint to start from (fine-tuning)
@@ -76,13 +77,16 @@ class SimulatedStream(torch.utils.data.IterableDataset):
         self.start_step = start_step
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        from cryolens.synth import ParticleSimulator
+        from cryolens.synth import ParticleSimulator, load_structures
 
         s = self.settings
         rng = np.random.default_rng([s.seed, step])
         snr = float(np.exp(rng.uniform(np.log(s.snr_min), np.log(s.snr_max))))
-        sim = ParticleSimulator(snr=snr, tilt_range=s.tilt_range, max_shift=s.max_shift,
-                                seed=int(rng.integers(2**63)))
+        structures = load_structures()
+        if s.structures:
+            structures = [x for x in structures if x.name in s.structures]
+        sim = ParticleSimulator(structures, snr=snr, tilt_range=s.tilt_range,
+                                max_shift=s.max_shift, seed=int(rng.integers(2**63)))
         b = sim.sample(s.batch_size)
         return {
             "particles": torch.from_numpy(b.particles),

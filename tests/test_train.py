@@ -1,0 +1,92 @@
+"""Training: a short run lowers the loss, resumes, is seeded, fine-tunes on a stack; evaluation."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cryolens.checkpoints import load_model
+from cryolens.engine import Engine
+from cryolens.evaluate import evaluate, gaussian_blur, nearest_neighbour_accuracy, pearson
+from cryolens.train import TrainSettings, _matrix_to_axis_angle, train
+from cryolens.model.rotation import pose_to_matrix
+
+TINY = dict(latent_dims=8, affinity_dims=6, n_affinity=24, n_free=8)
+#: Few points each, so simulating a batch takes milliseconds.
+SMALL_STRUCTURES = ["adenylate_kinase", "enolase", "gltph_trimer"]
+
+
+def _settings(tmp_path, **kw) -> TrainSettings:
+    base = dict(out_dir=str(tmp_path / "run"), steps=40, batch_size=4, lr=3e-3, seed=3,
+                device="cpu", log_every=5, checkpoint_every=20, structures=SMALL_STRUCTURES,
+                **TINY)
+    return TrainSettings(**{**base, **kw})
+
+
+def _log(path):
+    return [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
+
+
+def test_short_training_run_lowers_the_loss(tmp_path):
+    settings = _settings(tmp_path)
+    final = train(settings, progress=False)
+    log = _log(tmp_path / "run")
+    assert [r["step"] for r in log] == list(range(5, 41, 5))
+    first, last = log[0]["recon"], np.mean([r["recon"] for r in log[-2:]])
+    assert last < 0.9 * first, (first, last)
+    model, info = load_model(final)  # the loader reads what the trainer writes
+    assert model.config.n_affinity == 24 and info.layout == "safetensors"
+
+
+def test_same_seed_same_weights_and_resume_continues(tmp_path):
+    a = train(_settings(tmp_path / "a", steps=6, checkpoint_every=3), progress=False)
+    b = train(_settings(tmp_path / "b", steps=6, checkpoint_every=3), progress=False)
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # resume: a longer run in the same folder starts from step 6, not 0
+    train(_settings(tmp_path / "a", steps=9, checkpoint_every=3), progress=False)
+    steps = [r["step"] for r in _log(tmp_path / "a" / "run")]
+    assert steps[-1] == 9 and steps.count(5) == 1
+
+
+def test_fine_tune_on_a_particle_stack(tmp_path):
+    stack = np.random.default_rng(0).standard_normal((6, 48, 48, 48)).astype(np.float32)
+    np.save(tmp_path / "particles.npy", stack)
+    start = train(_settings(tmp_path / "base", steps=2), progress=False)
+    final = train(_settings(tmp_path, steps=4, data=str(tmp_path / "particles.npy"),
+                            init=str(start)), progress=False)
+    log = _log(tmp_path / "run")
+    assert "pose" not in log[-1] and np.isfinite(log[-1]["total"])
+    assert not torch.equal(load_file(str(start))["mu.weight"], load_file(str(final))["mu.weight"])
+
+
+def test_matrix_to_axis_angle_round_trips():
+    pose = torch.randn(64, 4, dtype=torch.float64)
+    rot = pose_to_matrix(pose)
+    assert torch.allclose(pose_to_matrix(_matrix_to_axis_angle(rot)), rot, atol=1e-6)
+
+
+def test_metrics():
+    a = np.random.default_rng(1).standard_normal((3, 8, 8, 8))
+    assert np.allclose(pearson(a, 2 * a + 1), 1) and np.allclose(pearson(a, -a), -1)
+    blurred = gaussian_blur(a.astype(np.float32), 1.5)
+    assert blurred.std() < a.std() and abs(blurred.mean() - a.mean()) < 1e-5
+    emb = np.array([[0, 0], [0.1, 0], [5, 5], [5.1, 5]])
+    assert nearest_neighbour_accuracy(emb, np.array([0, 0, 1, 1])) == 1.0
+    assert nearest_neighbour_accuracy(emb, np.array([0, 1, 0, 1])) == 0.0
+
+
+@pytest.mark.parametrize("snr", [5.0])
+def test_evaluate_reports_and_writes_slices(tmp_path, snr):
+    torch.manual_seed(0)
+    from cryolens.model import CryoLensConfig, CryoLensVAE
+
+    engine = Engine(CryoLensVAE(CryoLensConfig(**TINY)), device="cpu")
+    reports = evaluate(engine, snrs=(snr,), per_structure=2, png=tmp_path / "s.png")
+    (r,) = reports
+    assert r.n_particles == 28 and -1 <= r.reconstruction_correlation <= 1
+    assert 0.5 < r.blurred_input_correlation < 1
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
