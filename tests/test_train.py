@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from cryolens.checkpoints import load_model
 from cryolens.engine import Engine
 from cryolens.evaluate import evaluate, gaussian_blur, nearest_neighbour_accuracy, pearson
-from cryolens.train import TrainSettings, _matrix_to_axis_angle, train
 from cryolens.model.rotation import pose_to_matrix
+from cryolens.train import TrainSettings, _matrix_to_axis_angle, train
 
-TINY = dict(latent_dims=8, affinity_dims=6, n_affinity=24, n_free=8)
+TINY = {"latent_dims": 8, "affinity_dims": 6, "n_affinity": 24, "n_free": 8}
 #: Few points each, so simulating a batch takes milliseconds.
 SMALL_STRUCTURES = ["adenylate_kinase", "enolase", "gltph_trimer"]
 

@@ -6,8 +6,8 @@ leading ``N``. Work is chunked by a memory budget and runs under ``torch.inferen
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -301,5 +301,12 @@ def _concat_features(feats: list[Features]) -> Features:
     })
 
 
-__all__ = ["Engine", "Features", "Normalised", "Reconstruction", "SplatSet", "resolve_device",
-           "DEFAULT_MEMORY_BUDGET"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "Engine",
+    "Features",
+    "Normalised",
+    "Reconstruction",
+    "SplatSet",
+    "resolve_device",
+]

@@ -9,9 +9,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -305,7 +305,7 @@ def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True
         prefetch_factor=4 if settings.workers else None,
     )
     (out_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
-    log = open(out_dir / "log.jsonl", "a")
+    log = open(out_dir / "log.jsonl", "a")  # noqa: SIM115 - kept open for the whole loop
     bar = None
     if progress:
         from tqdm import tqdm
