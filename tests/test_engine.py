@@ -89,6 +89,7 @@ def test_normalisation_is_per_particle(engine, volumes):
     (np.full((1, 48, 48, 48), np.nan, np.float32), "finite"),
     (np.full((1, 48, 48, 48), 1e39), "finite"),
     (np.full((1, 48, 48, 48), "a"), "real numbers"),
+    ([np.zeros((48, 48, 48)), np.zeros((48, 48, 47))], "regular"),
 ])
 def test_bad_input_is_an_input_error(engine, bad, fragment):
     with pytest.raises(InputError, match=None) as info:

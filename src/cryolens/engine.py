@@ -138,7 +138,11 @@ class Engine:
         return (self.config.box_size,) * 3
 
     def _as_batch(self, volumes) -> np.ndarray:
-        array = np.asarray(volumes)
+        try:
+            array = np.asarray(volumes)
+        except (ValueError, TypeError) as exc:  # ragged nested lists
+            raise InputError(f"volumes must be a regular (N, D, H, W) array: {exc}",
+                             field="volumes") from exc
         if array.ndim == 3:
             array = array[None]
         if array.ndim != 4 or array.shape[1:] != self.box_shape:
