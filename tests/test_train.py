@@ -90,3 +90,24 @@ def test_evaluate_reports_and_writes_slices(tmp_path, snr):
     assert r.n_particles == 28 and -1 <= r.reconstruction_correlation <= 1
     assert 0.5 < r.blurred_input_correlation < 1
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_particles_load_from_mrc_folder_npy_and_h5(tmp_path):
+    import h5py
+    import mrcfile
+
+    from cryolens.train import load_particles
+
+    stack = np.random.default_rng(2).standard_normal((3, 48, 48, 48)).astype(np.float32)
+    folder = tmp_path / "mrc"
+    folder.mkdir()
+    for i, volume in enumerate(stack):
+        with mrcfile.new(folder / f"p{i}.mrc") as mrc:
+            mrc.set_data(volume)
+    np.save(tmp_path / "s.npy", stack)
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f["particles"] = stack
+    for source in (folder, tmp_path / "s.npy", tmp_path / "s.h5"):
+        assert np.array_equal(load_particles(source), stack)
+    with pytest.raises(ValueError, match="cannot read particles"):
+        load_particles(tmp_path / "s.txt")
