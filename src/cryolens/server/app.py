@@ -63,6 +63,19 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _TrackedSend:
+    """``send`` that remembers whether the response has started: after that, an error can no
+    longer become an error response."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self._send(message)
+
+
 class BodyLimitMiddleware:
     """413 for a body over ``max_bytes``: by Content-Length up front, else by counting chunks."""
 
@@ -79,7 +92,6 @@ class BodyLimitMiddleware:
             await self._reject(scope, receive, send)
             return
         received = 0
-        started = False
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -90,15 +102,11 @@ class BodyLimitMiddleware:
                     raise _BodyTooLarge
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked = _TrackedSend(send)
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, tracked)
         except _BodyTooLarge:
-            if started:
+            if tracked.started:
                 raise
             await self._reject(scope, receive, send)
 
@@ -119,22 +127,16 @@ class ErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked = _TrackedSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except _BodyTooLarge:
             raise
         except Exception:
             request_id = uuid.uuid4().hex
             logger.exception("internal error in %s %s (request_id %s)", scope.get("method"),
                              scope.get("path"), request_id)
-            if started:
+            if tracked.started:
                 raise
             response = ORJSONResponse({"detail": "internal error", "request_id": request_id},
                                       status_code=500, headers={"X-Request-ID": request_id})
