@@ -189,5 +189,11 @@ def test_health_answers_fast_during_a_long_batch(server):
     assert outcome["status"] == 200
     assert len(orjson.loads(outcome["content"])["reconstructions"]) == 64
     assert len(latencies) >= 10, f"the batch took only {outcome['seconds']:.1f} s"
-    assert max(latencies) < 0.5, (f"/health took up to {max(latencies):.3f} s during the batch: "
-                                  f"{[round(x, 3) for x in latencies]}")
+    # Typical probes take milliseconds; on a shared 2-core CI machine a rare one waits a few
+    # hundred ms for a core (this client's own batch thread is busy receiving 160 MB). A loop
+    # blocked by inference would hold every probe for the whole batch (the reference: ~50 s).
+    ordered = sorted(latencies)
+    shown = [round(x, 3) for x in latencies]
+    assert ordered[len(ordered) // 2] < 0.05, f"median /health latency too high: {shown}"
+    assert ordered[int(0.9 * (len(ordered) - 1))] < 0.25, f"/health p90 too high: {shown}"
+    assert ordered[-1] < 2.0, f"/health stalled during the batch: {shown}"
