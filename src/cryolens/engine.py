@@ -101,6 +101,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise DeviceError(f"unknown device {device!r}: use cpu, cuda or auto") from exc
 
 
+def zscore(batch: np.ndarray) -> Normalised:
+    """Per-particle z-score exactly as CryoLens: numpy float32 mean and population std of
+    each (N, D, H, W) float32 volume, then ``(v - mean) / (std + 1e-6)`` in float32."""
+    mean = np.empty(len(batch), np.float32)
+    std = np.empty(len(batch), np.float32)
+    out = np.empty_like(batch)
+    for i, volume in enumerate(batch):
+        # One volume at a time: numpy's float32 pairwise sums then match CryoLens to the bit.
+        mean[i] = volume.mean()
+        std[i] = volume.std()
+        np.divide(volume - mean[i], std[i] + np.float32(NORM_EPS), out=out[i])
+    return Normalised(out, mean, std)
+
+
 class Engine:
     """A loaded CryoLens model and the batch operations on it."""
 
@@ -171,18 +185,8 @@ class Engine:
         return array
 
     def normalise(self, volumes) -> Normalised:
-        """Per-particle z-score exactly as CryoLens: numpy float32 mean and population std of
-        each volume, then ``(v - mean) / (std + 1e-6)`` in float32."""
-        batch = self._as_batch(volumes)
-        mean = np.empty(len(batch), np.float32)
-        std = np.empty(len(batch), np.float32)
-        out = np.empty_like(batch)
-        for i, volume in enumerate(batch):
-            # One volume at a time: numpy's float32 pairwise sums then match CryoLens to the bit.
-            mean[i] = volume.mean()
-            std[i] = volume.std()
-            np.divide(volume - mean[i], std[i] + np.float32(NORM_EPS), out=out[i])
-        return Normalised(out, mean, std)
+        """Check ``volumes`` and z-score each particle (see :func:`zscore`)."""
+        return zscore(self._as_batch(volumes))
 
     # -- chunking -------------------------------------------------------------------------
     def _bytes_per_particle(self, n_render: int) -> int:
@@ -319,4 +323,5 @@ __all__ = [
     "Reconstruction",
     "SplatSet",
     "resolve_device",
+    "zscore",
 ]

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cryolens.engine import resolve_device, zscore
 from cryolens.model import CryoLensConfig, CryoLensVAE
 from cryolens.model.rotation import pose_to_matrix
 
@@ -119,15 +120,10 @@ class ParticleStack(torch.utils.data.IterableDataset):
         while True:
             rng = np.random.default_rng([self.settings.seed, step])
             pick = rng.integers(0, len(self.volumes), self.settings.batch_size)
-            batch = _zscore(self.volumes[pick].astype(np.float32))
+            # the same normalisation the engine applies at inference
+            batch = zscore(np.ascontiguousarray(self.volumes[pick], np.float32)).volumes
             yield {"particles": torch.from_numpy(batch), "target": torch.from_numpy(batch)}
             step += n_workers
-
-
-def _zscore(volumes: np.ndarray) -> np.ndarray:
-    mean = volumes.mean(axis=(1, 2, 3), keepdims=True)
-    std = volumes.std(axis=(1, 2, 3), keepdims=True)
-    return (volumes - mean) / (std + 1e-6)
 
 
 def load_particles(path: str | os.PathLike) -> np.ndarray:
@@ -250,8 +246,6 @@ def _latest(out_dir: Path) -> Path | None:
 
 def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True) -> Path:
     """Train (or resume) and return the path of the final checkpoint."""
-    from cryolens.engine import resolve_device
-
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(settings.device)
