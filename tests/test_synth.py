@@ -206,6 +206,19 @@ def test_rotations_are_uniform() -> None:
     assert abs(np.trace(r, axis1=1, axis2=2).mean()) < 0.03
 
 
+def test_rotations_within_max_angle_follow_the_restricted_uniform_density() -> None:
+    r = random_rotations(20000, np.random.default_rng(1), max_angle=60.0)
+    angle = np.degrees(np.arccos(np.clip((np.trace(r, axis1=1, axis2=2) - 1) / 2, -1, 1)))
+    assert angle.max() <= 60.0 + 1e-6
+    # Haar measure: density of the angle is proportional to (1 - cos t) on [0, 60]; its mean:
+    t = np.radians(np.linspace(0, 60, 100001))
+    expected = np.degrees((t * (1 - np.cos(t))).sum() / (1 - np.cos(t)).sum())
+    assert abs(angle.mean() - expected) < 0.3
+    assert np.abs(r.mean(0) - r.mean(0).T).max() < 0.02  # no preferred rotation sense
+    with pytest.raises(ValueError, match="max_angle"):
+        ParticleSimulator(max_angle=0.0)
+
+
 # -- imaging model --------------------------------------------------------------------------
 def test_missing_wedge_is_removed() -> None:
     tilt = 60.0

@@ -12,7 +12,8 @@ from cryolens.checkpoints import load_model
 from cryolens.engine import Engine
 from cryolens.evaluate import evaluate, gaussian_blur, nearest_neighbour_accuracy, pearson
 from cryolens.model.rotation import pose_to_matrix
-from cryolens.train import TrainSettings, _matrix_to_axis_angle, train
+from cryolens.synth import Structure
+from cryolens.train import PoseReference, TrainSettings, _matrix_to_axis_angle, train
 
 TINY = {"latent_dims": 8, "affinity_dims": 6, "n_affinity": 24, "n_free": 8}
 #: Few points each, so simulating a batch takes milliseconds.
@@ -63,10 +64,55 @@ def test_fine_tune_on_a_particle_stack(tmp_path):
     assert not torch.equal(load_file(str(start))["mu.weight"], load_file(str(final))["mu.weight"])
 
 
+def test_pose_curriculum_widens_to_all_rotations(tmp_path):
+    from cryolens.train import SimulatedStream
+
+    settings = _settings(tmp_path, batch_size=64, curriculum_steps=10, start_angle=30.0)
+    stream = SimulatedStream(settings, start_step=0)
+
+    def angles(step):
+        r = stream.batch(step)["rotations"].numpy()
+        return np.degrees(np.arccos(np.clip((np.trace(r, axis1=1, axis2=2) - 1) / 2, -1, 1)))
+
+    assert angles(0).max() <= 30.0 + 1e-3
+    assert angles(5).max() <= 105.0 + 1e-3
+    assert angles(10).max() > 105.0  # past the curriculum: all of SO(3)
+
+
 def test_matrix_to_axis_angle_round_trips():
     pose = torch.randn(64, 4, dtype=torch.float64)
     rot = pose_to_matrix(pose)
     assert torch.allclose(pose_to_matrix(_matrix_to_axis_angle(rot)), rot, atol=1e-6)
+
+
+def _about_z(degrees: float) -> torch.Tensor:
+    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
+    return torch.tensor([[c, -s, 0], [s, c, 0], [0, 0, 1]], dtype=torch.float32)
+
+
+def test_pose_loss_is_zero_for_symmetry_equivalent_poses_only():
+    # a 4-fold ring (C4 about z) with a tag off-axis, and an asymmetric cluster
+    ring = np.array([[30, 0, 0], [0, 30, 0], [-30, 0, 0], [0, -30, 0]], np.float32)
+    asym = np.array([[40, 0, 0], [0, 20, 5], [-10, -10, 30], [5, 0, -25]], np.float32)
+    structures = [Structure(n, "none", c, np.ones(len(c), np.float32))
+                  for n, c in (("ring", ring), ("asym", asym))]
+    reference = PoseReference(structures, voxel_size=10.0)
+    start = torch.from_numpy(np.linalg.qr(np.random.default_rng(4).standard_normal((3, 3)))[0]
+                             .astype(np.float32))
+    start = start * torch.sign(torch.det(start))
+    labels = torch.tensor([0, 1])
+
+    def loss(turn: float) -> float:
+        true = torch.stack([start, start])
+        predicted = torch.stack([start @ _about_z(turn)] * 2)
+        return reference.loss(predicted[:1], true[:1], labels[:1]).item(), \
+            reference.loss(predicted[1:], true[1:], labels[1:]).item()
+
+    assert max(loss(0.0)) < 1e-6
+    ring_90, asym_90 = loss(90.0)
+    assert ring_90 < 1e-5 and asym_90 > 0.15  # the ring looks the same, the cluster does not
+    ring_45, _ = loss(45.0)
+    assert ring_45 > 0.15
 
 
 def test_metrics():

@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--structures", nargs="+", help="simulate only these structures (names)")
     t.add_argument("--snr-min", type=float)
     t.add_argument("--snr-max", type=float)
+    t.add_argument("--curriculum-steps", type=int,
+                   help="widen simulated poses from --start-angle to all of SO(3) over these steps")
+    t.add_argument("--start-angle", type=float, help="degrees from the identity at step 0")
+    t.add_argument("--w-recon", type=float, help="weight of the predicted-pose reconstruction (0 skips it)")
+    t.add_argument("--w-teacher", type=float, help="weight of the true-pose reconstruction")
+    t.add_argument("--w-pose", type=float, help="weight of the symmetry-aware pose loss")
+    t.add_argument("--w-contrast", type=float, help="weight of the contrastive term")
     t.add_argument("--checkpoint-every", type=int)
     t.add_argument("--max-minutes", type=float, help="stop and save after this long")
     t.add_argument("--fresh", action="store_true", help="ignore checkpoints already in --out-dir")

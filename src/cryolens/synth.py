@@ -120,11 +120,28 @@ def quaternion_to_matrix(q: np.ndarray) -> np.ndarray:
     ], -2)
 
 
-def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 3, 3) float64 rotations uniform on SO(3) (normalised 4-D Gaussian quaternions)."""
-    q = rng.standard_normal((n, 4))
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    return quaternion_to_matrix(q)
+def random_rotations(n: int, rng: np.random.Generator, max_angle: float | None = None) -> np.ndarray:
+    """(n, 3, 3) float64 rotations uniform on SO(3) (normalised 4-D Gaussian quaternions).
+
+    ``max_angle`` (degrees) keeps only rotations by at most that angle from the identity, with
+    the uniform (Haar) density restricted to that ball (rejection sampling).
+    """
+    if max_angle is None or max_angle >= 180:
+        q = rng.standard_normal((n, 4))
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        return quaternion_to_matrix(q)
+    if not max_angle > 0:
+        raise ValueError(f"max_angle must be > 0 degrees, got {max_angle}")
+    limit = np.cos(np.deg2rad(max_angle) / 2)  # |w| of a rotation by exactly max_angle
+    kept: list[np.ndarray] = []
+    count = 0
+    while count < n:
+        q = rng.standard_normal((4 * n + 64, 4))
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        q = q[np.abs(q[:, 0]) >= limit]
+        kept.append(q)
+        count += len(q)
+    return quaternion_to_matrix(np.concatenate(kept)[:n])
 
 
 @functools.lru_cache(maxsize=16)
@@ -193,7 +210,8 @@ class ParticleSimulator:
 
     See the module docstring for the exact imaging model and the SNR definition. ``blur`` and
     ``max_shift`` are in voxels, ``voxel_size`` in Å, ``tilt_range`` in degrees (``None``: no
-    wedge), ``bandpass`` a pair of spatial frequencies in 1/Å (``None``: none).
+    wedge), ``bandpass`` a pair of spatial frequencies in 1/Å (``None``: none), ``max_angle``
+    in degrees: poses within that angle of the identity only (``None``: all of SO(3)).
     """
 
     def __init__(self, structures: Sequence[Structure] | None = None, *, box_size: int = BOX_SIZE,
@@ -201,7 +219,7 @@ class ParticleSimulator:
                  tilt_range: float | None = DEFAULT_TILT_RANGE_DEG,
                  max_shift: float = DEFAULT_MAX_SHIFT_VOXELS, contrast: str = "dark",
                  bandpass: tuple[float, float] | None = None, blur: float = DEFAULT_BLUR_VOXELS,
-                 seed: int = 0) -> None:
+                 max_angle: float | None = None, seed: int = 0) -> None:
         self.structures = tuple(load_structures() if structures is None else structures)
         if not self.structures:
             raise ValueError("need at least one structure")
@@ -213,6 +231,8 @@ class ParticleSimulator:
             raise ValueError(f"snr must be > 0 or None, got {snr}")
         if tilt_range is not None and not 0 < tilt_range <= 90:
             raise ValueError(f"tilt_range must be in (0, 90] degrees or None, got {tilt_range}")
+        if max_angle is not None and not 0 < max_angle:
+            raise ValueError(f"max_angle must be > 0 degrees or None, got {max_angle}")
         if max_shift < 0:
             raise ValueError(f"max_shift must be >= 0, got {max_shift}")
         if contrast not in CONTRASTS:
@@ -226,6 +246,7 @@ class ParticleSimulator:
         self.snr = None if snr is None else float(snr)
         self.tilt_range = None if tilt_range is None else float(tilt_range)
         self.max_shift = float(max_shift)
+        self.max_angle = None if max_angle is None else float(max_angle)
         self.contrast = contrast
         self.bandpass = bandpass
         self.blur = float(blur)
@@ -278,7 +299,7 @@ class ParticleSimulator:
             raise ValueError(f"labels has {len(labels)} entries, expected {n}")
         if n and (labels.min() < 0 or labels.max() >= len(self.structures)):
             raise ValueError(f"labels must lie in [0, {len(self.structures)})")
-        rotations = random_rotations(n, self.rng).astype(np.float32)
+        rotations = random_rotations(n, self.rng, self.max_angle).astype(np.float32)
         shifts = self.rng.uniform(-self.max_shift, self.max_shift, size=(n, 3)).astype(np.float32)
 
         box = self.box_size

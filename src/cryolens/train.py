@@ -21,6 +21,7 @@ from torch import nn
 from cryolens.engine import resolve_device, zscore
 from cryolens.model import CryoLensConfig, CryoLensVAE
 from cryolens.model.rotation import pose_to_matrix
+from cryolens.synth import VOXEL_SIZE_A
 
 #: The shipped demo model's shape: CryoLens's architecture, fewer latents and splats.
 DEMO_CONFIG = CryoLensConfig(latent_dims=16, affinity_dims=12, n_affinity=192, n_free=48)
@@ -41,14 +42,19 @@ class TrainSettings:
     snr_max: float = 10.0
     tilt_range: float = 60.0
     max_shift: float = 2.0
+    # pose curriculum: poses within start_angle of the identity at step 0, widening linearly
+    # to all of SO(3) at curriculum_steps (0: all of SO(3) from the start)
+    curriculum_steps: int = 0
+    start_angle: float = 45.0
     structures: list[str] | None = None  # names to simulate (default: all packaged structures)
     # real particles to fine-tune on: a folder of MRC files, an .npy or an .h5 stack
     data: str | None = None
     init: str | None = None  # checkpoint to start from (fine-tuning)
     # loss weights
     beta_kl: float = 1e-3
+    w_recon: float = 1.0  # decode in the predicted pose (0: skip that decode, half the cost)
     w_teacher: float = 1.0  # decode with the true pose too: teaches the canonical frame
-    w_pose: float = 1.0  # rotation-matrix loss, fades out over the first three quarters
+    w_pose: float = 1.0  # symmetry-aware pose loss: overlap of the structure rotated both ways
     w_contrast: float = 0.1  # structure-contrastive term on the affinity embedding
     temperature: float = 0.1
     # model shape for a new model
@@ -77,16 +83,23 @@ class SimulatedStream(torch.utils.data.IterableDataset):
         self.settings = settings
         self.start_step = start_step
 
+    def structures(self) -> list:
+        """The structures simulated, in label order."""
+        from cryolens.synth import load_structures
+
+        wanted = self.settings.structures
+        return [x for x in load_structures() if not wanted or x.name in wanted]
+
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        from cryolens.synth import ParticleSimulator, load_structures
+        from cryolens.synth import ParticleSimulator
 
         s = self.settings
         rng = np.random.default_rng([s.seed, step])
         snr = float(np.exp(rng.uniform(np.log(s.snr_min), np.log(s.snr_max))))
-        structures = load_structures()
-        if s.structures:
-            structures = [x for x in structures if x.name in s.structures]
-        sim = ParticleSimulator(structures, snr=snr, tilt_range=s.tilt_range,
+        max_angle = None
+        if step < s.curriculum_steps:
+            max_angle = s.start_angle + (180.0 - s.start_angle) * step / s.curriculum_steps
+        sim = ParticleSimulator(self.structures(), snr=snr, max_angle=max_angle, tilt_range=s.tilt_range,
                                 max_shift=s.max_shift, seed=int(rng.integers(2**63)))
         b = sim.sample(s.batch_size)
         return {
@@ -188,28 +201,87 @@ def contrastive(embedding: torch.Tensor, labels: torch.Tensor, temperature: floa
     return -mean_pos.mean()
 
 
-def training_step(model: CryoLensVAE, batch: dict, settings: TrainSettings, progress: float) -> dict:
-    """Losses for one batch; ``progress`` in [0, 1] is how far the run is (fades the pose loss)."""
+#: Length scales (voxels) of the pose loss: a wide one for a smooth basin, a narrow one for detail.
+POSE_SCALES = (3.0, 1.0)
+#: Points per structure the pose loss compares.
+POSE_POINTS = 256
+
+
+class PoseReference:
+    """Each structure as a few weighted points (voxel units), for the pose loss.
+
+    The pose loss compares the structure rotated by the predicted pose with the structure
+    rotated by the true pose, as Gaussian densities: ``1 - overlap(pred, true) / overlap(true,
+    true)`` at each of :data:`POSE_SCALES`. A rotation that maps the structure onto itself
+    (apoferritin's 24, a ring's n-fold axis) costs nothing, so symmetric structures get no
+    contradictory targets, unlike a loss on rotation matrices; and a pose that leaves a
+    near-spherical structure looking the same costs little, which is what the reconstruction
+    cares about.
+    """
+
+    def __init__(self, structures, voxel_size: float, n_points: int = POSE_POINTS, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        points, weights = [], []
+        for s in structures:
+            take = min(n_points, len(s.coords))
+            pick = rng.choice(len(s.coords), size=take, replace=False)
+            p = np.zeros((n_points, 3), np.float32)
+            w = np.zeros(n_points, np.float32)
+            p[:take] = s.coords[pick] / voxel_size
+            w[:take] = s.weights[pick] / s.weights[pick].sum()
+            points.append(p)
+            weights.append(w)
+        self.points = torch.from_numpy(np.stack(points))  # (S, K, 3) rows (x, y, z)
+        self.weights = torch.from_numpy(np.stack(weights))  # (S, K), sum 1
+        self.self_overlap = _overlap(self.points, self.points, self.weights, self.weights)
+
+    def to(self, device) -> PoseReference:
+        for name in ("points", "weights", "self_overlap"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def loss(self, predicted: torch.Tensor, true: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """predicted, true: (B, 3, 3) rotations; labels: (B,) structure indices."""
+        x, w = self.points[labels], self.weights[labels]
+        a = x @ predicted.transpose(1, 2)  # rows (R x_i)^T
+        b = x @ true.transpose(1, 2)
+        ratio = _overlap(a, b, w, w) / self.self_overlap[labels]
+        return (1 - ratio).mean()
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """(B, len(POSE_SCALES)) overlap integrals of two weighted point clouds as Gaussian densities."""
+    d2 = ((a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :]
+          - 2 * a @ b.transpose(1, 2)).clamp_min(0)
+    pair = wa[:, :, None] * wb[:, None, :]
+    return torch.stack([(pair * torch.exp(d2 / (-4 * s * s))).sum((1, 2)) for s in POSE_SCALES], 1)
+
+
+def training_step(model: CryoLensVAE, batch: dict, settings: TrainSettings,
+                  reference: PoseReference | None = None) -> dict:
+    """Losses for one batch. ``reference`` gives the pose loss on simulated (labelled) batches."""
     x = batch["particles"]
     target = batch["target"]
     enc = model.encode(x)
     z = enc.mu + torch.randn_like(enc.mu) * torch.exp(0.5 * enc.log_var)
-    out = model.decoder(z, enc.pose, enc.global_weight)
-    losses = {"recon": nn.functional.mse_loss(out, target)}
-    losses["kl"] = kl_divergence(enc.mu, enc.log_var)
-    total = losses["recon"] + settings.beta_kl * losses["kl"]
-    if "rotations" in batch:
+    losses = {"kl": kl_divergence(enc.mu, enc.log_var)}
+    total = settings.beta_kl * losses["kl"]
+    simulated = "rotations" in batch
+    if settings.w_recon > 0 or not simulated:
+        out = model.decoder(z, enc.pose, enc.global_weight)
+        losses["recon"] = nn.functional.mse_loss(out, target)
+        total = total + (settings.w_recon if simulated else 1.0) * losses["recon"]
+    if simulated:
         rot = batch["rotations"]
-        true_pose = _matrix_to_axis_angle(rot)
-        teacher = model.decoder(z, true_pose, enc.global_weight)
+        teacher = model.decoder(z, _matrix_to_axis_angle(rot), enc.global_weight)
         losses["teacher"] = nn.functional.mse_loss(teacher, target)
-        losses["pose"] = (pose_to_matrix(enc.pose) - rot).pow(2).sum((1, 2)).mean()
-        fade = max(0.0, 1.0 - progress / 0.75)
         losses["contrast"] = contrastive(enc.mu[:, : model.config.affinity_dims],
                                          batch["labels"], settings.temperature)
         total = (total + settings.w_teacher * losses["teacher"]
-                 + settings.w_pose * fade * losses["pose"]
                  + settings.w_contrast * losses["contrast"])
+        if reference is not None:
+            losses["pose"] = reference.loss(pose_to_matrix(enc.pose), rot, batch["labels"])
+            total = total + settings.w_pose * losses["pose"]
     losses["total"] = total
     return losses
 
@@ -289,10 +361,12 @@ def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True
         warm = min(1.0, (step + 1) / 200)
         return settings.lr * warm * 0.5 * (1 + math.cos(math.pi * progress_at(step)))
 
+    reference = None
     if settings.data:
         dataset = ParticleStack(load_particles(settings.data), settings, start_step)
     else:
         dataset = SimulatedStream(settings, start_step)
+        reference = PoseReference(dataset.structures(), VOXEL_SIZE_A, seed=settings.seed).to(device)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=settings.workers,
         persistent_workers=settings.workers > 0, pin_memory=device.type == "cuda",
@@ -312,7 +386,7 @@ def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        losses = training_step(model, batch, settings, progress_at(step))
+        losses = training_step(model, batch, settings, reference)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -328,7 +402,8 @@ def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True
             log.flush()
             running = {}
             if bar:
-                bar.set_postfix(recon=f"{record['recon']:.4f}", total=f"{record['total']:.4f}")
+                shown = {k: f"{record[k]:.4f}" for k in ("recon", "teacher", "pose") if k in record}
+                bar.set_postfix(total=f"{record['total']:.4f}", **shown)
         if bar:
             bar.update(1)
         out_of_time = settings.max_minutes and time.time() - started > 60 * settings.max_minutes
