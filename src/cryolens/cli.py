@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float)
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="cpu, cuda or auto")
-    t.add_argument("--workers", type=int, help="data-loading processes")
+    t.add_argument("--workers", type=int,
+                   help="data-loading processes (keep 0 on a CPU-only machine: they compete "
+                        "with training for the cores)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--data", help="fine-tune on these particles: MRC folder, .npy or .h5 stack")
     t.add_argument("--init", help="checkpoint to start from (name, path or URL)")
