@@ -34,6 +34,28 @@ def test_demo_loads_by_name_with_the_demo_configuration():
     assert row["available"]
 
 
+def test_demo_evaluation_reproduces_the_model_card_and_meets_the_targets():
+    """``cryolens evaluate --checkpoint demo`` (same seed, same held-out particles) gives the
+    figures recorded next to the model card, and those meet the project's targets at SNR 5."""
+    import json
+
+    from cryolens.evaluate import evaluate
+
+    recorded = json.loads((DATA / "demo_evaluation.json").read_text())
+    reports = evaluate(Engine.from_checkpoint("demo", device="cpu"),
+                       snrs=tuple(r["snr"] for r in recorded))
+    for mine, theirs in zip(reports, recorded):
+        assert mine.n_particles == theirs["n_particles"] == 280
+        for key in ("reconstruction_correlation", "blurred_input_correlation"):
+            assert abs(getattr(mine, key) - theirs[key]) < 2e-3, key
+        for key in ("nn_accuracy", "nn_accuracy_affinity"):  # one particle = 0.36 %
+            assert abs(getattr(mine, key) - theirs[key]) <= 1 / 280 + 1e-9, key
+    at_5 = next(r for r in reports if r.snr == 5.0)
+    assert at_5.reconstruction_correlation >= 0.9
+    assert at_5.reconstruction_correlation > at_5.blurred_input_correlation
+    assert at_5.nn_accuracy >= 0.95
+
+
 def test_demo_encodes_structures_apart():
     """A trained model, not a random one: two different structures embed further apart than
     two particles of the same structure (affinity part of the embedding)."""
