@@ -1,6 +1,7 @@
 """The shipped demo checkpoint: present, intact, the expected shape, and served with no network."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 from cryolens.checkpoints import list_checkpoints, load_model, sha256_of
 from cryolens.engine import Engine
+from cryolens.evaluate import evaluate
 from cryolens.train import DEMO_CONFIG
 
 DATA = Path(str(resources.files("cryolens") / "data"))
@@ -37,14 +39,10 @@ def test_demo_loads_by_name_with_the_demo_configuration():
 def test_demo_evaluation_reproduces_the_model_card_and_meets_the_targets():
     """``cryolens evaluate --checkpoint demo`` (same seed, same held-out particles) gives the
     figures recorded next to the model card, and those meet the project's targets at SNR 5."""
-    import json
-
-    from cryolens.evaluate import evaluate
-
     recorded = json.loads((DATA / "demo_evaluation.json").read_text())
     reports = evaluate(Engine.from_checkpoint("demo", device="cpu"),
                        snrs=tuple(r["snr"] for r in recorded))
-    for mine, theirs in zip(reports, recorded):
+    for mine, theirs in zip(reports, recorded, strict=True):
         assert mine.n_particles == theirs["n_particles"] == 280
         for key in ("reconstruction_correlation", "blurred_input_correlation"):
             assert abs(getattr(mine, key) - theirs[key]) < 2e-3, key
