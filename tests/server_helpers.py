@@ -40,13 +40,14 @@ class ServerProcess:
         return Path(self._log.name).read_text(errors="replace")
 
     def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> ServerProcess:
+        """Wait until the server answers /ready (model loaded and warmed up)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n"
                                    f"{self.output()[-3000:]}")
             try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                if requests.get(self.url + "/ready", timeout=1).status_code == 200:
                     return self
             except requests.RequestException:
                 pass

@@ -37,7 +37,11 @@ def test_openapi_declares_every_response_model(server):
     spec = requests.get(server.url + "/openapi.json", timeout=5).json()
     for path, methods in spec["paths"].items():
         for method, operation in methods.items():
-            schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
+            content = operation["responses"]["200"]["content"]
+            if path == "/metrics":  # Prometheus text, not JSON
+                assert content["text/plain"]["schema"] == {"type": "string"}
+                continue
+            schema = content["application/json"]["schema"]
             assert schema.get("$ref"), f"{method.upper()} {path} has no response model"
             if method == "post":
                 assert operation["requestBody"]["content"]["application/json"]["schema"]

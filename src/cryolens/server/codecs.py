@@ -1,7 +1,8 @@
 """JSON in and out of the server: orjson for speed, numpy for checking volumes.
 
 Volumes arrive as nested JSON lists; they are checked here (shape, numbers only, finite in
-float32) so that the engine only ever sees well-formed ``float32`` arrays.
+float32) so that the engine only ever sees well-formed ``float32`` arrays. No Starlette here:
+``responses.py`` wraps these bytes in HTTP responses.
 """
 from __future__ import annotations
 
@@ -9,24 +10,13 @@ from typing import Any
 
 import numpy as np
 import orjson
-from starlette.responses import JSONResponse
 
-from cryolens.errors import InputError, PayloadTooLarge
+from cryolens.errors import InputError, MalformedBody, PayloadTooLarge
 
 #: Longest piece of a parser message that goes back to the client.
 MAX_MESSAGE_CHARS = 200
 JSON_MEDIA_TYPE = "application/json"
 _NUMERIC_KINDS = "fiu"  # float, signed and unsigned int: what a volume may hold
-
-
-class ORJSONResponse(JSONResponse):
-    """JSON written by orjson; numpy arrays are serialised natively (float32 stays float32).
-    Pre-rendered ``bytes`` pass through untouched."""
-
-    def render(self, content: Any) -> bytes:
-        if isinstance(content, bytes):
-            return content
-        return dumps(content)
 
 
 #: Arrays larger than this are written row by row, so the writing thread yields the GIL often.
@@ -67,18 +57,14 @@ def is_json_content_type(content_type: str | None) -> bool:
     return media == JSON_MEDIA_TYPE or (media.startswith("application/") and media.endswith("+json"))
 
 
-class MalformedJSON(InputError):
-    """Text that is not JSON at all (400), as opposed to JSON with the wrong content (422)."""
-
-
 def loads_json(text: bytes, field: str = "body") -> Any:
     """orjson.loads; NaN and Infinity are not JSON and are refused like any other bad token."""
     if not text:
-        raise MalformedJSON(f"{field} is empty: expected JSON", field=field)
+        raise MalformedBody(f"{field} is empty: expected JSON", field=field)
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        raise MalformedJSON(f"{field} is malformed JSON: {truncate(str(exc))}",
+        raise MalformedBody(f"{field} is malformed JSON: {truncate(str(exc))}",
                             field=field) from None
 
 
@@ -91,7 +77,7 @@ def loads_object(body: bytes) -> dict[str, Any]:
     return value
 
 
-def loads_with_split_array(body: bytes, field: str) -> dict[str, Any]:
+def loads_with_split_array(body: bytes, field: str, max_volumes: int) -> dict[str, Any]:
     """Like :func:`loads_object`, but a large body's top-level array ``field`` comes back as a
     list of raw JSON byte slices, one per element, parsed later one at a time.
 
@@ -101,7 +87,7 @@ def loads_with_split_array(body: bytes, field: str) -> dict[str, Any]:
     path, which also produces the exact error messages.
     """
     if len(body) >= SPLIT_THRESHOLD_BYTES:
-        split = _split_top_level_array(body, field)
+        split = _split_top_level_array(body, field, max_volumes)
         if split is not None:
             return split
     return loads_object(body)
@@ -113,7 +99,7 @@ _OPEN = np.frombuffer(b"[{", np.uint8)
 _CLOSE = np.frombuffer(b"]}", np.uint8)
 
 
-def _split_top_level_array(body: bytes, field: str) -> dict[str, Any] | None:
+def _split_top_level_array(body: bytes, field: str, max_volumes: int) -> dict[str, Any] | None:
     data = np.frombuffer(body, np.uint8)
     if (data == ord("\\")).any():
         return None  # escaped quotes would need a real tokenizer
@@ -148,6 +134,9 @@ def _split_top_level_array(body: bytes, field: str) -> dict[str, Any] | None:
     ends = brackets[inner][(depth[inner] == 2) & (step[inner] == -1)]
     if len(opens) != len(ends):
         return None
+    if len(opens) > max_volumes:  # before a slice is made of each
+        raise PayloadTooLarge(f"{field} holds {len(opens)} volumes; at most {max_volumes} are "
+                              f"accepted per request", field=field)
     pieces = [body[a:b + 1] for a, b in zip(opens.tolist(), ends.tolist())]
     edges = [brackets[start] + 1, *[e + 1 for e in ends.tolist()]]
     gaps = [body[a:b] for a, b in zip(edges, [*opens.tolist(), brackets[close]])]
@@ -182,9 +171,10 @@ def _shape_text(shape: tuple[int | str, ...]) -> str:
     return "(" + ", ".join(map(str, shape)) + (",)" if len(shape) == 1 else ")")
 
 
-def numeric_array(value: Any, field: str, expected: str = "an array of numbers") -> np.ndarray:
-    """Nested lists -> a float32 array of any shape; rejects ragged lists, non-numbers and
-    values that are not finite in float32 (e.g. 1e39). Never echoes the value."""
+def numeric_array(value: Any, field: str, expected: str = "an array of numbers",
+                  dtype: type = np.float32) -> np.ndarray:
+    """Nested lists -> a ``dtype`` array of any shape; rejects ragged lists, non-numbers and
+    values that are not finite in ``dtype`` (e.g. 1e39 in float32). Never echoes the value."""
     if isinstance(value, (str, bool, dict)) or value is None:
         raise InputError(f"{field} must be {expected}, got {_json_type(value)}", field=field)
     try:
@@ -196,10 +186,11 @@ def numeric_array(value: Any, field: str, expected: str = "an array of numbers")
         raise InputError(f"{field} must hold only numbers (no strings, null, booleans or "
                          f"objects); expected {expected}", field=field)
     with np.errstate(over="ignore", invalid="ignore"):
-        array = array.astype(np.float32)
+        array = array.astype(dtype)
     if not np.isfinite(array).all():
-        raise InputError(f"{field} must be finite: a value is NaN, infinite or beyond float32 "
-                         f"range (|x| > 3.4e38)", field=field)
+        limit = "float32 range (|x| > 3.4e38)" if dtype == np.float32 else "range"
+        raise InputError(f"{field} must be finite: a value is NaN, infinite or beyond "
+                         f"{limit}", field=field)
     return array
 
 

@@ -17,8 +17,15 @@ from cryolens.server.settings import DEVICES, LOG_LEVELS, Settings
 APP_IMPORT_STRING = "cryolens.server.minimal_cryolens_server:app"
 DEFAULT_WORKERS = 1
 
-#: Built from ``CRYOLENS_*`` variables; the model loads when a server starts it (lifespan).
-app = create_app(Settings.from_env())
+
+
+def __getattr__(name: str):
+    """``app``, built from ``CRYOLENS_*`` variables on first use (``uvicorn ...:app``), never
+    at import: a bad variable must not break ``--help``."""
+    if name == "app":
+        globals()["app"] = built = create_app(Settings.from_env())
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_parser(defaults: Settings) -> argparse.ArgumentParser:

@@ -28,6 +28,12 @@ DEFAULT_QUEUE_SIZE = 16
 DEFAULT_RETRY_AFTER_S = 5
 #: Volumes per engine pass in /batch_process when the request does not say.
 DEFAULT_BATCH_SIZE = 32
+#: Most particles the worker gathers from waiting requests into one engine call.
+DEFAULT_MAX_BATCH_SIZE = 32
+#: Milliseconds the worker waits for more requests of the same kind before running a batch.
+DEFAULT_BATCH_WAIT_MS = 2
+#: Seconds a request may wait for the model (queue and load) before it is answered 504.
+DEFAULT_REQUEST_TIMEOUT_S = 60
 
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
@@ -48,6 +54,9 @@ class Settings:
     max_volumes: int = DEFAULT_MAX_VOLUMES
     queue_size: int = DEFAULT_QUEUE_SIZE
     retry_after_s: int = DEFAULT_RETRY_AFTER_S
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    batch_wait_ms: int = DEFAULT_BATCH_WAIT_MS
+    request_timeout_s: int = DEFAULT_REQUEST_TIMEOUT_S
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "log_level", self.log_level.upper())
@@ -57,9 +66,12 @@ class Settings:
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, "
                              f"got {self.log_level!r}")
-        for name in ("port", "max_body_bytes", "max_volumes", "queue_size", "retry_after_s"):
+        for name in ("port", "max_body_bytes", "max_volumes", "queue_size", "retry_after_s",
+                     "max_batch_size", "request_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms must be 0 or more, got {self.batch_wait_ms}")
 
     @property
     def cors_origins(self) -> list[str]:

@@ -1,120 +1,225 @@
-"""The single inference worker: one thread owns the engine and runs queued jobs in order.
+"""The single inference worker: one thread owns the engine and runs queued jobs, batched.
 
-Requests never run the model on the event loop: they put a job on a bounded queue and await
-its future, so ``/health`` and the docs stay responsive whatever the load. A full queue raises
-:class:`cryolens.errors.Busy` (503 with ``Retry-After``).
+Requests never run the model on the event loop: they put a :class:`Job` (an operation and its
+volumes: data, not a closure) on a bounded queue and await its future, so ``/health`` stays
+responsive whatever the load. The worker takes the oldest job, gathers every waiting job with
+the same operation (up to ``max_batch`` particles, waiting at most ``batch_wait_s`` for more),
+runs them as one engine call and splits the results. A full queue raises
+:class:`~cryolens.errors.Busy` (503); a job whose deadline passed while it waited is answered
+:class:`~cryolens.errors.InferenceTimeout` (504) and never run; a job whose client went away
+(its future cancelled) is dropped.
 
-Micro-batching across requests slots in at :meth:`InferenceWorker._take`: it may drain every
-waiting job with the same ``batch_key`` and hand them to :meth:`_execute` as one group, which
-would concatenate their volumes into one engine call and split the results.
+The thread also loads the model (``load()``) and warms it up before it takes the first job, so
+the server answers ``/health`` at once and ``/ready`` when the model is ready; requests sent
+while it loads simply wait in the queue.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from cryolens.errors import Busy
+import numpy as np
+
+from cryolens.errors import Busy, InferenceTimeout
+from cryolens.operations import Operation, Result, run_batched
 
 if TYPE_CHECKING:
     from cryolens.engine import Engine
 
 logger = logging.getLogger("cryolens.server")
 
-#: Seconds :meth:`InferenceWorker.stop` waits for the running job before giving up on it.
+#: Seconds :meth:`InferenceWorker.stop` waits for the running batch before giving up on it.
 STOP_TIMEOUT_S = 30.0
-_STOP = object()
+
+
+class WorkerEvents(Protocol):
+    """What the worker reports (the server's metrics implement it)."""
+
+    def batch(self, operation: Operation, jobs: int, particles: int, seconds: float) -> None: ...
+
+    def dropped(self, reason: str) -> None: ...
+
+
+class _NoEvents:
+    def batch(self, operation: Operation, jobs: int, particles: int, seconds: float) -> None:
+        pass
+
+    def dropped(self, reason: str) -> None:
+        pass
 
 
 @dataclass
 class Job:
-    """``run(engine)`` on the worker thread; its result or exception resolves ``future``."""
+    """``operation`` on ``volumes`` ((N, D, H, W) float32); its :class:`Result` or exception
+    resolves ``future`` on ``loop``."""
 
-    run: Callable[[Engine], Any]
+    operation: Operation
+    volumes: np.ndarray
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
-    batch_key: Hashable | None = None
+    deadline: float
+    request_id: str = ""
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
 class InferenceWorker:
-    """Owns the engine; at most ``queue_size`` jobs wait, one runs."""
+    """Owns the engine; at most ``queue_size`` jobs wait, one batch runs."""
 
-    def __init__(self, engine: Engine, queue_size: int, retry_after_s: int = 5) -> None:
-        self.engine = engine
+    def __init__(self, load: Callable[[], Engine], *, queue_size: int, max_batch: int,
+                 batch_wait_s: float, timeout_s: float, retry_after_s: int = 5,
+                 warm_up: bool = True, events: WorkerEvents | None = None) -> None:
+        self._load = load
+        self.queue_size = queue_size
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
+        self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._thread = threading.Thread(target=self._loop, name="cryolens-inference", daemon=True)
-        self.busy = False
+        self.warm_up = warm_up
+        self.events = events or _NoEvents()
+        self.engine: Engine | None = None
+        self.ready = threading.Event()
+        self.failure: BaseException | None = None
+        self._jobs: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        return len(self._jobs)
 
-    def start(self) -> None:
+    def start(self, on_failure: Callable[[BaseException], None]) -> None:
+        """Start the thread: load, warm up, then serve. ``on_failure(exc)`` runs on the
+        thread if loading fails (the server ends the process)."""
+        self._thread = threading.Thread(target=self._main, args=(on_failure,),
+                                        name="cryolens-inference", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        if not self._thread.is_alive():
-            return
-        try:
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            logger.warning("inference queue still full at shutdown; not waiting for it")
-            return
-        self._thread.join(timeout)
+        """Stop after the running batch; jobs still queued are answered 503."""
+        with self._cond:
+            self._stopping = True
+            left = list(self._jobs)
+            self._jobs.clear()
+            self._cond.notify_all()
+        for job in left:
+            _answer(job, None, Busy("the server is shutting down"))
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout)
 
-    async def submit(self, run: Callable[[Engine], Any], batch_key: Hashable | None = None
-                     ) -> Any:
-        """Queue ``run(engine)`` and wait for its result; raise :class:`Busy` when full."""
+    async def submit(self, operation: Operation, volumes: np.ndarray, request_id: str = "",
+                     ) -> Result:
+        """Queue ``operation`` on ``volumes`` and wait for its result."""
         loop = asyncio.get_running_loop()
-        job = Job(run=run, future=loop.create_future(), loop=loop, batch_key=batch_key)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise Busy(f"the inference queue is full ({self._queue.maxsize} jobs waiting); "
-                       f"retry in {self.retry_after_s} s") from None
+        now = time.monotonic()
+        job = Job(operation, volumes, loop.create_future(), loop, now + self.timeout_s,
+                  request_id, now)
+        with self._cond:
+            if self._stopping:
+                raise Busy("the server is shutting down")
+            if len(self._jobs) >= self.queue_size:
+                raise Busy(f"the inference queue is full ({self.queue_size} jobs waiting); "
+                           f"retry in {self.retry_after_s} s")
+            self._jobs.append(job)
+            self._cond.notify()
         return await job.future
 
     # -- worker thread ----------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _main(self, on_failure: Callable[[BaseException], None]) -> None:
+        try:
+            self.engine = self._load()
+            if self.warm_up:
+                self._warm_up()
+        except BaseException as exc:  # noqa: BLE001 - reported, and the server stops
+            self.failure = exc
+            on_failure(exc)
+            return
+        self.ready.set()
         while True:
             jobs = self._take()
             if jobs is None:
                 return
-            self.busy = True
-            try:
-                self._execute(jobs)
-            finally:
-                self.busy = False
+            self._execute(jobs)
+
+    def _warm_up(self) -> None:
+        """One pass of each operation, so the first request does not pay for lazy set-up."""
+        zeros = np.zeros((1, *self.engine.box_shape), np.float32)
+        for operation in (Operation("features"), Operation("splats"),
+                          Operation("reconstruct", segments=True)):
+            run_batched(self.engine, operation, [zeros])
 
     def _take(self) -> list[Job] | None:
-        item = self._queue.get()
-        if item is _STOP:
-            return None
-        return [item]
+        """The oldest live job and every waiting job of the same operation, up to
+        ``max_batch`` particles, waiting up to ``batch_wait_s`` for more to arrive."""
+        with self._cond:
+            while True:
+                while not self._jobs and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return None
+                first = self._jobs.popleft()
+                if self._live(first):
+                    break
+            group, size = [first], len(first.volumes)
+            until = time.monotonic() + self.batch_wait_s
+            while size < self.max_batch:
+                for job in list(self._jobs):
+                    if job.operation == first.operation and \
+                            size + len(job.volumes) <= self.max_batch:
+                        self._jobs.remove(job)
+                        if self._live(job):
+                            group.append(job)
+                            size += len(job.volumes)
+                left = until - time.monotonic()
+                if size >= self.max_batch or left <= 0 or self._stopping:
+                    break
+                self._cond.wait(left)
+            return group
+
+    def _live(self, job: Job) -> bool:
+        """False (and the job answered or dropped) when nobody waits for it any more."""
+        if job.future.cancelled():
+            self.events.dropped("disconnected")
+            return False
+        if time.monotonic() > job.deadline:
+            self.events.dropped("deadline")
+            _answer(job, None, InferenceTimeout(
+                f"the request waited {time.monotonic() - job.enqueued_at:.1f} s for the model, "
+                f"longer than the {self.timeout_s:g} s request timeout; retry later"))
+            return False
+        return True
 
     def _execute(self, jobs: list[Job]) -> None:
-        for job in jobs:
-            if job.future.cancelled():  # the client went away while the job waited
-                continue
-            started = time.monotonic()
-            result, error = None, None
-            try:
-                result = job.run(self.engine)
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request
-                error = exc
-            try:
-                job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
-            except RuntimeError:  # the event loop closed while the job ran (shutdown)
-                pass
-            logger.debug("job waited %.3f s, ran %.3f s", started - job.enqueued_at,
-                         time.monotonic() - started)
+        started = time.monotonic()
+        try:
+            results = run_batched(self.engine, jobs[0].operation, [j.volumes for j in jobs])
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting requests
+            if len(jobs) == 1:
+                _answer(jobs[0], None, exc)
+            else:  # find the job at fault: run each alone, so the others still get answers
+                for job in jobs:
+                    self._execute([job])
+            return
+        elapsed = time.monotonic() - started
+        self.events.batch(jobs[0].operation, len(jobs), sum(len(j.volumes) for j in jobs),
+                          elapsed)
+        for job, result in zip(jobs, results, strict=True):
+            _answer(job, result, None)
+        logger.debug("batch of %d jobs ran %.3f s (oldest waited %.3f s)", len(jobs), elapsed,
+                     started - min(j.enqueued_at for j in jobs))
+
+
+def _answer(job: Job, result: Any, exc: BaseException | None) -> None:
+    try:
+        job.loop.call_soon_threadsafe(_resolve, job.future, result, exc)
+    except RuntimeError:  # the event loop closed while the job ran (shutdown)
+        pass
 
 
 def _resolve(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:

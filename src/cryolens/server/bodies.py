@@ -1,0 +1,138 @@
+"""Request bodies in any format the server reads, turned into (options, float32 volumes).
+
+JSON (the seed contract: options and nested-list volumes in one object), ``application/x-npy``
+(one volume or a stack; options as query parameters named like the JSON fields),
+``application/octet-stream`` (an MRC/MRCS file, or ``.npy``) and ``multipart/form-data`` with a
+file field holding either. Everything is parsed on a worker thread, never on the event loop.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from cryolens import formats
+from cryolens.errors import InputError, PayloadTooLarge, UnsupportedMediaType
+from cryolens.server import codecs
+
+MULTIPART = "multipart/form-data"
+#: Media types a volume endpoint reads, for the 415 message.
+READABLE = (codecs.JSON_MEDIA_TYPE, formats.NPY_MEDIA_TYPE, formats.MRC_MEDIA_TYPE, MULTIPART)
+
+
+@dataclass
+class Parsed:
+    """options: the validated options model; volumes: (N, D, H, W) float32; stacked: the
+    client sent a stack (answer with a leading N) rather than one volume; voxel_size: (x, y, z)
+    angstrom from an MRC header, else None."""
+
+    options: Any
+    volumes: np.ndarray
+    stacked: bool
+    voxel_size: tuple[float, float, float] | None = None
+
+
+def media_type(request: Request) -> str:
+    return (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+
+
+def validate_options(model: type[BaseModel], values: dict[str, Any], where: str) -> Any:
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**err, "loc": (where, *err["loc"])} for err in exc.errors()]) from None
+
+
+async def read_volumes(request: Request, model: type[BaseModel], field: str, *,
+                       box: tuple[int, ...], max_volumes: int, batch: bool) -> Parsed:
+    """Options and volumes of a model endpoint. ``field`` is the JSON field holding the
+    volume(s); ``batch`` says whether JSON holds a list of volumes (``/batch_process``)."""
+    kind = media_type(request)
+    if codecs.is_json_content_type(kind):
+        body = await request.body()
+
+        def parse_json() -> Parsed:
+            if batch:
+                payload = codecs.loads_with_split_array(body, field, max_volumes)
+                options = validate_options(model, payload, "body")
+                volumes = codecs.volumes(_required(payload, field), field, box, max_volumes)
+                return Parsed(options, volumes, True)
+            payload = codecs.loads_object(body)
+            options = validate_options(model, payload, "body")
+            return Parsed(options, codecs.volume(_required(payload, field), field, box)[None],
+                          False)
+
+        return await run_in_threadpool(parse_json)
+    options = validate_options(model, dict(request.query_params), "query")
+    read = await binary_reader(request)
+
+    def parse_binary() -> Parsed:
+        sent = read()
+        volumes, stacked = checked_stack(sent.data, "body", box, max_volumes)
+        return Parsed(options, volumes, stacked or batch, sent.voxel_size)
+
+    return await run_in_threadpool(parse_binary)
+
+
+async def binary_reader(request: Request) -> Callable[[], formats.Volumes]:
+    """Receive a binary body (``.npy``, MRC, or either in a multipart file field) and return
+    the function that parses it (to run on a worker thread); 415 for anything else."""
+    kind = media_type(request)
+    if kind == MULTIPART:
+        data = await _multipart_file(request)
+    elif kind in (formats.NPY_MEDIA_TYPE, formats.MRC_MEDIA_TYPE):
+        data = await request.body()
+    else:
+        raise UnsupportedMediaType(
+            f"Content-Type {kind or '(none)'!r} is not read here; send one of "
+            f"{', '.join(READABLE)}", field="content-type")
+    read = formats.read_npy if kind == formats.NPY_MEDIA_TYPE else formats.sniff
+    return lambda: read(data, "body")
+
+
+def checked_stack(data: np.ndarray, field: str, box: tuple[int, ...], max_volumes: int
+                  ) -> tuple[np.ndarray, bool]:
+    """(D, H, W) or (N, D, H, W) of ``box`` -> ((N, D, H, W) float32, was it a stack)."""
+    shape = tuple(data.shape)
+    stacked = len(shape) == 4
+    if len(shape) not in (3, 4) or shape[-3:] != box:
+        raise InputError(f"{field} must be one volume of shape {box} or a stack (N, "
+                         f"{', '.join(map(str, box))}), got {shape}", field=field)
+    if stacked and shape[0] == 0:
+        raise InputError(f"{field} is an empty stack: expected at least one volume",
+                         field=field)
+    if stacked and shape[0] > max_volumes:
+        raise PayloadTooLarge(f"{field} holds {shape[0]} volumes; at most {max_volumes} are "
+                              f"accepted per request", field=field)
+    with np.errstate(over="ignore", invalid="ignore"):
+        volumes = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, *box)
+    if not np.isfinite(volumes).all():
+        raise InputError(f"{field} must be finite: a value is NaN, infinite or beyond float32 "
+                         "range (|x| > 3.4e38)", field=field)
+    return volumes, stacked
+
+
+async def _multipart_file(request: Request) -> bytes:
+    form = await request.form(max_files=1, max_fields=32)
+    try:
+        files = [value for _, value in form.multi_items() if hasattr(value, "read")]
+        if not files:
+            raise InputError("the multipart body has no file field: send the MRC or .npy "
+                             "file as a file part (e.g. curl -F file=@particle.mrc)",
+                             field="file")
+        return await files[0].read()
+    finally:
+        await form.close()
+
+
+def _required(payload: dict[str, Any], field: str) -> Any:
+    if field not in payload:
+        raise InputError(f"{field} is required", field=field)
+    return payload[field]

@@ -1,0 +1,152 @@
+"""ASGI middleware, outermost first: request context (id, metrics, log tag), body limit,
+and the last-resort 500. Pure ASGI (no BaseHTTPMiddleware), so streaming and disconnects
+pass through untouched."""
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cryolens.server.metrics import Metrics
+from cryolens.server.responses import ORJSONResponse
+
+logger = logging.getLogger("cryolens.server")
+
+#: The id of the request being handled, for log lines (``-`` outside a request).
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+REQUEST_ID_HEADER = "X-Request-ID"
+#: A client's own id is echoed when it is short and plain; otherwise we make one.
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class TrackedSend:
+    """``send`` that remembers whether the response has started (after that, an error can no
+    longer become an error response) and its status."""
+
+    def __init__(self, send: Send, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
+        self._send = send
+        self._extra = list(extra_headers)
+        self.started = False
+        self.status = 500
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started, self.status = True, message["status"]
+            if self._extra:
+                message = {**message, "headers": [*message.get("headers", []), *self._extra]}
+        await self._send(message)
+
+
+class RequestContextMiddleware:
+    """Gives each request an id (the client's ``X-Request-ID`` when plain, else a new one),
+    returns it in the response header, tags log lines with it, and counts the request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = dict(scope["headers"]).get(REQUEST_ID_HEADER.lower().encode(), b"").decode(
+            "latin1")
+        rid = sent if _CLIENT_ID.fullmatch(sent) else uuid.uuid4().hex
+        token = request_id.set(rid)
+        scope.setdefault("state", {})["request_id"] = rid
+        tracked = TrackedSend(send, [(REQUEST_ID_HEADER.encode(), rid.encode())])
+        started = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, tracked)
+        finally:
+            self.metrics.in_flight.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            status = tracked.status if tracked.started else 499  # the client went away
+            self.metrics.requests.labels(endpoint, scope.get("method", ""), str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+            request_id.reset(token)
+
+
+class BodyLimitMiddleware:
+    """413 for a body over ``max_bytes``: by Content-Length up front, else by counting chunks."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._reject(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge
+            return message
+
+        tracked = TrackedSend(send)
+        try:
+            await self.app(scope, counting_receive, tracked)
+        except BodyTooLarge:
+            if tracked.started:
+                raise
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = ORJSONResponse(
+            {"detail": f"request body is larger than the limit of {self.max_bytes} bytes",
+             "field": "body"}, status_code=413, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+class ErrorMiddleware:
+    """Any exception that escapes a route: logged with its traceback, answered with a bare 500
+    that carries the request id."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        tracked = TrackedSend(send)
+        try:
+            await self.app(scope, receive, tracked)
+        except BodyTooLarge:
+            raise
+        except Exception:
+            rid = request_id.get()
+            logger.exception("internal error in %s %s", scope.get("method"), scope.get("path"))
+            if tracked.started:
+                raise
+            response = ORJSONResponse({"detail": "internal error", "request_id": rid},
+                                      status_code=500)
+            await response(scope, receive, send)
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` to every record (for the format string)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True

@@ -1,0 +1,46 @@
+"""HTTP responses: JSON written by orjson (the default, the seed's format) or ``.npz`` when the
+client sends ``Accept: application/x-npz``."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from cryolens import formats
+from cryolens.server import codecs
+
+
+class ORJSONResponse(JSONResponse):
+    """JSON written by orjson; numpy arrays are serialised natively (float32 stays float32).
+    Pre-rendered ``bytes`` pass through untouched."""
+
+    def render(self, content: Any) -> bytes:
+        if isinstance(content, bytes):
+            return content
+        return codecs.dumps(content)
+
+
+class NPZResponse(Response):
+    media_type = formats.NPZ_MEDIA_TYPE
+
+
+def wants_npz(request: Request) -> bool:
+    """True when ``Accept`` names ``application/x-npz`` (JSON stays the default, also for
+    ``*/*``)."""
+    accept = request.headers.get("accept", "")
+    return any(part.split(";", 1)[0].strip().lower() == formats.NPZ_MEDIA_TYPE
+               for part in accept.split(","))
+
+
+def flatten(payload: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """A JSON payload as flat arrays for ``.npz``: nested objects become ``outer_inner``
+    names, unless the inner dict says otherwise with its own keys; lists become arrays."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in payload.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}_"))
+        elif value is not None:
+            out[f"{prefix}{key}"] = np.asarray(value)
+    return out
