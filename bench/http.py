@@ -1,0 +1,240 @@
+"""The server against the engine it wraps, in one run on the same volumes: how much of the engine's
+rate reaches an HTTP client, per format, and against LitServe wrapping the same engine.
+
+Run: python bench/http.py [--checkpoint demo] [--device cpu] [--seconds 8] [--no-litserve]
+
+Prints, each with its fraction of the in-process engine's rate at the same batch size:
+  engine in-process (the ceiling): reconstruct at 1, 32 and 128, features at 1 and 16;
+  single /reconstruct with the documented defaults (segments on), JSON and binary: p50, p95;
+  binary /batch_process (reconstruct) of 32 and 128 particles: particles/s;
+  binary single-volume /extract_features from 1 and 16 concurrent clients: requests/s;
+  the same 16-client load against LitServe (dynamic batching: max_batch_size 32,
+  batch_timeout 10 ms, .npy in a multipart field), if ``litserve`` is installed.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file's name shadows the standard library's ``http`` package for anything imported while
+# it runs as a script (requests imports http.client): take its folder off the path first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
+import argparse  # noqa: E402
+import io  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import requests  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from server_helpers import ServerProcess, free_port  # noqa: E402
+
+from cryolens import formats  # noqa: E402
+
+NPY = {"Content-Type": "application/x-npy", "Accept": "application/x-npz"}
+LITSERVE_APP = Path(__file__).with_name("litserve_app.py")
+
+
+def rate(fn, n: int, seconds: float) -> float:
+    """Items per second of ``fn`` (which handles ``n`` items), over at least ``seconds``."""
+    fn()  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        done += n
+    return done / (time.perf_counter() - start)
+
+
+def latencies(fn, count: int) -> tuple[float, float]:
+    fn()
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return statistics.median(times), times[int(0.95 * (len(times) - 1))]
+
+
+def concurrent_rate(make_call, clients: int, seconds: float) -> tuple[float, int]:
+    """Requests per second of ``clients`` threads, each calling its own ``make_call()``."""
+    stop = time.perf_counter() + seconds
+    counts, errors = [0] * clients, [0] * clients
+
+    def loop(i: int) -> None:
+        call = make_call()
+        call()  # warm-up, not counted
+        while time.perf_counter() < stop:
+            if call():
+                counts[i] += 1
+            else:
+                errors[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - start), sum(errors)
+
+
+def engine_rates(checkpoint: str, device: str, volumes: np.ndarray, seconds: float
+                 ) -> dict[str, float]:
+    from cryolens.engine import Engine
+    from cryolens.operations import Operation, run
+
+    engine = Engine.from_checkpoint(checkpoint, device=device)
+    rec, feats = Operation("reconstruct"), Operation("features")
+    out = {}
+    for n in (1, 32, 128):
+        out[f"reconstruct@{n}"] = rate(lambda n=n: run(engine, rec, volumes[:n]), n, seconds)
+    for n in (1, 16):
+        out[f"features@{n}"] = rate(lambda n=n: run(engine, feats, volumes[:n]), n, seconds)
+    out["reconstruct-segments@1"] = rate(
+        lambda: run(engine, Operation("reconstruct", segments=True), volumes[:1]), 1, seconds)
+    return out
+
+
+def line(name: str, value: str, ceiling: float | None = None, measured: float | None = None
+         ) -> None:
+    share = f"  ({measured / ceiling:5.1%} of the engine)" if ceiling else ""
+    print(f"  {name:<52} {value:>18}{share}")
+
+
+def bench_server(url: str, volumes: np.ndarray, engine: dict[str, float], seconds: float,
+                 count: int) -> None:
+    one = volumes[0]
+    as_json = {"input_volume": one.tolist(), "use_segmented_decoder": True,
+               "use_final_convolution": True}
+    session = requests.Session()
+
+    def post_json():
+        response = session.post(url + "/reconstruct", json=as_json)
+        return np.asarray(response.json()["reconstruction"], np.float32)
+
+    one_npy = formats.write_npy(one)
+
+    def post_npy():
+        response = session.post(url + "/reconstruct", data=one_npy, headers=NPY)
+        return formats.read_npz(response.content)["reconstruction"]
+
+    p50, p95 = latencies(post_json, count)
+    line("JSON /reconstruct (segments on): p50 / p95", f"{p50 * 1e3:.1f} / {p95 * 1e3:.1f} ms",
+         engine["reconstruct-segments@1"], 1 / p50)
+    p50, p95 = latencies(post_npy, count)
+    line("binary /reconstruct (segments on): p50 / p95",
+         f"{p50 * 1e3:.1f} / {p95 * 1e3:.1f} ms", engine["reconstruct-segments@1"], 1 / p50)
+    for n in (32, 128):
+        body = formats.write_npy(volumes[:n])
+
+        def batch(body=body):
+            response = session.post(url + "/batch_process", data=body, headers=NPY)
+            assert response.status_code == 200, response.text
+            return formats.read_npz(response.content)
+
+        measured = rate(batch, n, seconds)
+        line(f"binary /batch_process of {n}: particles/s", f"{measured:.1f}",
+             engine[f"reconstruct@{min(n, 128)}"], measured)
+    for clients in (1, 16):
+        measured, errors = concurrent_rate(lambda: _features_call(url, one_npy), clients,
+                                           seconds)
+        line(f"binary /extract_features, {clients} clients: requests/s",
+             f"{measured:.1f}" + (f" ({errors} errors)" if errors else ""),
+             engine["features@16" if clients > 1 else "features@1"], measured)
+
+
+def _features_call(url: str, body: bytes):
+    session = requests.Session()
+
+    def call() -> bool:
+        response = session.post(url + "/extract_features", data=body, headers=NPY)
+        return response.status_code == 200
+
+    return call
+
+
+def bench_litserve(checkpoint: str, device: str, volumes: np.ndarray, engine: dict[str, float],
+                   seconds: float) -> None:
+    port = free_port()
+    proc = ServerProcess([sys.executable, str(LITSERVE_APP), "--port", str(port),
+                          "--checkpoint", checkpoint, "--device", device], port)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(proc.url + "/health", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"LitServe did not start:\n{proc.output()[-2000:]}")
+            time.sleep(0.5)
+        buffer = io.BytesIO()
+        np.save(buffer, volumes[0])
+        body = buffer.getvalue()
+
+        def make_call():
+            session = requests.Session()
+
+            def call() -> bool:
+                response = session.post(proc.url + "/predict",
+                                        files={"file": ("particle.npy", body)})
+                return response.status_code == 200
+
+            return call
+
+        for clients in (1, 16):
+            measured, errors = concurrent_rate(make_call, clients, seconds)
+            line(f"LitServe batched /predict, {clients} clients: requests/s",
+                 f"{measured:.1f}" + (f" ({errors} errors)" if errors else ""),
+                 engine["features@16" if clients > 1 else "features@1"], measured)
+    finally:
+        proc.stop()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="demo", help="model to serve (default: demo)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--seconds", type=float, default=8.0,
+                        help="duration of each throughput measurement (default: 8)")
+    parser.add_argument("--count", type=int, default=40,
+                        help="requests per latency measurement (default: 40)")
+    parser.add_argument("--no-litserve", action="store_true", help="skip the LitServe run")
+    args = parser.parse_args(argv)
+
+    volumes = np.random.default_rng(0).standard_normal((128, 48, 48, 48)).astype(np.float32)
+    print(f"bench/http.py: checkpoint {args.checkpoint}, device {args.device}, "
+          f"{os.cpu_count()} CPUs")
+    engine = engine_rates(args.checkpoint, args.device, volumes, args.seconds)
+    print("engine in-process (the ceiling):")
+    for name, value in engine.items():
+        line(name, f"{value:.1f} /s")
+    port = free_port()
+    proc = ServerProcess([sys.executable, "-m", "cryolens.server.minimal_cryolens_server",
+                          "--checkpoint", args.checkpoint, "--device", args.device,
+                          "--host", "127.0.0.1", "--port", str(port), "--log-level",
+                          "warning"], port)
+    try:
+        proc.wait_healthy(120)
+        print("cryolens server (uvicorn, one process):")
+        bench_server(proc.url, volumes, engine, args.seconds, args.count)
+    finally:
+        proc.stop()
+    if not args.no_litserve:
+        try:
+            import litserve  # noqa: F401
+        except ImportError:
+            print("LitServe: not installed (pip install litserve), skipped")
+        else:
+            print("LitServe wrapping the same engine:")
+            bench_litserve(args.checkpoint, args.device, volumes, engine, args.seconds)
+
+
+if __name__ == "__main__":
+    main()
