@@ -20,20 +20,20 @@ from pathlib import Path
 # it runs as a script (requests imports http.client): take its folder off the path first.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
-import argparse  # noqa: E402
-import io  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
+import argparse
+import io
+import os
+import statistics
+import threading
+import time
 
-import numpy as np  # noqa: E402
-import requests  # noqa: E402
+import numpy as np
+import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from server_helpers import ServerProcess, free_port  # noqa: E402
+from server_helpers import ServerProcess, free_port
 
-from cryolens import formats  # noqa: E402
+from cryolens import formats
 
 NPY = {"Content-Type": "application/x-npy", "Accept": "application/x-npz"}
 LITSERVE_APP = Path(__file__).with_name("litserve_app.py")

@@ -12,11 +12,11 @@ from pathlib import Path
 # bench/http.py would shadow the standard library's ``http``: take this folder off the path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
-import argparse  # noqa: E402
-import io  # noqa: E402
+import argparse
+import io
 
-import litserve as ls  # noqa: E402
-import numpy as np  # noqa: E402
+import litserve as ls
+import numpy as np
 
 
 class FeaturesAPI(ls.LitAPI):

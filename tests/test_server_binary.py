@@ -33,7 +33,7 @@ def npz(response: requests.Response) -> dict[str, np.ndarray]:
     return formats.read_npz(response.content)
 
 
-class _mrc_file:  # noqa: N801 - a context manager that yields a temporary MRC path
+class _mrc_file:
     def __init__(self, volume, voxel):
         import tempfile
         from pathlib import Path
