@@ -43,6 +43,7 @@ def assert_serves(url: str) -> None:
     assert info["n_gaussians"] == 40 and info["checkpoint"] == "small.safetensors"
 
 
+@pytest.mark.slow
 def test_uvicorn_with_two_workers(model, tmp_path):
     server = start_uvicorn(model, "--workers", "2", cwd=tmp_path)
     try:
@@ -158,8 +159,11 @@ def launch(how: str, model: Path, port: int) -> tuple[list[str], dict[str, str]]
     }[how]
 
 
-@pytest.mark.parametrize("how", ["cryolens-server", "cryolens serve", "python -m", "uvicorn",
-                                 "cryolens-server --workers 2", "uvicorn --workers 2"])
+@pytest.mark.parametrize("how", [
+    "cryolens-server", "cryolens serve", "python -m", "uvicorn",
+    pytest.param("cryolens-server --workers 2", marks=pytest.mark.slow),
+    pytest.param("uvicorn --workers 2", marks=pytest.mark.slow),
+])
 def test_every_launcher_serves_the_given_model_with_the_given_options(model, tmp_path, how):
     port = free_port()
     args, env = launch(how, model, port)
