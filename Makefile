@@ -1,24 +1,48 @@
-# Two commands for a newcomer: `make serve` (the server on the embedded demo model) and
-# `make test` (the whole suite). Both create .venv on first use with the CPU build of PyTorch.
+# A newcomer's commands (each creates .venv on first use; `make help` lists them):
+#   make serve [CHECKPOINT=demo] [PORT=8023] [DEVICE=auto] [HOST=127.0.0.1]
+#   make test           the whole suite (the command CI runs; a few minutes on 2 cores)
+#   make test-quick     without the tests marked slow
+#   make install [TORCH=cpu]   only the virtual environment
+# PyTorch comes from PyPI unless TORCH names one of PyTorch's own package indexes: TORCH=cpu
+# (the CPU-only build, ~10x smaller on Linux) or a CUDA one such as TORCH=cu128. Tests and CI
+# never set TORCH, so they only ever contact PyPI.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+CHECKPOINT ?= demo
 PORT ?= 8023
-TORCH ?= torch==2.13.0
+DEVICE ?= auto
+HOST ?= 127.0.0.1
+TORCH_VERSION ?= 2.13.0
+TORCH ?=
+TORCH_INDEX_URL := https://download.pytorch.org/whl/$(TORCH)
+TORCH_INDEX := $(if $(TORCH),--index-url $(TORCH_INDEX_URL))
+PYTEST_ARGS ?=
 
-.PHONY: serve test bench lint
+.PHONY: help install serve test test-quick bench lint
+
+help:
+	@sed -n 's/^#   //p' Makefile
 
 $(VENV)/.installed: pyproject.toml
+	@echo "==> creating $(VENV) (first use only; pip shows its progress below)"
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install --upgrade pip
+	@echo "==> installing PyTorch $(TORCH_VERSION)$(if $(TORCH), from $(TORCH_INDEX_URL)) (the largest download: minutes on a slow link)"
+	$(PY) -m pip install --progress-bar on "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
+	@echo "==> installing cryolens-server and its test tools"
+	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	touch $@
 
+install: $(VENV)/.installed
+
 serve: $(VENV)/.installed
-	$(PY) -m cryolens.server.minimal_cryolens_server --checkpoint demo --port $(PORT)
+	$(PY) -m cryolens.server.minimal_cryolens_server --checkpoint "$(CHECKPOINT)" --port $(PORT) --device $(DEVICE) --host $(HOST)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-quick: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) bench/engine.py

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-#: Seconds a server may take to import torch, load its model and answer /health.
+#: Seconds a server may take to import torch, load its model and answer /ready.
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 PYTHON = sys.executable
@@ -79,6 +79,23 @@ def start_cli_server(checkpoint: str | os.PathLike, *extra: str, env: dict[str, 
                             "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
                             "--port", str(port), "--device", "cpu", *extra], port, env=env)
     return server.wait_healthy() if wait else server
+
+
+def console_script(name: str, entry: str) -> list[str]:
+    """The command for console script ``name`` (``module:function``): the installed script
+    beside this Python when there is one, else the same call made by ``python -c``."""
+    script = Path(sys.executable).parent / name
+    if script.is_file():
+        return [str(script)]
+    module, function = entry.split(":")
+    code = f"import sys; sys.argv[0] = {name!r}; from {module} import {function}; "
+    return [PYTHON, "-c", code + f"sys.exit({function}())"]
+
+
+def start_command(args: list[str], port: int, env: dict[str, str] | None = None,
+                  cwd=None) -> ServerProcess:
+    """Start ``args`` (which must bind 127.0.0.1:``port``) and wait until /ready answers."""
+    return ServerProcess(args, port, env=env, cwd=cwd).wait_healthy()
 
 
 def start_uvicorn(checkpoint: str | os.PathLike, *extra: str, cwd=None) -> ServerProcess:

@@ -36,6 +36,7 @@ def test_demo_loads_by_name_with_the_demo_configuration():
     assert row["available"]
 
 
+@pytest.mark.slow
 def test_demo_evaluation_reproduces_the_model_card_and_meets_the_targets():
     """``cryolens evaluate --checkpoint demo`` (same seed, same held-out particles) gives the
     figures recorded next to the model card, and those meet the project's targets at SNR 5."""

@@ -1,62 +1,206 @@
-"""Every Python example and every curl command in the README runs as written; the ones that talk
-to ``localhost:8023`` run against a real server process on the demo model (port rewritten)."""
+"""Every example in the README and in docs/ is exercised: each Python block runs as written, and
+each shell command is run, dry-run or parsed by the real parser, as ``exercise`` decides.
+
+Shell commands, by program:
+
+- ``curl``: run against a live server on the demo model (``localhost:8023`` is replaced by its
+  address), in a folder where the documented ``python -c`` line has written ``body.json``;
+- ``make``: dry-run (``make -n``), with the install stamp taken as up to date;
+- ``cryolens``, ``cryolens-server``, ``python -m cryolens...``: parsed by the command's own parser
+  and its values checked by ``Settings``; those that are quick (``--help``, ``cryolens info``)
+  run. Starting servers for real, with other values, is test_server_processes.py's job;
+- ``uvicorn``: the app it names exists and every ``CRYOLENS_*`` variable it sets is a setting;
+- installs (``pip``, ``python3 -m venv``) and ``docker``: never run (they need the network);
+  the PyTorch version they pin must be the Makefile's.
+"""
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
+import shlex
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from server_helpers import PYTHON, start_cli_server
+import requests
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-TEXT = README.read_text()
-BLOCKS = re.findall(r"```python\n(.*?)```", TEXT, flags=re.DOTALL)
-SHELL = [block for block in re.findall(r"```bash\n(.*?)```", TEXT, flags=re.DOTALL)
-         if "curl" in block and "localhost:8023" in block]
-#: The README's recipe for the request bodies its curl examples read (body.json).
-BODY_RECIPE = re.search(r'`(python -c "import json, numpy;.*?body\.json.*?)`', TEXT)
-DOCUMENTED = "localhost:8023"
+REPO = Path(__file__).resolve().parents[1]
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
-def needs_server(block: str) -> bool:
-    return DOCUMENTED in block
+def blocks(language: str) -> list[tuple[str, str]]:
+    found = []
+    for document in DOCUMENTS:
+        for block in re.findall(rf"```{language}\n(.*?)```", document.read_text(), flags=re.DOTALL):
+            found.append((document.relative_to(REPO).as_posix(), block))
+    return found
+
+
+def shell_commands() -> list[tuple[str, list[str], dict[str, str]]]:
+    """(document, argv, environment) of every command in the ``bash`` blocks."""
+    commands = []
+    for document, block in blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            parts: list[list[str]] = [[]]
+            for token in shlex.split(line, comments=True):
+                if token == "&&":
+                    parts.append([])
+                else:
+                    parts[-1].append(token)
+            for tokens in parts:
+                if tokens and tokens[-1] == "&":
+                    tokens.pop()
+                env = {}
+                while tokens and re.fullmatch(r"[A-Z_]+=.*", tokens[0]):
+                    name, _, value = tokens.pop(0).partition("=")
+                    env[name] = value
+                if tokens:
+                    commands.append((document, tokens, env))
+    return commands
+
+
+PYTHON_BLOCKS = blocks("python")
+COMMANDS = shell_commands()
+NOT_RUN = {"pip", "python3", ".", "docker", "rm"}  # installs, shell state, containers
+
+
+def test_documents_have_examples():
+    assert PYTHON_BLOCKS and len(COMMANDS) > 30
+
+
+@pytest.mark.parametrize("document, block", PYTHON_BLOCKS,
+                         ids=[f"{doc}:{i}" for i, (doc, _) in enumerate(PYTHON_BLOCKS)])
+def test_python_example_runs(document, block, request, tmp_path, monkeypatch):
+    if "localhost:8023" in block:  # a server example: against the live demo server
+        address = request.getfixturevalue("server").url.removeprefix("http://")
+        block = block.replace("localhost:8023", address)
+    monkeypatch.chdir(tmp_path)  # examples may write files
+    namespace: dict = {}
+    exec(compile(block, f"{document} python block", "exec"), namespace)  # noqa: S102
 
 
 @pytest.fixture(scope="module")
 def server():
+    from server_helpers import start_cli_server
+
     proc = start_cli_server("demo")
     yield proc
     proc.stop()
 
 
-def test_readme_has_examples():
-    assert BLOCKS and SHELL and BODY_RECIPE
+@pytest.fixture(scope="module")
+def body_folder(tmp_path_factory):
+    """A folder with the files the curl examples send (body.json, particle.npy), written by
+    the documented ``python -c`` commands themselves."""
+    folder = tmp_path_factory.mktemp("body")
+    for _, argv, _ in COMMANDS:
+        if argv[:2] == ["python", "-c"]:
+            subprocess.run([sys.executable, *argv[1:]], cwd=folder, check=True, timeout=120)
+    return folder
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_python_example_runs(index, request, tmp_path, monkeypatch):
-    code = BLOCKS[index]
-    if needs_server(code):
-        server = request.getfixturevalue("server")
-        code = code.replace(DOCUMENTED, f"127.0.0.1:{server.port}")
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(code, f"README.md python block {index}", "exec"), namespace)  # noqa: S102
+def check_server_command(argv: list[str], prog: str, env: dict[str, str]) -> None:
+    from cryolens.server.minimal_cryolens_server import build_parser
+    from cryolens.server.settings import Settings
+
+    settings = Settings.from_env(env)
+    args = build_parser(settings, prog).parse_args(argv)
+    Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
 
 
-@pytest.mark.parametrize("index", range(len(SHELL)))
-def test_readme_curl_examples_run(index, server, tmp_path):
-    recipe = BODY_RECIPE.group(1).replace("python ", f"{PYTHON} ", 1)
-    subprocess.run(recipe, shell=True, cwd=tmp_path, check=True)  # noqa: S602
-    script = SHELL[index].replace(DOCUMENTED, f"127.0.0.1:{server.port}")
-    script = re.sub(r"^python ", f"{PYTHON} ", script, flags=re.MULTILINE)
-    lines = [line for line in script.splitlines() if line.strip()]
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(lines)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+def run_help(argv: list[str]) -> str:
+    done = subprocess.run([sys.executable, "-m", "cryolens.cli", *argv], check=False,
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert '"detail"' not in done.stdout, done.stdout  # no error bodies
-    if "-o " in script:
-        for name in re.findall(r"-o (\S+)", script):
-            written = (tmp_path / name).read_bytes()
-            assert written[:2] == b"PK" if name.endswith(".npz") else written, written[:200]
+    return done.stdout
+
+
+def exercise(argv: list[str], env: dict[str, str], request) -> None:
+    program = argv[0]
+    if program == "curl":
+        server, folder = request.getfixturevalue("server"), request.getfixturevalue("body_folder")
+        if shutil.which("curl") is None:
+            pytest.skip("curl is not installed")
+        address = server.url.removeprefix("http://")
+        args = [a.replace("localhost:8023", address) for a in argv]
+        done = subprocess.run(args, cwd=folder, check=False, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr[:300]
+        if "-o" in args:  # a binary answer written to a file: .npz is a zip archive
+            written = (folder / args[args.index("-o") + 1]).read_bytes()
+            assert written[:2] == b"PK", written[:300]
+        else:
+            assert done.stdout.startswith(b"{") and b'"detail"' not in done.stdout, \
+                done.stdout[:300]
+    elif program == "make":
+        if shutil.which("make") is None:
+            pytest.skip("make is not installed")
+        venv = Path(sys.prefix)
+        done = subprocess.run(["make", "-n", "-C", str(REPO), "-o", f"{venv}/.installed",
+                               f"VENV={venv}", *argv[1:]], check=False, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    elif program == "cryolens" and argv[1:2] == ["serve"]:
+        if "--help" in argv:
+            assert run_help(argv[1:]).startswith("usage: cryolens serve")
+        else:
+            check_server_command(argv[2:], "cryolens serve", env)
+    elif program == "cryolens":
+        from cryolens import cli
+
+        args = cli.build_parser().parse_args(argv[1:])
+        if args.command == "info" and (args.checkpoint is None or args.log_level == "DEBUG"):
+            if args.log_level == "DEBUG":  # the documented traceback of a missing file
+                from cryolens.errors import CheckpointError
+
+                with pytest.raises(CheckpointError):
+                    cli.main(argv[1:])
+            else:
+                assert cli.main(argv[1:]) == 0
+    elif program == "cryolens-server":
+        check_server_command(argv[1:], "cryolens-server", env)
+    elif program == "python" and argv[1:3] == ["-m", "cryolens.server.minimal_cryolens_server"]:
+        check_server_command(argv[3:], "cryolens-server", env)
+    elif program == "python" and argv[1] == "-c":
+        request.getfixturevalue("body_folder")  # ran it
+    elif program == "uvicorn":
+        from cryolens.server import minimal_cryolens_server
+        from cryolens.server.settings import Settings
+
+        assert argv[1] == minimal_cryolens_server.APP_IMPORT_STRING
+        names = {f"CRYOLENS_{f.name.upper()}" for f in dataclasses.fields(Settings)}
+        assert {k for k in env if k.startswith("CRYOLENS_")} <= names
+        Settings.from_env(env)
+    elif program in NOT_RUN:
+        pin = re.search(r"torch==([\d.]+)", " ".join(argv))
+        if pin:
+            makefile = (REPO / "Makefile").read_text()
+            assert f"TORCH_VERSION ?= {pin.group(1)}\n" in makefile
+        if program == "docker" and argv[1] == "build":
+            dockerfile = argv[argv.index("-f") + 1] if "-f" in argv else "Dockerfile"
+            assert (REPO / dockerfile).is_file()
+    else:
+        pytest.fail(f"no test exercises {shlex.join(argv)}: teach tests/test_readme.py how")
+
+
+@pytest.mark.parametrize("document, argv, env", COMMANDS,
+                         ids=[f"{doc}:{shlex.join(argv)[:60]}" for doc, argv, _ in COMMANDS])
+def test_shell_command_is_exercised(document, argv, env, request, monkeypatch):
+    for name in [n for n in os.environ if n.startswith("CRYOLENS_")]:
+        monkeypatch.delenv(name)
+    exercise(argv, env, request)
+
+
+def test_model_info_example_is_what_the_default_model_answers(server):
+    """docs/rest-api.md shows /model_info of the default (demo) model, number for number."""
+    text = (REPO / "docs" / "rest-api.md").read_text()
+    example = text[text.index("curl -s localhost:8023/model_info"):].split("```")[0]
+    answer = requests.get(server.url + "/model_info", timeout=5).json()
+    documented = dict(re.findall(r'"(\w+)": ("[^"]*"|[\d.]+|\[[\d, ]+\])', example))
+    assert set(documented) == set(answer)
+    for key, value in documented.items():
+        if key != "sha256":
+            assert str(answer[key]).replace("'", '"') == value.strip('"'), key
+    assert answer["sha256"].startswith(documented["sha256"].strip('".'))

@@ -164,6 +164,7 @@ def test_statistics_get_and_post(server):
         assert got["mean"] == pytest.approx(big.astype(np.float32).mean(), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_health_answers_fast_during_a_long_batch(server):
     volumes = np.random.default_rng(4).standard_normal((64, 48, 48, 48)).astype(np.float32)
     body = orjson.dumps({"input_volumes": volumes, "batch_size": 16},

@@ -220,6 +220,7 @@ def test_rotations_within_max_angle_follow_the_restricted_uniform_density() -> N
 
 
 # -- imaging model --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_missing_wedge_is_removed() -> None:
     tilt = 60.0
     b = ParticleSimulator(seed=3, tilt_range=tilt).sample(4)

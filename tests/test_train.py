@@ -31,6 +31,7 @@ def _log(path):
     return [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_short_training_run_lowers_the_loss(tmp_path):
     settings = _settings(tmp_path)
     final = train(settings, progress=False)
@@ -42,6 +43,7 @@ def test_short_training_run_lowers_the_loss(tmp_path):
     assert model.config.n_affinity == 24 and info.layout == "safetensors"
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_and_resume_continues(tmp_path):
     a = train(_settings(tmp_path / "a", steps=6, checkpoint_every=3), progress=False)
     b = train(_settings(tmp_path / "b", steps=6, checkpoint_every=3), progress=False)
@@ -53,6 +55,7 @@ def test_same_seed_same_weights_and_resume_continues(tmp_path):
     assert steps[-1] == 9 and steps.count(5) == 1
 
 
+@pytest.mark.slow
 def test_fine_tune_on_a_particle_stack(tmp_path):
     stack = np.random.default_rng(0).standard_normal((6, 48, 48, 48)).astype(np.float32)
     np.save(tmp_path / "particles.npy", stack)
@@ -64,6 +67,7 @@ def test_fine_tune_on_a_particle_stack(tmp_path):
     assert not torch.equal(load_file(str(start))["mu.weight"], load_file(str(final))["mu.weight"])
 
 
+@pytest.mark.slow
 def test_pose_curriculum_widens_to_all_rotations(tmp_path):
     from cryolens.train import SimulatedStream
 

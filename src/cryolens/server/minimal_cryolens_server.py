@@ -1,63 +1,81 @@
 """The seed's server entry point: ``python -m cryolens.server.minimal_cryolens_server`` (also
-``cryolens-server``) and a module-level ``app`` for ``uvicorn ...:app --workers N``.
+``cryolens-server`` and ``cryolens serve``) and a module-level ``app`` for
+``uvicorn cryolens.server.minimal_cryolens_server:app --workers N``.
 
-The CLI exports its flags as ``CRYOLENS_*`` variables and hands uvicorn the app as an import
-string, so ``--reload`` and multi-worker processes build the same app from the environment.
+The command line builds :class:`Settings` from its flags (whose defaults are the ``CRYOLENS_*``
+variables) and, with one worker, hands uvicorn the app built from exactly those settings. With
+``--workers N`` or ``--reload`` uvicorn starts new processes that import this module, so the CLI
+first exports the settings as ``CRYOLENS_*`` variables and passes the import string.
+
+``app`` is built lazily, on first access, from ``CRYOLENS_*``: importing this module (for
+``--help``, or to call :func:`main`) never builds an app nor reads the environment.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
+from cryolens.cliutil import ArgumentParser, fail
 from cryolens.server.app import create_app
-from cryolens.server.settings import DEVICES, LOG_LEVELS, Settings
+from cryolens.server.settings import Settings, field_flags, field_type
 
 APP_IMPORT_STRING = "cryolens.server.minimal_cryolens_server:app"
+PROG = "cryolens-server"
 DEFAULT_WORKERS = 1
-
+#: Exit status when the port is taken or cannot be bound (a model that cannot load exits 3).
+BIND_FAILURE_EXIT = 1
 
 
 def __getattr__(name: str):
-    """``app``, built from ``CRYOLENS_*`` variables on first use (``uvicorn ...:app``), never
-    at import: a bad variable must not break ``--help``."""
+    """Build ``app`` from ``CRYOLENS_*`` on first access, once; the model loads at startup."""
     if name == "app":
-        globals()["app"] = built = create_app(Settings.from_env())
+        built = create_app(Settings.from_env())
+        globals()["app"] = built
         return built
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def build_parser(defaults: Settings) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cryolens-server", description="Serve a CryoLens model over HTTP (FastAPI).")
-    parser.add_argument("--checkpoint", "-c", default=defaults.checkpoint,
-                        help="checkpoint name (demo, v001), http(s) URL or local file "
-                             f"(default: {defaults.checkpoint})")
-    parser.add_argument("--host", default=defaults.host,
-                        help=f"address to bind (default: {defaults.host})")
-    parser.add_argument("--port", "-p", type=int, default=defaults.port,
-                        help=f"port to bind (default: {defaults.port})")
-    parser.add_argument("--cors", default=defaults.cors,
-                        help="allowed origins, comma-separated, or * for any (never with "
-                             "credentials); an empty string turns CORS off "
-                             f"(default: {defaults.cors!r})")
-    parser.add_argument("--device", type=str.lower, choices=DEVICES, default=defaults.device,
-                        help=f"inference device (default: {defaults.device})")
+def _argparse_type(convert):
+    """Wrap a converter so that its ValueError message reaches the user as is."""
+    def parse(text: str):
+        try:
+            return convert(text)
+        except ValueError as exc:
+            if convert in (int, float):
+                kind = "an integer" if convert is int else "a number"
+                raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def build_parser(defaults: Settings, prog: str = PROG) -> argparse.ArgumentParser:
+    """One option per :class:`Settings` field (see settings.py), plus the process options."""
+    parser = ArgumentParser(
+        prog=prog,
+        description="Serve a CryoLens model over HTTP (FastAPI).\n\n"
+                    "Every setting below can also be given as an environment variable "
+                    "CRYOLENS_<NAME>\n(e.g. CRYOLENS_CHECKPOINT, CRYOLENS_MAX_VOLUMES); a flag "
+                    "wins over the variable,\nand the defaults shown already include the "
+                    "variables that are set.",
+        epilog="examples:\n"
+               f"  {prog} --checkpoint demo --port 8023\n"
+               f"  {prog} -c /models/my_model.ckpt --device cuda:1 --host 127.0.0.1\n"
+               f"  {prog} --list-versions")
+    for f in fields(Settings):
+        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        parser.add_argument(*field_flags(f), dest=f.name, default=getattr(defaults, f.name),
+                            type=_argparse_type(field_type(f)), help=f.metadata["help"],
+                            **extra)
     parser.add_argument("--reload", action="store_true",
                         help="restart when the package's source changes (development)")
-    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
-                        default=defaults.log_level,
-                        help=f"logging level, any case (default: {defaults.log_level})")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                        help="server processes, each with its own model (default: 1)")
-    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
-                        help=f"largest request body (default: {defaults.max_body_bytes})")
-    parser.add_argument("--max-volumes", type=int, default=defaults.max_volumes,
-                        help=f"most volumes per /batch_process (default: {defaults.max_volumes})")
-    parser.add_argument("--queue-size", type=int, default=defaults.queue_size,
-                        help="inference jobs that may wait before 503 "
-                             f"(default: {defaults.queue_size})")
+                        help="server processes, each loading its own copy of the model")
     parser.add_argument("--list-versions", action="store_true",
                         help="list the named checkpoints and exit")
     return parser
@@ -71,36 +89,65 @@ def list_versions() -> None:
         print(f"{row['name']} : {row['description']} ({where})")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def check_port_free(host: str, port: int) -> str | None:
+    """Whether another program listens on ``host:port``: checked before the model loads
+    (uvicorn binds only after startup). Other bind errors are left to uvicorn to report."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        defaults = Settings.from_env()
-    except ValueError as exc:
-        print(f"cryolens-server: {exc}", file=sys.stderr)
-        return 2
-    parser = build_parser(defaults)
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return (f"port {port} is already in use on {host}; stop the program that uses it "
+                    "or choose another port with --port N (make serve PORT=N)")
+    return None
+
+
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    try:
+        defaults, env_error = Settings.from_env(), None
+    except ValueError as exc:  # reported after parsing, so that --help still works
+        defaults, env_error = Settings(), str(exc)
+    parser = build_parser(defaults, prog)
     args = parser.parse_args(argv)
+    if env_error:
+        parser.exit(2, f"{prog}: {env_error}\n")
     if args.list_versions:
         list_versions()
         return 0
     try:
-        settings = Settings(checkpoint=args.checkpoint, host=args.host, port=args.port,
-                            cors=args.cors, device=args.device, log_level=args.log_level,
-                            max_body_bytes=args.max_body_bytes, max_volumes=args.max_volumes,
-                            queue_size=args.queue_size, retry_after_s=defaults.retry_after_s)
+        settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
     except ValueError as exc:
         parser.error(str(exc))
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    settings.export_env()
+    try:
+        return _serve(settings, args, prog)
+    except (Exception, KeyboardInterrupt) as exc:
+        if settings.log_level == "DEBUG":
+            raise
+        return fail(prog, exc)
+
+
+def _serve(settings: Settings, args: argparse.Namespace, prog: str) -> int:
+    problem = check_port_free(settings.host, settings.port)
+    if problem:
+        print(f"{prog}: {problem}", file=sys.stderr)
+        return BIND_FAILURE_EXIT
 
     import uvicorn
 
-    uvicorn.run(APP_IMPORT_STRING, host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), reload=args.reload,
+    common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level.lower()}
+    if args.workers == 1 and not args.reload:
+        # The app built from these very settings: no round trip through the environment.
+        uvicorn.run(create_app(settings), **common)
+        return 0
+    settings.export_env()
+    uvicorn.run(APP_IMPORT_STRING, reload=args.reload,
                 reload_dirs=[str(Path(__file__).resolve().parents[1])] if args.reload else None,
-                workers=None if args.reload else args.workers)
+                workers=None if args.reload else args.workers, **common)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,14 +1,40 @@
 """Server settings in one place: built from CLI flags or ``CRYOLENS_*`` environment variables.
 
-The CLI exports its flags as environment variables so that ``--reload`` and
-``uvicorn cryolens.server.minimal_cryolens_server:app --workers N`` rebuild the same settings
-in every process.
+Each field of :class:`Settings` is one setting, declared once. From the field the server gets
+
+- the environment variable ``CRYOLENS_<FIELD NAME IN CAPITALS>`` (read by :meth:`Settings.from_env`),
+- the command-line flag ``--<field-name-with-dashes>`` of ``cryolens-server`` and ``cryolens serve``,
+- the flag's help text, followed by the default in effect.
+
+To add a setting, add a field with a default and a ``metadata`` dict::
+
+    batch_size: int = field(default=32, metadata={"help": "volumes per engine pass"})
+
+Keys of ``metadata`` (all optional except ``help``):
+
+``help``
+    one line for ``--help``; the default is appended automatically.
+``flags``
+    the option strings, when they differ from ``--field-name`` (e.g. ``("--port", "-p")``).
+``type``
+    a callable that turns the command-line string into the value (``int``, ``float`` and ``str``
+    fields need none; it is used for the environment variable too).
+``choices``
+    the values the flag accepts.
+
+Validation that concerns several fields, or that a flag's ``type`` cannot express, belongs in
+``__post_init__`` so that the environment and the command line are checked the same way.
+
+The CLI exports its settings as environment variables (:meth:`Settings.export_env`) when it
+starts more than one process, so that ``--reload`` and ``--workers N`` rebuild the same settings
+in every process, exactly as ``uvicorn cryolens.server.minimal_cryolens_server:app --workers N``
+does from variables set by hand.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, field, fields
 
 #: Named checkpoint served when none is given; shipped with the package, so no download.
 DEFAULT_CHECKPOINT = "demo"
@@ -35,37 +61,99 @@ DEFAULT_BATCH_WAIT_MS = 2
 #: Seconds a request may wait for the model (queue and load) before it is answered 504.
 DEFAULT_REQUEST_TIMEOUT_S = 60
 
-DEVICES = ("auto", "cpu", "cuda")
+#: Accepted devices; ``cuda:N`` (N = 0, 1, ...) picks one GPU of several.
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 ENV_PREFIX = "CRYOLENS_"
+
+
+def parse_device(value: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, any case; anything else is a ValueError."""
+    name = str(value).strip().lower()
+    if name in ("auto", "cpu", "cuda"):
+        return name
+    prefix, _, index = name.partition(":")
+    if prefix == "cuda" and index.isdigit():
+        return f"cuda:{int(index)}"
+    raise ValueError(f"invalid choice: {value!r} (choose from {', '.join(DEVICES)})")
+
+
+def parse_log_level(value: str) -> str:
+    """A logging level name, any case; anything else is a ValueError."""
+    name = str(value).strip().upper()
+    if name not in LOG_LEVELS:
+        raise ValueError(f"invalid choice: {value!r} (choose from {', '.join(LOG_LEVELS)}, "
+                         "any case)")
+    return name
+
+
+def field_type(f: Field):
+    """The callable that turns a flag's or a variable's text into this field's value."""
+    if "type" in f.metadata:
+        return f.metadata["type"]
+    return {"int": int, "float": float}.get(str(f.type), str)
+
+
+def field_flags(f: Field) -> tuple[str, ...]:
+    """The field's option strings: ``metadata["flags"]`` or ``--field-name``."""
+    return tuple(f.metadata.get("flags", ("--" + f.name.replace("_", "-"),)))
+
+
+def env_name(f: Field) -> str:
+    return ENV_PREFIX + f.name.upper()
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything a server process needs to know before it starts."""
 
-    checkpoint: str = DEFAULT_CHECKPOINT
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    cors: str = DEFAULT_CORS
-    device: str = DEFAULT_DEVICE
-    log_level: str = DEFAULT_LOG_LEVEL
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_volumes: int = DEFAULT_MAX_VOLUMES
-    queue_size: int = DEFAULT_QUEUE_SIZE
-    retry_after_s: int = DEFAULT_RETRY_AFTER_S
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
-    batch_wait_ms: int = DEFAULT_BATCH_WAIT_MS
-    request_timeout_s: int = DEFAULT_REQUEST_TIMEOUT_S
+    checkpoint: str = field(default=DEFAULT_CHECKPOINT, metadata={
+        "flags": ("--checkpoint", "-c"),
+        "help": "checkpoint: a name (demo, v001), an http(s) URL or a local file "
+                "(.pt, .ckpt, .safetensors)"})
+    host: str = field(default=DEFAULT_HOST, metadata={
+        "help": "address to bind; 0.0.0.0 = every network interface, 127.0.0.1 = this "
+                "machine only"})
+    port: int = field(default=DEFAULT_PORT, metadata={
+        "flags": ("--port", "-p"), "help": "port to bind"})
+    cors: str = field(default=DEFAULT_CORS, metadata={
+        "help": "origins that browsers may call from, comma-separated; * = any origin (never "
+                "with credentials); an empty string turns CORS off"})
+    device: str = field(default=DEFAULT_DEVICE, metadata={
+        "type": parse_device,
+        "help": "inference device: auto (CUDA when available), cpu, cuda, or cuda:N for the "
+                "N-th GPU"})
+    log_level: str = field(default=DEFAULT_LOG_LEVEL, metadata={
+        "type": parse_log_level, "choices": LOG_LEVELS,
+        "help": "logging level, any case; DEBUG also shows tracebacks"})
+    max_body_bytes: int = field(default=DEFAULT_MAX_BODY_BYTES, metadata={
+        "help": "largest request body in bytes; larger ones get 413"})
+    max_volumes: int = field(default=DEFAULT_MAX_VOLUMES, metadata={
+        "help": "most volumes per /batch_process request; more get 413"})
+    queue_size: int = field(default=DEFAULT_QUEUE_SIZE, metadata={
+        "help": "inference jobs that may wait; more get 503 with Retry-After"})
+    retry_after_s: int = field(default=DEFAULT_RETRY_AFTER_S, metadata={
+        "help": "seconds a client is told to wait (Retry-After) when the queue is full"})
+    max_batch_size: int = field(default=DEFAULT_MAX_BATCH_SIZE, metadata={
+        "help": "most particles gathered from waiting requests into one engine call"})
+    batch_wait_ms: int = field(default=DEFAULT_BATCH_WAIT_MS, metadata={
+        "help": "milliseconds the inference worker waits for more requests of the same kind "
+                "before it runs a batch (0: only what is already waiting)"})
+    request_timeout_s: int = field(default=DEFAULT_REQUEST_TIMEOUT_S, metadata={
+        "help": "seconds a request may wait for the model (queue, loading) before it is "
+                "answered 504 and not run"})
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "log_level", self.log_level.upper())
-        object.__setattr__(self, "device", self.device.lower())
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.log_level not in LOG_LEVELS:
+        try:
+            object.__setattr__(self, "device", parse_device(self.device))
+        except ValueError:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, "
+                             f"got {self.device!r}") from None
+        try:
+            object.__setattr__(self, "log_level", parse_log_level(self.log_level))
+        except ValueError:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, "
-                             f"got {self.log_level!r}")
+                             f"got {self.log_level!r}") from None
         for name in ("port", "max_body_bytes", "max_volumes", "queue_size", "retry_after_s",
                      "max_batch_size", "request_timeout_s"):
             if getattr(self, name) <= 0:
@@ -84,21 +172,20 @@ class Settings:
         environ = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for f in fields(cls):
-            raw = environ.get(ENV_PREFIX + f.name.upper())
+            raw = environ.get(env_name(f))
             if raw is None:
                 continue
-            if f.type == "int":
-                try:
-                    values[f.name] = int(raw)
-                except ValueError:
-                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be an integer, "
-                                     f"got {raw!r}") from None
-            else:
-                values[f.name] = raw
+            convert = field_type(f)
+            try:
+                values[f.name] = convert(raw)
+            except ValueError as exc:
+                kind = {int: "an integer", float: "a number"}.get(convert)
+                reason = f"must be {kind}, got {raw!r}" if kind else str(exc)
+                raise ValueError(f"{env_name(f)} {reason}") from None
         return cls(**values)
 
     def export_env(self, environ: MutableMapping[str, str] | None = None) -> None:
         """Write every field as ``CRYOLENS_<FIELD>`` so child processes rebuild these settings."""
         environ = os.environ if environ is None else environ
         for f in fields(self):
-            environ[ENV_PREFIX + f.name.upper()] = str(getattr(self, f.name))
+            environ[env_name(f)] = str(getattr(self, f.name))

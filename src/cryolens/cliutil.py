@@ -1,0 +1,68 @@
+"""What the ``cryolens`` and ``cryolens-server`` command lines share: help that shows every
+default, usage errors in one line, and failures in one line unless the log level is DEBUG.
+
+Exit statuses: 0 success, 1 a failure while running (``prog: message`` on stderr), 2 a usage
+error (``prog: error: message (see prog --help)``), 3 a server whose model cannot load,
+130 interrupted with Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+FAILURE_EXIT = 1
+USAGE_EXIT = 2
+INTERRUPTED_EXIT = 130
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help text; line breaks of descriptions kept as written.
+
+    A default of None or False (a switch) is not shown: such help says in words what happens.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line that points at ``--help``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_EXIT, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def fail(prog: str, exc: BaseException) -> int:
+    """Print ``prog: message`` on stderr and return the exit status for ``exc``.
+
+    Errors this package raises on purpose, and the usual file and value errors, are reported by
+    their message alone; anything else also names its type and how to see the traceback.
+    """
+    from cryolens.errors import CryoLensError
+
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    if isinstance(exc, (CryoLensError, OSError, ValueError)):
+        print(f"{prog}: {one_line(exc)}", file=sys.stderr)
+    else:
+        print(f"{prog}: {type(exc).__name__}: {one_line(exc)} (run again with --log-level debug "
+              "for the traceback)", file=sys.stderr)
+    return FAILURE_EXIT
