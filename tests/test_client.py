@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -348,37 +349,45 @@ def test_415_falls_back_to_json_one_volume_per_request():
 
 # -- without PyTorch --------------------------------------------------------------------------
 NO_TORCH_SCRIPT = textwrap.dedent("""
+    import importlib.util
     import sys
+
     import numpy as np
+    import cryolens.client
     from cryolens.client import CryoLensClient
 
     with CryoLensClient(sys.argv[1]) as client:
-        out = client.extract_features(np.ones((2, 48, 48, 48), np.float32))
+        out = client.extract_features(np.ones((2, 48, 48, 48), np.float32), progress=True)
     assert out["embedding"].shape == (2, 8), out["embedding"].shape
     assert "torch" not in sys.modules, "cryolens.client imported torch"
-    import importlib.util
     assert importlib.util.find_spec("torch") is None, "the venv should not have torch"
+    assert cryolens.client.__file__.startswith(sys.prefix), cryolens.client.__file__
     print("ok without torch")
 """)
 
 
 @pytest.mark.slow
-def test_client_works_in_a_venv_without_torch(server, tmp_path):
-    venv = tmp_path / "venv"
+def test_client_alone_installs_and_works_without_torch(server, tmp_path):
+    """The README's route: the package with --no-deps, then numpy, httpx and tqdm."""
+    repo = SRC.parent
+    copy = tmp_path / "cryolens-server"  # built from a copy: no build/ left in the checkout
+    copy.mkdir()
+    shutil.copy(repo / "pyproject.toml", copy)
+    shutil.copy(repo / "README.md", copy)
+    shutil.copytree(SRC, copy / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    venv, python = tmp_path / "venv", tmp_path / "venv" / "bin" / "python"
     try:
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
-                       capture_output=True, timeout=120)
-        python = venv / "bin" / "python"
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "numpy", "httpx"],
-                       check=True, capture_output=True, timeout=300)
+        for command in ([sys.executable, "-m", "venv", str(venv)],
+                        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(copy)],
+                        [str(python), "-m", "pip", "install", "--quiet", "numpy", "httpx",
+                         "tqdm"]):
+            subprocess.run(command, check=True, capture_output=True, timeout=300)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
         output = getattr(exc, "stderr", b"") or b""
-        pytest.skip(f"cannot build a venv with numpy and httpx here: {exc} "
+        pytest.skip(f"cannot build a venv with the client here (offline?): {exc} "
                     f"{output.decode(errors='replace')[-500:]}")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     result = subprocess.run([str(python), "-c", NO_TORCH_SCRIPT, server.url], check=False,
-                            cwd=tmp_path,
-                            env={**env, "PYTHONPATH": str(SRC)}, capture_output=True,
-                            text=True, timeout=120)
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok without torch"
