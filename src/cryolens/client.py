@@ -1,0 +1,626 @@
+"""A Python client for the CryoLens REST server: numpy in, numpy out.
+
+Needs only numpy and httpx (tqdm for ``progress=True``), never PyTorch::
+
+    from cryolens.client import CryoLensClient
+
+    with CryoLensClient("http://localhost:8023") as client:
+        features = client.extract_features(particles)   # (N, 48, 48, 48) float32
+        features["embedding"]                           # (N, latent_dims)
+
+One method per endpoint, named after it. The model endpoints take one volume ``(D, H, W)`` or
+a stack ``(N, D, H, W)`` and return a dict of numpy arrays named like the server's response
+fields (for ``.npz`` naming: ``segmented_outputs`` become ``affinity_reconstruction`` and
+``free_reconstruction``, splat fields sit at the top level), with a leading ``N`` on every
+per-volume array when a stack was given.
+
+Transfer is binary by default: the volumes go out as one ``.npy`` body (options as query
+parameters) and the answer comes back as ``.npz`` (``Accept: application/x-npz``). A server
+that does not read ``.npy`` (it answers 415) is spoken to in JSON from then on, one volume per
+request (the JSON contract is single-volume except for ``/batch_process``); ``binary=False``
+asks for JSON from the start. Stacks larger than ``batch_size`` are sent in several requests and
+the results concatenated. A 503 (queue full, model loading) is retried after the server's
+``Retry-After`` (at most ``max_retries`` times, each wait capped at ``max_retry_wait_s``); any
+other error status raises :class:`CryoLensHTTPError` with the server's message, field, status and
+request id.
+
+The request building and response decoding below are plain functions of bytes and arrays;
+:class:`CryoLensClient` and :class:`AsyncCryoLensClient` only differ in how they send.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from cryolens import __version__, formats
+from cryolens.errors import CryoLensError
+
+DEFAULT_URL = "http://localhost:8023"
+#: Seconds to wait for a TCP connection to the server.
+CONNECT_TIMEOUT_S = 10.0
+#: Seconds to wait for an answer (a large batch on a CPU takes a while).
+READ_TIMEOUT_S = 300.0
+#: Volumes sent per request: 64 float32 48^3 volumes are 28 MiB of .npy.
+DEFAULT_BATCH_SIZE = 64
+#: Retries of a request answered 503 (so at most ``1 + DEFAULT_MAX_RETRIES`` tries).
+DEFAULT_MAX_RETRIES = 5
+#: Longest wait before a retry, whatever ``Retry-After`` says.
+MAX_RETRY_WAIT_S = 30.0
+#: Wait before the first retry when a 503 carries no (readable) ``Retry-After``; doubles.
+FALLBACK_RETRY_WAIT_S = 0.5
+JSON_MEDIA_TYPE = "application/json"
+USER_AGENT = f"cryolens-client/{__version__}"
+
+#: Response fields that hold one entry per volume (concatenated across requests).
+PER_VOLUME = frozenset({
+    "reconstruction", "reconstructions", "affinity_reconstruction", "free_reconstruction",
+    "embedding", "embeddings", "log_variance", "pose", "poses", "pose_axis_angle",
+    "global_weight", "global_weights", "centers", "weights", "scales",
+})
+#: Fields that count the volumes (set to the total after concatenation).
+COUNTS = frozenset({"n_volumes", "num_processed"})
+#: Fields that describe the request or the model, the same in every request's answer.
+SHARED = frozenset({"input_shape", "reconstruction_shape", "voxel_size", "segment", "n_affinity",
+                    "n_free", "n_total", "latent_dims"}) | COUNTS
+
+
+class CryoLensHTTPError(CryoLensError):
+    """The server answered with an error status.
+
+    ``status``: the HTTP status; ``detail``: the server's message (a string, or the list of
+    validation errors it sent); ``field``: the request field at fault, when the server named
+    one; ``request_id``: the server's ``X-Request-ID`` (quote it when reading the server log);
+    ``method`` and ``path``: the request.
+    """
+
+    def __init__(self, status: int, detail: Any, *, field: str | None = None,
+                 request_id: str | None = None, method: str = "", path: str = "") -> None:
+        self.status = status
+        self.detail = detail
+        self.field = field
+        self.request_id = request_id
+        self.method = method
+        self.path = path
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        if isinstance(self.detail, list):
+            detail = "; ".join(
+                f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}"
+                if isinstance(e, dict) else str(e) for e in self.detail)
+        else:
+            detail = str(self.detail)
+        where = f" from {self.method} {self.path}" if self.path else ""
+        extra = [f"field {self.field!r}"] if self.field else []
+        if self.request_id:
+            extra.append(f"request id {self.request_id}")
+        return f"HTTP {self.status}{where}: {detail}" + (f" ({', '.join(extra)})" if extra
+                                                         else "")
+
+
+class CryoLensConnectionError(CryoLensError):
+    """The server could not be reached, or did not answer in time (``__cause__`` is httpx's
+    exception)."""
+
+
+# -- requests and responses as data ----------------------------------------------------------
+@dataclass
+class _Request:
+    method: str
+    path: str
+    params: dict[str, str] = field(default_factory=dict)
+    content: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    path: str
+    json_field: str
+    batch: bool  # the JSON body takes a list of volumes (/batch_process)
+
+
+_RECONSTRUCT = _Endpoint("/reconstruct", "input_volume", False)
+_FEATURES = _Endpoint("/extract_features", "input_volume", False)
+_SPLATS = _Endpoint("/extract_gaussian_splats", "input_volume", False)
+_BATCH = _Endpoint("/batch_process", "input_volumes", True)
+
+
+def _query_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _npy_request(endpoint: _Endpoint, volumes: np.ndarray, options: dict[str, Any]
+                 ) -> _Request:
+    return _Request("POST", endpoint.path,
+                    params={k: _query_value(v) for k, v in options.items() if v is not None},
+                    content=formats.write_npy(volumes),
+                    headers={"Content-Type": formats.NPY_MEDIA_TYPE,
+                             "Accept": formats.NPZ_MEDIA_TYPE})
+
+
+def _json_request(path: str, payload: dict[str, Any]) -> _Request:
+    return _Request("POST", path, content=json.dumps(payload).encode(),
+                    headers={"Content-Type": JSON_MEDIA_TYPE, "Accept": JSON_MEDIA_TYPE})
+
+
+def _volume_json_request(endpoint: _Endpoint, volumes: np.ndarray, options: dict[str, Any]
+                         ) -> _Request:
+    payload = {k: v for k, v in options.items() if v is not None}
+    payload[endpoint.json_field] = volumes.tolist()
+    return _json_request(endpoint.path, payload)
+
+
+def _as_array(value: Any) -> np.ndarray:
+    """A JSON value as numpy: float lists as float32 (the server's dtype), scalars 0-d."""
+    array = np.asarray(value)
+    if array.ndim and array.dtype == np.float64:
+        array = array.astype(np.float32)
+    return array
+
+
+def _json_arrays(payload: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A JSON answer named as its .npz twin: ``segmented_outputs`` -> ``affinity_reconstruction``
+    and ``free_reconstruction``, other objects (``splats``) flattened to the top level."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in payload.items():
+        if value is None:
+            continue
+        if key == "segmented_outputs" and isinstance(value, dict):
+            out.update({f"{name}_reconstruction": _as_array(v) for name, v in value.items()})
+        elif isinstance(value, dict):
+            out.update({k: _as_array(v) for k, v in value.items() if v is not None})
+        else:
+            out[key] = _as_array(value)
+    return out
+
+
+def _is_json(response: httpx.Response) -> bool:
+    kind = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return kind == JSON_MEDIA_TYPE or kind.endswith("+json")
+
+
+def _decode(response: httpx.Response) -> dict[str, np.ndarray]:
+    """The arrays of a 2xx answer, .npz or JSON (an old server ignores ``Accept``)."""
+    if _is_json(response):
+        return _json_arrays(response.json())
+    return formats.read_npz(response.content)
+
+
+def _error(response: httpx.Response) -> CryoLensHTTPError:
+    detail: Any = response.text or response.reason_phrase
+    field_name = request_id = None
+    if _is_json(response):
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            detail = body.get("detail", detail)
+            field_name = body.get("field")
+            request_id = body.get("request_id")
+    request_id = response.headers.get("x-request-id") or request_id
+    request = response.request
+    return CryoLensHTTPError(response.status_code, detail, field=field_name,
+                             request_id=request_id, method=request.method,
+                             path=request.url.path)
+
+
+def retry_wait(response: httpx.Response, attempt: int, cap: float) -> float:
+    """Seconds to wait before retrying a 503: its ``Retry-After`` (seconds or an HTTP date),
+    else an exponential fallback; never more than ``cap``."""
+    value = response.headers.get("retry-after", "").strip()
+    wait: float | None = None
+    if value:
+        try:
+            wait = float(value)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+                wait = when.timestamp() - time.time()
+            except (TypeError, ValueError):
+                wait = None
+    if wait is None:
+        wait = FALLBACK_RETRY_WAIT_S * 2 ** attempt
+    return min(max(wait, 0.0), cap)
+
+
+def _merge(chunks: list[dict[str, np.ndarray]], total: int) -> dict[str, np.ndarray]:
+    """Results of several requests (each with a leading n on per-volume fields) as one."""
+    if len(chunks) == 1:
+        out = dict(chunks[0])
+    else:
+        out = {}
+        for key in chunks[0]:
+            values = [chunk[key] for chunk in chunks]
+            per_volume = key in PER_VOLUME or (key not in SHARED and all(  # a newer field
+                v.ndim and v.shape[0] == _count(c) for v, c in zip(values, chunks, strict=True)))
+            out[key] = np.concatenate(values) if per_volume else values[0]
+    for key in COUNTS & out.keys():
+        out[key] = np.asarray(total)
+    if "reconstruction" in out:
+        out["reconstruction_shape"] = np.asarray(out["reconstruction"].shape)
+    return out
+
+
+def _count(chunk: dict[str, np.ndarray]) -> int:
+    for key in PER_VOLUME & chunk.keys():
+        if chunk[key].ndim:
+            return chunk[key].shape[0]
+    return -1
+
+
+def _with_leading_axis(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A single-volume answer in the shape of a one-volume stack."""
+    out = {k: (v[None] if k in PER_VOLUME else v) for k, v in result.items()}
+    for key in PER_VOLUME & out.keys():
+        if out[key].dtype == np.float64:  # e.g. global_weight, a JSON float
+            out[key] = out[key].astype(np.float32)
+    return out
+
+
+def _first_volume(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {k: (v[0] if k in PER_VOLUME and v.ndim else v) for k, v in result.items()}
+    if "reconstruction" in out:
+        out["reconstruction_shape"] = np.asarray(out["reconstruction"].shape)
+    return out
+
+
+def _volumes(volumes: Any) -> tuple[np.ndarray, bool]:
+    """(float32 (N, D, H, W), was a stack given)."""
+    array = np.asarray(volumes)
+    if array.dtype.kind not in "fiub":
+        raise TypeError(f"volumes must be real numbers, got dtype {array.dtype}")
+    if array.ndim not in (3, 4):
+        raise ValueError(f"volumes must be one volume (D, H, W) or a stack (N, D, H, W), "
+                         f"got shape {array.shape}")
+    if array.ndim == 4 and array.shape[0] == 0:
+        raise ValueError("volumes is an empty stack")
+    stacked = array.ndim == 4
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return (array if stacked else array[None]), stacked
+
+
+_Plan = Generator[_Request, httpx.Response, Any]
+
+
+class _Core:
+    """Settings and the request plans shared by the sync and async clients. A plan is a
+    generator that yields requests, is sent their (2xx or 415) responses and returns the
+    result; the clients drive it and handle retries."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, binary: bool = True,
+                 batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
+                 connect_timeout: float = CONNECT_TIMEOUT_S,
+                 read_timeout: float = READ_TIMEOUT_S, max_retries: int = DEFAULT_MAX_RETRIES,
+                 max_retry_wait_s: float = MAX_RETRY_WAIT_S,
+                 headers: dict[str, str] | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.url = url.rstrip("/")
+        self.binary = binary
+        self.batch_size = batch_size
+        self.progress = progress
+        self.max_retries = max_retries
+        self.max_retry_wait_s = max_retry_wait_s
+        self._http_options: dict[str, Any] = {
+            "base_url": self.url,
+            "timeout": httpx.Timeout(read_timeout, connect=connect_timeout),
+            "headers": {"User-Agent": USER_AGENT, **(headers or {})},
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r}, binary={self.binary})"
+
+    # -- plans ---------------------------------------------------------------------------
+    def _get_plan(self, path: str) -> _Plan:
+        response = yield _Request("GET", path, headers={"Accept": JSON_MEDIA_TYPE})
+        return response.json()
+
+    def _statistics_plan(self, volume: Any) -> _Plan:
+        array = np.asarray(volume)
+        if self.binary:
+            response = yield _Request("POST", "/statistics", content=formats.write_npy(array),
+                                      headers={"Content-Type": formats.NPY_MEDIA_TYPE})
+            if response.status_code != 415:
+                return _json_arrays(response.json())
+            self.binary = False
+        response = yield _json_request("/statistics", {"volume": array.tolist()})
+        return _json_arrays(response.json())
+
+    def _volumes_plan(self, endpoint: _Endpoint, volumes: Any, options: dict[str, Any],
+                      progress: bool | None) -> _Plan:
+        stack, stacked = _volumes(volumes)
+        total = len(stack)
+        bar = self._bar(endpoint.path, total, progress if progress is not None
+                        else self.progress)
+        chunks = []
+        try:
+            start = 0
+            while start < total:
+                if self.binary:
+                    part = stack[start:start + self.batch_size]
+                    sent = part if (stacked or endpoint.batch) else part[0]
+                    response = yield _npy_request(endpoint, sent, options)
+                    if response.status_code == 415:  # an old server: JSON from now on
+                        self.binary = False
+                        continue
+                else:
+                    part = stack[start:start + (self.batch_size if endpoint.batch else 1)]
+                    # the JSON contract: one volume per request, except /batch_process
+                    sent = part if endpoint.batch else part[0]
+                    response = yield _volume_json_request(endpoint, sent, options)
+                result = _decode(response)
+                if not stacked and not endpoint.batch:
+                    return result  # one volume, answered as one
+                chunks.append(result if sent.ndim == 4 else _with_leading_axis(result))
+                start += len(part)
+                if bar is not None:
+                    bar.update(len(part))
+        finally:
+            if bar is not None:
+                bar.close()
+        merged = _merge(chunks, total)
+        if not stacked:  # one volume sent to /batch_process: answered without the leading N
+            return _first_volume(merged)
+        if "input_shape" in merged and not endpoint.batch:
+            merged["input_shape"] = np.asarray(stack.shape)
+        return merged
+
+    @staticmethod
+    def _bar(path: str, total: int, wanted: bool):
+        if not wanted:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as exc:
+            raise ImportError("progress=True needs tqdm: pip install tqdm") from exc
+        return tqdm(total=total, unit="vol", desc=path.strip("/"))
+
+    # -- the endpoints, as plans -----------------------------------------------------------
+    def _reconstruct(self, volumes, use_segmented_decoder, use_final_convolution,
+                     return_splat_data, return_embeddings, use_predicted_pose, progress):
+        return self._volumes_plan(_RECONSTRUCT, volumes, {
+            "use_segmented_decoder": use_segmented_decoder,
+            "use_final_convolution": use_final_convolution,
+            "return_splat_data": return_splat_data, "return_embeddings": return_embeddings,
+            "use_predicted_pose": use_predicted_pose}, progress)
+
+    def _extract_features(self, volumes, return_pose, return_global_weight, return_variance,
+                          progress):
+        return self._volumes_plan(_FEATURES, volumes, {
+            "return_pose": return_pose, "return_global_weight": return_global_weight,
+            "return_variance": return_variance}, progress)
+
+    def _extract_gaussian_splats(self, volumes, include_free_segment, progress):
+        return self._volumes_plan(_SPLATS, volumes,
+                                  {"include_free_segment": include_free_segment}, progress)
+
+    def _batch_process(self, volumes, options, progress):
+        return self._volumes_plan(_BATCH, volumes, options, progress)
+
+    # -- sending -------------------------------------------------------------------------------
+    def _outcome(self, response: httpx.Response, attempt: int) -> float | None:
+        """None: hand the response to the plan; a number: retry after that many seconds.
+        Raises for an error status the plan does not handle."""
+        if response.status_code == 503 and attempt < self.max_retries:
+            return retry_wait(response, attempt, self.max_retry_wait_s)
+        if response.is_success or (response.status_code == 415 and self.binary):
+            return None
+        raise _error(response)
+
+
+def _batch_options(batch_size, return_reconstructions, return_embeddings, return_poses,
+                   return_global_weights, operation, use_final_convolution,
+                   use_predicted_pose) -> dict[str, Any]:
+    return {"batch_size": batch_size, "return_reconstructions": return_reconstructions,
+            "return_embeddings": return_embeddings, "return_poses": return_poses,
+            "return_global_weights": return_global_weights, "operation": operation,
+            "use_final_convolution": use_final_convolution,
+            "use_predicted_pose": use_predicted_pose}
+
+
+class CryoLensClient(_Core):
+    """A blocking client; see the module docs. Use it as a context manager or call
+    :meth:`close`. Option defaults of ``None`` leave the choice to the server (its documented
+    defaults apply)."""
+
+    def __init__(self, url: str = DEFAULT_URL, **kwargs: Any) -> None:
+        transport = kwargs.pop("transport", None)
+        super().__init__(url, **kwargs)
+        self._http = httpx.Client(transport=transport, **self._http_options)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, request: _Request) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(request.method, request.path,
+                                              params=request.params or None,
+                                              content=request.content, headers=request.headers)
+            except httpx.TransportError as exc:
+                raise CryoLensConnectionError(
+                    f"{request.method} {self.url}{request.path}: {exc!r}") from exc
+            wait = self._outcome(response, attempt)
+            if wait is None:
+                return response
+            time.sleep(wait)
+            attempt += 1
+
+    def _run(self, plan: _Plan) -> Any:
+        try:
+            request = next(plan)
+            while True:
+                request = plan.send(self._send(request))
+        except StopIteration as stop:
+            return stop.value
+
+    # -- endpoints -------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """``GET /health``: ``{"status": "healthy"}`` while the process runs."""
+        return self._run(self._get_plan("/health"))
+
+    def ready(self) -> dict[str, Any]:
+        """``GET /ready``: ``{"status": "ready"}`` once the model is loaded (503s are retried
+        like any other)."""
+        return self._run(self._get_plan("/ready"))
+
+    def model_info(self) -> dict[str, Any]:
+        """``GET /model_info``: the model's configuration, as the server's JSON."""
+        return self._run(self._get_plan("/model_info"))
+
+    def reconstruct(self, volumes: Any, *, use_segmented_decoder: bool | None = None,
+                    use_final_convolution: bool | None = None,
+                    return_splat_data: bool | None = None, return_embeddings: bool | None = None,
+                    use_predicted_pose: bool | None = None, progress: bool | None = None
+                    ) -> dict[str, np.ndarray]:
+        """``POST /reconstruct``: ``reconstruction`` (and ``affinity_reconstruction``,
+        ``free_reconstruction``, ``embedding(s)``, splat fields, as asked)."""
+        return self._run(self._reconstruct(volumes, use_segmented_decoder,
+                                           use_final_convolution, return_splat_data,
+                                           return_embeddings, use_predicted_pose, progress))
+
+    def extract_features(self, volumes: Any, *, return_pose: bool | None = None,
+                         return_global_weight: bool | None = None,
+                         return_variance: bool | None = None, progress: bool | None = None
+                         ) -> dict[str, np.ndarray]:
+        """``POST /extract_features``: ``embedding``, ``pose``, ``pose_axis_angle``,
+        ``global_weight`` (and ``log_variance``, as asked)."""
+        return self._run(self._extract_features(volumes, return_pose, return_global_weight,
+                                                return_variance, progress))
+
+    def extract_gaussian_splats(self, volumes: Any, *, include_free_segment: bool | None = None,
+                                progress: bool | None = None) -> dict[str, np.ndarray]:
+        """``POST /extract_gaussian_splats``: ``centers``, ``weights``, ``scales`` per volume;
+        ``segment``, ``n_affinity``, ``n_free``, ``n_total`` shared."""
+        return self._run(self._extract_gaussian_splats(volumes, include_free_segment, progress))
+
+    def batch_process(self, volumes: Any, *, batch_size: int | None = None,
+                      return_reconstructions: bool | None = None,
+                      return_embeddings: bool | None = None, return_poses: bool | None = None,
+                      return_global_weights: bool | None = None, operation: str | None = None,
+                      use_final_convolution: bool | None = None,
+                      use_predicted_pose: bool | None = None, progress: bool | None = None
+                      ) -> dict[str, np.ndarray]:
+        """``POST /batch_process``. ``batch_size`` here is the server's option (volumes per
+        engine pass); how many volumes go in one request is the client's ``batch_size``."""
+        options = _batch_options(batch_size, return_reconstructions, return_embeddings,
+                                 return_poses, return_global_weights, operation,
+                                 use_final_convolution, use_predicted_pose)
+        return self._run(self._batch_process(volumes, options, progress))
+
+    def statistics(self, volume: Any) -> dict[str, np.ndarray]:
+        """``POST /statistics``: ``mean``, ``std``, ``min``, ``max`` (float64) and ``shape`` of
+        any real array."""
+        return self._run(self._statistics_plan(volume))
+
+
+class AsyncCryoLensClient(_Core):
+    """The asyncio twin of :class:`CryoLensClient`: the same methods, awaited."""
+
+    def __init__(self, url: str = DEFAULT_URL, **kwargs: Any) -> None:
+        transport = kwargs.pop("transport", None)
+        super().__init__(url, **kwargs)
+        self._http = httpx.AsyncClient(transport=transport, **self._http_options)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _send(self, request: _Request) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(
+                    request.method, request.path, params=request.params or None,
+                    content=request.content, headers=request.headers)
+            except httpx.TransportError as exc:
+                raise CryoLensConnectionError(
+                    f"{request.method} {self.url}{request.path}: {exc!r}") from exc
+            wait = self._outcome(response, attempt)
+            if wait is None:
+                return response
+            await asyncio.sleep(wait)
+            attempt += 1
+
+    async def _run(self, plan: _Plan) -> Any:
+        try:
+            request = next(plan)
+            while True:
+                request = plan.send(await self._send(request))
+        except StopIteration as stop:
+            return stop.value
+
+    async def health(self) -> dict[str, Any]:
+        return await self._run(self._get_plan("/health"))
+
+    async def ready(self) -> dict[str, Any]:
+        return await self._run(self._get_plan("/ready"))
+
+    async def model_info(self) -> dict[str, Any]:
+        return await self._run(self._get_plan("/model_info"))
+
+    async def reconstruct(self, volumes: Any, *, use_segmented_decoder: bool | None = None,
+                          use_final_convolution: bool | None = None,
+                          return_splat_data: bool | None = None,
+                          return_embeddings: bool | None = None,
+                          use_predicted_pose: bool | None = None, progress: bool | None = None
+                          ) -> dict[str, np.ndarray]:
+        return await self._run(self._reconstruct(volumes, use_segmented_decoder,
+                                                 use_final_convolution, return_splat_data,
+                                                 return_embeddings, use_predicted_pose,
+                                                 progress))
+
+    async def extract_features(self, volumes: Any, *, return_pose: bool | None = None,
+                               return_global_weight: bool | None = None,
+                               return_variance: bool | None = None,
+                               progress: bool | None = None) -> dict[str, np.ndarray]:
+        return await self._run(self._extract_features(volumes, return_pose, return_global_weight,
+                                                      return_variance, progress))
+
+    async def extract_gaussian_splats(self, volumes: Any, *,
+                                      include_free_segment: bool | None = None,
+                                      progress: bool | None = None) -> dict[str, np.ndarray]:
+        return await self._run(self._extract_gaussian_splats(volumes, include_free_segment,
+                                                             progress))
+
+    async def batch_process(self, volumes: Any, *, batch_size: int | None = None,
+                            return_reconstructions: bool | None = None,
+                            return_embeddings: bool | None = None,
+                            return_poses: bool | None = None,
+                            return_global_weights: bool | None = None,
+                            operation: str | None = None,
+                            use_final_convolution: bool | None = None,
+                            use_predicted_pose: bool | None = None,
+                            progress: bool | None = None) -> dict[str, np.ndarray]:
+        options = _batch_options(batch_size, return_reconstructions, return_embeddings,
+                                 return_poses, return_global_weights, operation,
+                                 use_final_convolution, use_predicted_pose)
+        return await self._run(self._batch_process(volumes, options, progress))
+
+    async def statistics(self, volume: Any) -> dict[str, np.ndarray]:
+        return await self._run(self._statistics_plan(volume))
+

@@ -1,0 +1,393 @@
+"""cryolens.client against a real server process (small random model), and against small
+stand-in servers for what a healthy server never does (503, 415)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from server_helpers import free_port, small_model_file, start_cli_server
+
+from cryolens import formats
+from cryolens.client import (
+    AsyncCryoLensClient,
+    CryoLensClient,
+    CryoLensConnectionError,
+    CryoLensHTTPError,
+    retry_wait,
+)
+from cryolens.errors import CryoLensError
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+REQUEST_ID = r"[0-9a-f]{32}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = small_model_file(tmp_path_factory.mktemp("client") / "small.safetensors")
+    proc = start_cli_server(model)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with CryoLensClient(server.url) as c:
+        yield c
+
+
+def particles(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 48, 48, 48)).astype(np.float32)
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert np.shape(value) == np.shape(b[key]), key
+        np.testing.assert_allclose(value, b[key], err_msg=key, **TOL)
+
+
+class CountingTransport(httpx.HTTPTransport):
+    """Counts requests per (method, path, Content-Type)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[str, str, str]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent.append((request.method, request.url.path,
+                          request.headers.get("content-type", "")))
+        return super().handle_request(request)
+
+
+# -- every endpoint -----------------------------------------------------------------------------
+def test_info_endpoints(client):
+    assert client.health() == {"status": "healthy"}
+    assert client.ready() == {"status": "ready"}
+    info = client.model_info()
+    assert info["latent_dim"] == 8 and info["n_gaussians"] == 40
+    assert info["input_shape"] == [48, 48, 48]
+
+
+CALLS = {
+    "reconstruct": lambda c, v: c.reconstruct(v, return_splat_data=True, return_embeddings=True),
+    "reconstruct_plain": lambda c, v: c.reconstruct(
+        v, use_segmented_decoder=False, use_final_convolution=False, use_predicted_pose=True),
+    "extract_features": lambda c, v: c.extract_features(v, return_variance=True),
+    "extract_features_embedding_only": lambda c, v: c.extract_features(
+        v, return_pose=False, return_global_weight=False),
+    "extract_gaussian_splats": lambda c, v: c.extract_gaussian_splats(v),
+    "extract_gaussian_splats_affinity": lambda c, v: c.extract_gaussian_splats(
+        v, include_free_segment=False),
+    "batch_process": lambda c, v: c.batch_process(v),
+    "batch_process_splats": lambda c, v: c.batch_process(v, operation="splats", batch_size=2),
+}
+
+
+def test_every_endpoint_shapes(client):
+    stack = particles(3)
+    rec = CALLS["reconstruct"](client, stack)
+    for key in ("reconstruction", "affinity_reconstruction", "free_reconstruction"):
+        assert rec[key].shape == (3, 48, 48, 48) and rec[key].dtype == np.float32
+    assert rec["embedding"].shape == (3, 8) and rec["centers"].shape == (3, 40, 3)
+    assert rec["input_shape"].tolist() == [3, 48, 48, 48]
+    assert rec["reconstruction_shape"].tolist() == [3, 48, 48, 48]
+    plain = CALLS["reconstruct_plain"](client, stack)
+    assert set(plain) == {"reconstruction", "input_shape", "reconstruction_shape"}
+
+    feats = CALLS["extract_features"](client, stack)
+    assert feats["embedding"].shape == (3, 8) and feats["pose"].shape == (3, 4)
+    assert feats["global_weight"].shape == (3,) and feats["log_variance"].shape == (3, 8)
+    np.testing.assert_allclose(np.linalg.norm(feats["pose"], axis=1), 1, atol=1e-5)
+    assert "pose" not in CALLS["extract_features_embedding_only"](client, stack)
+
+    splats = CALLS["extract_gaussian_splats"](client, stack)
+    assert splats["centers"].shape == (3, 40, 3) and splats["scales"].shape == (3, 40)
+    assert int(splats["n_total"]) == 40 and splats["segment"].shape == (40,)
+    affinity = CALLS["extract_gaussian_splats_affinity"](client, stack)
+    assert affinity["centers"].shape == (3, 32, 3) and int(affinity["n_free"]) == 0
+
+    batch = CALLS["batch_process"](client, stack)
+    assert batch["reconstructions"].shape == (3, 48, 48, 48) and batch["poses"].shape == (3, 4)
+    assert int(batch["n_volumes"]) == 3 and batch["input_shape"].tolist() == [48, 48, 48]
+    assert CALLS["batch_process_splats"](client, stack)["centers"].shape == (3, 40, 3)
+
+    one = client.extract_features(stack[0])  # one volume in, no leading N out
+    assert one["embedding"].shape == (8,) and one["global_weight"].shape == ()
+    assert one["input_shape"].tolist() == [48, 48, 48]
+    one_batch = client.batch_process(stack[0])
+    assert one_batch["embeddings"].shape == (8,) and int(one_batch["n_volumes"]) == 1
+
+
+def test_statistics(client):
+    volume = np.random.default_rng(5).standard_normal((48, 48, 48)) * 3 + 1
+    stats = client.statistics(volume)
+    assert stats["shape"].tolist() == [48, 48, 48]
+    np.testing.assert_allclose([stats[k] for k in ("mean", "std", "min", "max")],
+                               [volume.mean(), volume.std(), volume.min(), volume.max()])
+    small = np.arange(6.0).reshape(2, 3)
+    for binary in (True, False):
+        with CryoLensClient(client.url, binary=binary) as c:
+            assert float(c.statistics(small)["mean"]) == 2.5
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_binary_and_json_agree(client, call):
+    stack = particles(2, seed=1)
+    with CryoLensClient(client.url, binary=False) as json_client:
+        as_json = CALLS[call](json_client, stack)
+        single_json = CALLS[call](json_client, stack[0])
+    assert_same(CALLS[call](client, stack), as_json)
+    assert_same(CALLS[call](client, stack[0]), single_json)
+
+
+def test_json_sends_one_volume_per_request(server):
+    transport = CountingTransport()
+    with CryoLensClient(server.url, binary=False, transport=transport) as c:
+        c.extract_features(particles(3))
+        c.batch_process(particles(3))
+    assert [path for _, path, _ in transport.sent] == ["/extract_features"] * 3 + \
+        ["/batch_process"]
+    assert {kind for _, _, kind in transport.sent} == {"application/json"}
+
+
+def test_a_stack_equals_one_call_per_volume(client):
+    stack = particles(4, seed=2)
+    for call in ("reconstruct", "extract_features", "extract_gaussian_splats"):
+        together = CALLS[call](client, stack)
+        alone = [CALLS[call](client, volume) for volume in stack]
+        for key, value in together.items():
+            if value.ndim and value.shape[0] == 4 and key not in ("input_shape",
+                                                                  "reconstruction_shape"):
+                np.testing.assert_allclose(value, np.stack([a[key] for a in alone]),
+                                           err_msg=f"{call} {key}", **TOL)
+            elif key not in ("input_shape", "reconstruction_shape"):
+                np.testing.assert_array_equal(value, alone[0][key], err_msg=f"{call} {key}")
+
+
+def test_large_stacks_are_split_into_requests(server, client, capsys):
+    stack = particles(70, seed=3)
+    whole = client.extract_features(stack)  # two requests (64 + 6) at the default size
+    transport = CountingTransport()
+    with CryoLensClient(server.url, batch_size=32, transport=transport, progress=True) as c:
+        split = c.extract_features(stack)
+        batch = c.batch_process(stack, return_reconstructions=False, progress=False)
+    assert [path for _, path, _ in transport.sent] == ["/extract_features"] * 3 + \
+        ["/batch_process"] * 3
+    assert split["embedding"].shape == (70, 8) and split["input_shape"].tolist()[0] == 70
+    assert_same(split, whole)
+    assert int(batch["n_volumes"]) == 70 and int(batch["num_processed"]) == 70
+    np.testing.assert_allclose(batch["embeddings"], whole["embedding"], **TOL)
+    assert "70/70" in capsys.readouterr().err  # the tqdm bar of the first call
+
+
+def test_async_client_matches(server, client):
+    stack = particles(5, seed=4)
+
+    async def run():
+        async with AsyncCryoLensClient(server.url, batch_size=2) as c:
+            return (await c.health(), await c.extract_features(stack),
+                    await c.reconstruct(stack[0]), await c.statistics(stack[0]))
+
+    health, feats, rec, stats = asyncio.run(run())
+    assert health == {"status": "healthy"}
+    assert_same(feats, client.extract_features(stack))
+    assert_same(rec, client.reconstruct(stack[0]))
+    assert_same(stats, client.statistics(stack[0]))
+
+
+# -- errors ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("binary", "field"), [(True, "body"), (False, "input_volume")])
+def test_server_errors_carry_message_field_status_and_request_id(server, binary, field):
+    with CryoLensClient(server.url, binary=binary) as c, \
+            pytest.raises(CryoLensHTTPError) as caught:
+        c.extract_features(np.zeros((40, 40, 40), np.float32))
+    err = caught.value
+    assert isinstance(err, CryoLensError)
+    assert err.status == 422 and err.field == field
+    assert "(48, 48, 48)" in err.detail and "(40, 40, 40)" in err.detail
+    assert re.fullmatch(REQUEST_ID, err.request_id or "")
+    assert err.request_id in str(err) and "422" in str(err) and "/extract_features" in str(err)
+
+
+def test_validation_errors_are_readable(client):
+    with pytest.raises(CryoLensHTTPError) as caught:
+        client.batch_process(particles(1), batch_size=0)
+    assert caught.value.status == 422 and isinstance(caught.value.detail, list)
+    assert "batch_size" in str(caught.value)
+
+
+def test_wrong_rank_is_refused_before_sending(client):
+    with pytest.raises(ValueError, match=r"\(D, H, W\)"):
+        client.extract_features(np.zeros((48, 48)))
+    with pytest.raises(ValueError, match="empty"):
+        client.extract_features(np.zeros((0, 48, 48, 48)))
+
+
+def test_unreachable_server():
+    with CryoLensClient(f"http://127.0.0.1:{free_port()}", connect_timeout=2) as c, \
+            pytest.raises(CryoLensConnectionError):
+        c.health()
+
+
+# -- stand-in servers for 503 and 415 -----------------------------------------------------------
+class StandIn:
+    """A tiny HTTP server: ``answer(handler, n)`` gives (status, headers, body) for the n-th
+    request; every request is recorded as (time, method, path, Content-Type)."""
+
+    def __init__(self, answer) -> None:
+        self.requests: list[tuple[float, str, str, str]] = []
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                stand_in.requests.append((time.monotonic(), self.command, self.path,
+                                          self.headers.get("content-type", "")))
+                status, headers, out = answer(self, body, len(stand_in.requests))
+                self.send_response(status)
+                for name, value in {"Content-Length": str(len(out)), **headers}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_GET = do_POST = _reply
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+JSON = {"Content-Type": "application/json"}
+BUSY = (503, {**JSON, "Retry-After": "1", "X-Request-ID": "abc123"},
+        b'{"detail": "the inference queue is full"}')
+
+
+def test_503_is_retried_after_retry_after():
+    def answer(handler, body, n):
+        return BUSY if n == 1 else (200, JSON, b'{"status": "healthy"}')
+
+    with StandIn(answer) as stand_in, CryoLensClient(stand_in.url) as c:
+        assert c.health() == {"status": "healthy"}
+    (first, *_), (second, *_) = stand_in.requests
+    assert len(stand_in.requests) == 2
+    assert 0.95 <= second - first < 5  # waited the second the server asked for
+
+
+def test_503_retries_are_bounded_and_waits_capped():
+    def answer(handler, body, n):
+        return (503, {**JSON, "Retry-After": "3600", "X-Request-ID": "abc123"},
+                b'{"detail": "still loading"}')
+
+    with StandIn(answer) as stand_in, \
+            CryoLensClient(stand_in.url, max_retries=2, max_retry_wait_s=0.05) as c:
+        started = time.monotonic()
+        with pytest.raises(CryoLensHTTPError) as caught:
+            c.ready()
+    assert time.monotonic() - started < 3
+    assert len(stand_in.requests) == 3  # one try and two retries
+    err = caught.value
+    assert (err.status, err.detail, err.request_id) == (503, "still loading", "abc123")
+
+
+def test_retry_wait_reads_seconds_and_dates():
+    def response(value: str | None) -> httpx.Response:
+        return httpx.Response(503, headers={"Retry-After": value} if value else {})
+
+    assert retry_wait(response("2"), 0, 30) == 2
+    assert retry_wait(response("120"), 0, 30) == 30
+    assert retry_wait(response("Wed, 21 Oct 2015 07:28:00 GMT"), 0, 30) == 0  # in the past
+    assert retry_wait(response(None), 0, 30) == 0.5 and retry_wait(response(None), 2, 30) == 2
+
+
+def test_415_falls_back_to_json_one_volume_per_request():
+    """An old server that reads JSON only: the client switches for good, one volume a time."""
+    def answer(handler, body, n):
+        if handler.headers.get("content-type") != "application/json":
+            return (415, JSON, b'{"detail": "send application/json", "field": "content-type"}')
+        volume = np.asarray(json.loads(body)["input_volume"], np.float32)
+        features = {"embedding": [float(volume.mean())] * 2, "global_weight": 0.5,
+                    "input_shape": list(volume.shape)}
+        return 200, JSON, json.dumps(features).encode()
+
+    stack = particles(3)
+    with StandIn(answer) as stand_in, CryoLensClient(stand_in.url) as c:
+        out = c.extract_features(stack)
+        assert not c.binary
+        c.extract_features(stack[0])
+    kinds = [kind for *_, kind in stand_in.requests]
+    assert kinds == [formats.NPY_MEDIA_TYPE] + ["application/json"] * 4
+    np.testing.assert_allclose(out["embedding"][:, 0], stack.mean(axis=(1, 2, 3)), **TOL)
+    assert out["global_weight"].tolist() == [0.5] * 3
+    assert out["input_shape"].tolist() == [3, 48, 48, 48]
+
+
+# -- without PyTorch --------------------------------------------------------------------------
+NO_TORCH_SCRIPT = textwrap.dedent("""
+    import importlib.util
+    import sys
+
+    import numpy as np
+    import cryolens.client
+    from cryolens.client import CryoLensClient
+
+    with CryoLensClient(sys.argv[1]) as client:
+        out = client.extract_features(np.ones((2, 48, 48, 48), np.float32), progress=True)
+    assert out["embedding"].shape == (2, 8), out["embedding"].shape
+    assert "torch" not in sys.modules, "cryolens.client imported torch"
+    assert importlib.util.find_spec("torch") is None, "the venv should not have torch"
+    assert cryolens.client.__file__.startswith(sys.prefix), cryolens.client.__file__
+    print("ok without torch")
+""")
+
+
+@pytest.mark.slow
+def test_client_alone_installs_and_works_without_torch(server, tmp_path):
+    """The README's route: the package with --no-deps, then numpy, httpx and tqdm."""
+    repo = SRC.parent
+    copy = tmp_path / "cryolens-server"  # built from a copy: no build/ left in the checkout
+    copy.mkdir()
+    shutil.copy(repo / "pyproject.toml", copy)
+    shutil.copy(repo / "README.md", copy)
+    shutil.copytree(SRC, copy / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    venv, python = tmp_path / "venv", tmp_path / "venv" / "bin" / "python"
+    try:
+        for command in ([sys.executable, "-m", "venv", str(venv)],
+                        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(copy)],
+                        [str(python), "-m", "pip", "install", "--quiet", "numpy", "httpx",
+                         "tqdm"]):
+            subprocess.run(command, check=True, capture_output=True, timeout=300)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        output = getattr(exc, "stderr", b"") or b""
+        pytest.skip(f"cannot build a venv with the client here (offline?): {exc} "
+                    f"{output.decode(errors='replace')[-500:]}")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    result = subprocess.run([str(python), "-c", NO_TORCH_SCRIPT, server.url], check=False,
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok without torch"
