@@ -156,3 +156,15 @@ def test_cuda_device_path_matches_the_cpu_and_stays_within_the_budget(model, vol
         assert np.allclose(_fields(got)[key][:5], value, rtol=0, atol=2e-5 * scale), key
         assert np.allclose(_fields(got)[key][:5], _fields(got)[key][35:], rtol=0,
                            atol=1e-6 * scale), key
+
+
+@needs_cuda
+def test_cuda_pinned_buffers_are_reused_between_calls(model, volumes):
+    engine = Engine(model, device="cuda", max_chunk=2)
+    first = engine.reconstruct(volumes)
+    buffers = {name: buffer.data_ptr() for name, buffer in engine._pinned.items()}
+    assert buffers and all(b.is_pinned() for b in engine._pinned.values())
+    second = engine.reconstruct(volumes)
+    assert {name: b.data_ptr() for name, b in engine._pinned.items()} == buffers
+    assert np.array_equal(first.volume, second.volume)
+    assert isinstance(second.volume, np.ndarray) and second.volume.flags.writeable
