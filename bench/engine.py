@@ -1,11 +1,18 @@
 """Engine throughput: particles/s for features and reconstruction by batch size, and peak RSS.
 
 Run: python bench/engine.py [--device cpu|cuda] [--checkpoint PATH] [--batches 1 8 32 128]
-Prints a numpy float32 matmul rate first, as this machine's yardstick.
+         [--input numpy|tensor] [--max-chunk N] [--memory-budget BYTES] [--compare OLD.py]
+Prints a numpy float32 matmul rate first, as this machine's yardstick. ``--input tensor`` hands
+the engine torch tensors already on its device (no host round trip). On CUDA it also profiles
+one reconstruct call per batch: the share of its wall time the GPU was busy (union of kernel
+and copy intervals, torch.profiler) and the host<->device copy rate. ``--compare OLD.py``
+loads another engine module (e.g. ``git show e55c00d:src/cryolens/engine.py > /tmp/old.py``)
+and measures both, alternating, on the same model and data: "new" is src/cryolens/engine.py.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import resource
 import sys
 import time
@@ -26,7 +33,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     return repeats * 2 * n**3 / (time.perf_counter() - start) / 1e9
 
 
-def rate(fn, volumes: np.ndarray, min_time: float = 2.0, sync=lambda: None) -> float:
+def rate(fn, volumes, min_time: float = 2.0, sync=lambda: None) -> float:
     fn(volumes)  # warm-up
     sync()
     done, start = 0, time.perf_counter()
@@ -43,34 +50,109 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def load_engine_class(path: str):
+    """The Engine class of an engine module stored at ``path``, imported under another name."""
+    spec = importlib.util.spec_from_file_location("engine_under_comparison", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module.Engine
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def gpu_profile(fn, volumes, bytes_moved: int) -> str:
+    """One call under torch.profiler: GPU busy share of wall time, and copy GB/s."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(volumes)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn(volumes)
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - start) * 1e6
+    device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = _union_us([(e.time_range.start, e.time_range.end) for e in device])
+    copies = [(e.time_range.start, e.time_range.end) for e in device if "memcpy" in e.name.lower()]
+    copy_us = _union_us(copies)
+    copy_rate = f"{bytes_moved / copy_us / 1e3:.1f} GB/s while copying" if copy_us else "no copies"
+    return (f"GPU busy {100 * busy / wall_us:.0f}% of {wall_us / 1e3:.1f} ms wall "
+            f"({len(device)} device events); host<->device {bytes_moved / 1e9:.2f} GB, "
+            f"{copy_rate}, {bytes_moved / wall_us / 1e3:.1f} GB/s over the call")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpoint", default=None, help="default: v001 architecture, random weights")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--min-time", type=float, default=2.0)
+    parser.add_argument("--input", choices=["numpy", "tensor"], default="numpy")
+    parser.add_argument("--max-chunk", type=int, default=None)
+    parser.add_argument("--memory-budget", type=int, default=None)
+    parser.add_argument("--exact-zscore", action="store_true", help="z-score with numpy on the host")
+    parser.add_argument("--compare", default=None, metavar="OLD.py")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations with --compare")
+    parser.add_argument("--no-segments", action="store_true")
     args = parser.parse_args(argv)
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, python {sys.version.split()[0]}")
     print(f"numpy float32 matmul: {matmul_gflops():.0f} GFLOP/s")
     if args.checkpoint:
-        engine = Engine.from_checkpoint(args.checkpoint, device=args.device)
+        from cryolens.checkpoints import load_model
+
+        model = load_model(args.checkpoint, device="cpu")[0]
     else:
         torch.manual_seed(0)
-        engine = Engine(CryoLensVAE(), device=args.device)
-    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+        model = CryoLensVAE()
+    options = {k: v for k, v in [("max_chunk", args.max_chunk),
+                                 ("memory_budget", args.memory_budget)] if v is not None}
+    if args.exact_zscore:
+        options["exact_zscore"] = True
+    engines = {"new": Engine(model, device=args.device, **options)}
+    if args.compare:
+        engines["old"] = load_engine_class(args.compare)(model, device=args.device, **options)
+    engine = engines["new"]
+    cuda = engine.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfg = engine.config
     print(f"model: latent {cfg.latent_dims}, splats {cfg.n_affinity}+{cfg.n_free}, box {cfg.box_size}, "
-          f"device {engine.device}")
-    print(f"{'batch':>5} {'features/s':>11} {'reconstruct/s':>14} {'recon+segments/s':>17} {'peak RSS MB':>12}")
+          f"device {engine.device}, input {args.input}, max_chunk {engine.max_chunk}, "
+          f"memory_budget {engine.memory_budget / 1024**2:.0f} MiB, exact_zscore {engine.exact_zscore}")
+    print(f"{'engine':>6} {'batch':>5} {'features/s':>11} {'reconstruct/s':>14} "
+          f"{'recon+segments/s':>17} {'peak RSS MB':>12}")
     rng = np.random.default_rng(0)
     for batch in args.batches:
         volumes = rng.standard_normal((batch, *engine.box_shape), dtype=np.float32)
-        f = rate(engine.features, volumes, args.min_time, sync)
-        r = rate(engine.reconstruct, volumes, args.min_time, sync)
-        s = rate(lambda v: engine.reconstruct(v, segments=True), volumes, args.min_time, sync)
-        print(f"{batch:>5} {f:>11.1f} {r:>14.1f} {s:>17.1f} {peak_rss_mb():>12.0f}", flush=True)
-    if engine.device.type == "cuda":
+        if args.input == "tensor":
+            volumes = torch.from_numpy(volumes).to(engine.device)
+        best: dict[str, list[float]] = {name: [0.0, 0.0, 0.0] for name in engines}
+        for _ in range(args.rounds if args.compare else 1):
+            for name, e in engines.items():
+                calls = [e.features, e.reconstruct]
+                if not args.no_segments:
+                    calls.append(lambda v, e=e: e.reconstruct(v, segments=True))
+                for i, call in enumerate(calls):
+                    best[name][i] = max(best[name][i], rate(call, volumes, args.min_time, sync))
+        for name, (f, r, s) in best.items():
+            print(f"{name:>6} {batch:>5} {f:>11.1f} {r:>14.1f} {s:>17.1f} {peak_rss_mb():>12.0f}",
+                  flush=True)
+        if cuda:
+            moved = 0 if args.input == "tensor" else 2 * volumes.nbytes
+            try:
+                print(f"       reconstruct profile: {gpu_profile(engine.reconstruct, volumes, moved)}",
+                      flush=True)
+            except Exception as exc:  # noqa: BLE001 - a profiler quirk must not cost the figures
+                print(f"       reconstruct profile failed: {type(exc).__name__}: {exc}")
+    if cuda:
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 1024**2:.0f} MB")
 
 

@@ -1,11 +1,13 @@
 """The engine: shapes, chunking, input checks, and splats that re-render to the decoder's volume."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
-from cryolens.engine import Engine
+from cryolens.engine import Engine, zscore
 from cryolens.errors import DeviceError, InputError
 from cryolens.model import CryoLensConfig, CryoLensVAE
 
@@ -102,3 +104,76 @@ def test_cuda_where_there_is_none_is_a_clear_error():
     with pytest.raises(DeviceError, match="no CUDA"):
         Engine(CryoLensVAE(SMALL), device="cuda")
     assert Engine(CryoLensVAE(SMALL), device="auto").device.type == "cpu"
+
+
+def _extreme_volumes() -> dict[str, np.ndarray]:
+    base = np.random.default_rng(2).standard_normal((48, 48, 48)).astype(np.float32)
+    one = base.copy()
+    one[3, 4, 5] = 1e20
+    top = np.finfo(np.float32).max
+    return {
+        "one voxel of 1e20": one,
+        "1e17 with variation": (1e17 * (1 + 0.1 * base)).astype(np.float32),
+        "all 3e38": np.full((48, 48, 48), 3e38, np.float32),
+        "all -3e38": np.full((48, 48, 48), -3e38, np.float32),
+        "3e38 and -3e38": np.where(base > 0, 3e38, -3e38).astype(np.float32),
+        "float32 max and -max": np.where(base > 0, top, -top).astype(np.float32),
+        "1e30 with variation": (1e30 * base).astype(np.float32),
+        "tiny 1e-38": (1e-38 * base).astype(np.float32),
+        "denormal 1e-45": np.where(base > 0, 1e-45, 0).astype(np.float32),
+        "constant 3.7": np.full((48, 48, 48), 3.7, np.float32),
+        "zeros": np.zeros((48, 48, 48), np.float32),
+    }
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "device-zscore"])
+@pytest.mark.parametrize("name", list(_extreme_volumes()))
+def test_extreme_finite_values_give_finite_outputs(engine, name, exact):
+    """Issue #9: numbers or an InputError, never NaN or infinity (here: always numbers)."""
+    engine = Engine(engine.model, device="cpu", exact_zscore=exact)
+    volume = _extreme_volumes()[name][None]
+    results = [engine.features(volume), engine.reconstruct(volume, segments=True),
+               engine.reconstruct(volume, final_convolution=False, denormalise=False),
+               engine.splats(volume), engine.normalise(volume)]
+    for result in results:
+        for field, value in vars(result).items():
+            if isinstance(value, np.ndarray):
+                assert np.isfinite(value).all(), (name, type(result).__name__, field)
+    if name in ("one voxel of 1e20", "1e17 with variation"):
+        # Not the old all-zero input (float32 variance overflowed to an infinite std):
+        # z-scored in float64 instead.
+        wide = volume[0].astype(np.float64)
+        truth = (wide - wide.mean()) / wide.std()
+        assert np.abs(results[-1].volumes[0] - truth).max() < 1e-5
+
+
+def test_ordinary_particles_keep_the_float32_zscore(volumes):
+    """The float64 rescue only touches particles whose float32 statistics overflow."""
+    mixed = np.concatenate([volumes[:2], _extreme_volumes()["one voxel of 1e20"][None]])
+    norm = zscore(mixed)
+    for i in range(2):
+        assert norm.mean[i] == volumes[i].mean() and norm.std[i] == volumes[i].std()
+        expected = (volumes[i] - volumes[i].mean()) / (volumes[i].std() + np.float32(1e-6))
+        assert np.array_equal(norm.volumes[i], expected)
+    assert np.isfinite(norm.std[2]) and norm.volumes[2].std() > 0.99
+
+
+def test_denormalising_beyond_float32_is_an_input_error(engine):
+    """A reconstruction of ~10 (normalised units) times a std of ~3.4e38 cannot be a float32:
+    an InputError that says so, and the same particle in normalised units is fine."""
+    model = copy.deepcopy(engine.model)
+    with torch.no_grad():
+        model.decoder._decoder[2].bias.fill_(10.0)
+    loud = Engine(model, device="cpu")
+    volume = _extreme_volumes()["float32 max and -max"][None]
+    with pytest.raises(InputError, match=r"volume of particle\(s\) \[0\] is not finite.*denormalise"):
+        loud.reconstruct(volume)
+    assert np.isfinite(loud.reconstruct(volume, denormalise=False).volume).all()
+
+
+def test_a_non_finite_output_is_an_input_error_not_a_nan(engine, volumes):
+    model = copy.deepcopy(engine.model)
+    with torch.no_grad():
+        model.log_var.bias[0] = float("inf")
+    with pytest.raises(InputError, match=r"log_var of particle\(s\) \[0, 1\] is not finite"):
+        Engine(model, device="cpu").features(volumes[:2])

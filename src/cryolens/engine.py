@@ -1,11 +1,17 @@
-"""The inference engine: numpy particles in, numpy embeddings, reconstructions and splats out.
+"""The inference engine: particles in, embeddings, reconstructions and splats out.
 
 Every operation is batch-native: it takes ``(N, D, H, W)`` volumes and returns arrays with a
-leading ``N``. Work is chunked by a memory budget and runs under ``torch.inference_mode``.
+leading ``N``. numpy in gives numpy out; a ``torch.Tensor`` in (CPU or CUDA) gives tensors out,
+on the input's device. Work is chunked by a memory budget and runs under
+``torch.inference_mode``. On CUDA the particles are z-scored on the GPU and host transfers go
+through reused pinned buffers on their own streams, overlapping the compute of other chunks.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,6 +28,10 @@ DEFAULT_MEMORY_BUDGET = 512 * 1024**2
 #: 2-core CPU features fall from ~2,900/s at 32 to ~1,200/s at 128; on an H200 reconstruct
 #: from ~1,800/s to ~1,250/s).
 DEFAULT_MAX_CHUNK = 32
+#: On CUDA: chunks large enough to fill the GPU (plain PyTorch peaks at batch 512-1024 on an
+#: H200) yet leave two in the pipeline for a typical batch; working memory ~17 MB a particle.
+DEFAULT_CUDA_MAX_CHUNK = 256
+DEFAULT_CUDA_MEMORY_BUDGET = 6 * 1024**3
 #: CryoLens adds this to the standard deviation before dividing (spec.md c.1).
 NORM_EPS = 1e-6
 SEGMENT_AFFINITY, SEGMENT_FREE = 0, 1
@@ -29,7 +39,11 @@ SEGMENT_AFFINITY, SEGMENT_FREE = 0, 1
 
 @dataclass
 class Normalised:
-    """z-scored volumes (N, D, H, W) float32 and the per-particle mean and std (N,) float32."""
+    """z-scored volumes (N, D, H, W) float32 and the per-particle mean and std (N,) float32.
+
+    Here and in the classes below, fields are numpy arrays for numpy input and torch tensors on
+    the input's device for tensor input.
+    """
 
     volumes: np.ndarray
     mean: np.ndarray
@@ -103,44 +117,97 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def zscore(batch: np.ndarray) -> Normalised:
     """Per-particle z-score exactly as CryoLens: numpy float32 mean and population std of
-    each (N, D, H, W) float32 volume, then ``(v - mean) / (std + 1e-6)`` in float32."""
+    each (N, D, H, W) float32 volume, then ``(v - mean) / (std + 1e-6)`` in float32.
+
+    Where float32 overflows (a mean or std that is not finite: squares beyond ~3e38, e.g. one
+    voxel of 1e20 or values near 1e17) that particle alone is z-scored in float64 instead and
+    its mean, std and normalised volume rounded to float32; every other particle is untouched,
+    so ordinary input stays bit-exact with the reference.
+    """
     mean = np.empty(len(batch), np.float32)
     std = np.empty(len(batch), np.float32)
     out = np.empty_like(batch)
     for i, volume in enumerate(batch):
         # One volume at a time: numpy's float32 pairwise sums then match CryoLens to the bit.
-        mean[i] = volume.mean()
-        std[i] = volume.std()
-        np.divide(volume - mean[i], std[i] + np.float32(NORM_EPS), out=out[i])
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean[i] = volume.mean()
+            std[i] = volume.std()
+        if np.isfinite(mean[i]) and np.isfinite(std[i]):
+            np.divide(volume - mean[i], std[i] + np.float32(NORM_EPS), out=out[i])
+        else:
+            mean[i], std[i], out[i] = _zscore_float64(volume)
     return Normalised(out, mean, std)
 
 
+def _zscore_float64(volume: np.ndarray) -> tuple[np.float32, np.float32, np.ndarray]:
+    wide = volume.astype(np.float64)
+    m, s = wide.mean(), wide.std()
+    # |v - m| / s <= sqrt(voxels), and s <= half the range <= float32's largest: all finite.
+    return np.float32(m), np.float32(s), ((wide - m) / (s + NORM_EPS)).astype(np.float32)
+
+
+def zscore_tensor(volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The z-score on the device: (N, D, H, W) float32 -> normalised float32, mean and std (N,).
+
+    Statistics and ``(v - mean) / (std + 1e-6)`` are computed in float64 and rounded to
+    float32: no finite input overflows, so no per-particle check (and no host round trip) is
+    needed. Against :func:`zscore` the difference is rounding (~1e-7 relative on ordinary
+    particles); a constant volume normalises to exactly 0 where numpy's float32 mean leaves
+    an O(0.1) residue (spec.md c.1).
+    """
+    wide = volumes.to(torch.float64, copy=True)
+    std, mean = torch.std_mean(wide, dim=(1, 2, 3), correction=0, keepdim=True)
+    normalised = wide.sub_(mean).div_(std + NORM_EPS).to(torch.float32)
+    return normalised, mean.reshape(-1).to(torch.float32), std.reshape(-1).to(torch.float32)
+
+
+#: Output fields of each operation, in the order they are produced.
+_FEATURE_FIELDS = tuple(Features.__dataclass_fields__)
+#: Host dtypes torch can read directly (converted to float32 while copying to pinned memory).
+_TORCH_HOST_DTYPES = {np.dtype(t) for t in ("float16", "float32", "float64", "int8", "int16",
+                                             "int32", "int64", "uint8")}
+
+
 class Engine:
-    """A loaded CryoLens model and the batch operations on it."""
+    """A loaded CryoLens model and the batch operations on it.
+
+    ``exact_zscore`` (default: True on the CPU, False on CUDA) z-scores on the host with numpy,
+    bit-exact with CryoLens; False z-scores on the engine's device (:func:`zscore_tensor`).
+    """
 
     def __init__(
         self,
         model: CryoLensVAE,
         *,
         device: str | torch.device = "auto",
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
-        max_chunk: int = DEFAULT_MAX_CHUNK,
+        memory_budget: int | None = None,
+        max_chunk: int | None = None,
         checkpoint=None,
         allow_tf32: bool = False,
+        exact_zscore: bool | None = None,
     ) -> None:
         self.device = resolve_device(device)
+        cuda = self.device.type == "cuda"
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # denormal products are ~100x slower on x86
-        elif self.device.type == "cuda" and not allow_tf32:
+        elif cuda and not allow_tf32:
             # cuDNN convolutions default to TF32 (10-bit mantissa): ~1e-3 relative error in the
             # encoder, far outside CryoLens parity. Full float32 costs little at these sizes.
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.model = model.to(self.device).eval()
         self.config: CryoLensConfig = model.config
+        if memory_budget is None:
+            memory_budget = DEFAULT_CUDA_MEMORY_BUDGET if cuda else DEFAULT_MEMORY_BUDGET
+        if max_chunk is None:
+            max_chunk = DEFAULT_CUDA_MAX_CHUNK if cuda else DEFAULT_MAX_CHUNK
         self.memory_budget = int(memory_budget)
         self.max_chunk = int(max_chunk)
         self.checkpoint = checkpoint
+        self.exact_zscore = (not cuda) if exact_zscore is None else bool(exact_zscore)
+        self._lock = threading.Lock()  # guards the pinned buffers and streams below
+        self._pinned: dict[str, torch.Tensor] = {}
+        self._streams: tuple | None = None
 
     @classmethod
     def from_checkpoint(
@@ -157,7 +224,18 @@ class Engine:
     def box_shape(self) -> tuple[int, int, int]:
         return (self.config.box_size,) * 3
 
-    def _as_batch(self, volumes) -> np.ndarray:
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 4 or tuple(shape[1:]) != self.box_shape:
+            raise InputError(
+                f"volumes must have shape (N, {', '.join(map(str, self.box_shape))}), "
+                f"got {tuple(shape)}",
+                field="volumes",
+            )
+        if shape[0] == 0:
+            raise InputError("at least one volume is needed", field="volumes")
+
+    def _host_batch(self, volumes) -> np.ndarray:
+        """Shape- and dtype-checked (N, D, H, W) numpy array, not yet converted to float32."""
         try:
             array = np.asarray(volumes)
         except (ValueError, TypeError) as exc:  # ragged nested lists
@@ -165,64 +243,248 @@ class Engine:
                              field="volumes") from exc
         if array.ndim == 3:
             array = array[None]
-        if array.ndim != 4 or array.shape[1:] != self.box_shape:
-            raise InputError(
-                f"volumes must have shape (N, {', '.join(map(str, self.box_shape))}), "
-                f"got {tuple(array.shape)}",
-                field="volumes",
-            )
-        if array.shape[0] == 0:
-            raise InputError("at least one volume is needed", field="volumes")
+        self._check_shape(array.shape)
         if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
             raise InputError(f"volumes must be real numbers, got dtype {array.dtype}", "volumes")
+        return array
+
+    def _tensor_batch(self, volumes: torch.Tensor) -> torch.Tensor:
+        tensor = volumes.detach()
+        if tensor.ndim == 3:
+            tensor = tensor[None]
+        self._check_shape(tuple(tensor.shape))
+        if tensor.dtype.is_complex or tensor.dtype == torch.bool:
+            raise InputError(f"volumes must be real numbers, got dtype {tensor.dtype}", "volumes")
+        return tensor
+
+    def _as_batch(self, volumes) -> np.ndarray:
+        """Checked (N, D, H, W) C-contiguous float32 numpy array of finite values."""
+        if isinstance(volumes, torch.Tensor):
+            volumes = _host_array(self._tensor_batch(volumes))
+        array = self._host_batch(volumes)
         with np.errstate(over="ignore"):  # beyond float32 range becomes inf, reported below
             array = np.ascontiguousarray(array, dtype=np.float32)
         if not np.isfinite(array).all():
-            raise InputError(
-                "volumes must be finite: found NaN or infinity (or a value beyond float32 range)",
-                field="volumes",
-            )
+            raise InputError(_NOT_FINITE, field="volumes")
         return array
 
     def normalise(self, volumes) -> Normalised:
-        """Check ``volumes`` and z-score each particle (see :func:`zscore`)."""
-        return zscore(self._as_batch(volumes))
+        """Check ``volumes`` and z-score each particle (see :func:`zscore`; on an engine with
+        ``exact_zscore=False``, :func:`zscore_tensor`). Tensors in give tensor fields out."""
+        place = volumes.device if isinstance(volumes, torch.Tensor) else None
+        if self.exact_zscore:
+            norm = zscore(self._as_batch(volumes))
+            return norm if place is None else Normalised(
+                *(torch.from_numpy(a).to(place) for a in (norm.volumes, norm.mean, norm.std)))
+        if place is None:
+            volumes = torch.from_numpy(self._as_batch(volumes))
+        x = self._tensor_batch(volumes).to(self.device, torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise InputError(_NOT_FINITE, field="volumes")
+        with torch.no_grad():  # not inference mode: callers may modify the results in place
+            parts = zscore_tensor(x)
+        if place is None:
+            return Normalised(*(_np(p) for p in parts))
+        return Normalised(*(p.to(place) for p in parts))
 
     # -- chunking -------------------------------------------------------------------------
-    def _bytes_per_particle(self, n_render: int) -> int:
+    def _bytes_per_particle(self, n_render: int, n_outputs: int = 1) -> int:
         cfg = self.config
         planes = cfg.n_splats * n_render * n_render  # the renderer's largest temporary
         volumes = 6 * n_render**3  # render, spectrum (complex), outputs
         encoder = 2 * 8 * (cfg.box_size // 2) ** 3
-        return 4 * (planes + volumes + encoder)
+        total = 4 * (planes + volumes + encoder)
+        if not self.exact_zscore:
+            # z-score temporaries (float32 in, float64 copy, float32 out), and the next chunk's
+            # input and the previous chunk's outputs, in flight while this one computes.
+            box = cfg.box_size**3
+            total += 4 * box * (4 + 1 + n_outputs)
+        return total
 
-    def _chunks(self, n: int, n_render: int) -> Iterator[slice]:
-        size = max(1, min(self.max_chunk, self.memory_budget // self._bytes_per_particle(n_render)))
+    def _chunks(self, n: int, n_render: int, n_outputs: int = 1) -> Iterator[slice]:
+        per_particle = self._bytes_per_particle(n_render, n_outputs)
+        size = max(1, min(self.max_chunk, self.memory_budget // per_particle))
         for start in range(0, n, size):
             yield slice(start, min(n, start + size))
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device)
 
+    # -- running a batch --------------------------------------------------------------------
+    def _run(self, volumes, n_render: int, n_outputs: int, step) -> tuple[dict, torch.device | None]:
+        """Run ``step(normalised, mean, std) -> {name: (n, ...) tensor}`` over every chunk.
+
+        Returns the outputs, whole-batch, as numpy arrays (numpy input) or as tensors on the
+        input's device (tensor input), and that device (None for numpy).
+        """
+        place = volumes.device if isinstance(volumes, torch.Tensor) else None
+        with torch.inference_mode():
+            if self.exact_zscore:
+                outs, flags = self._run_exact(self._as_batch(volumes), n_render, n_outputs, step)
+            elif place is not None and place.type == self.device.type:
+                outs, flags = self._run_on_device(self._tensor_batch(volumes), n_render,
+                                                  n_outputs, step)
+            else:
+                host = (_host_array(self._tensor_batch(volumes)) if place is not None
+                        else self._host_batch(volumes))
+                with self._lock:
+                    outs, flags = self._run_pipelined(host, n_render, n_outputs, step)
+        self._raise_if_not_finite(flags, outs)
+        if place is not None:
+            outs = {k: _to(v, place) for k, v in outs.items()}
+        return outs, place
+
+    def _run_exact(self, batch: np.ndarray, n_render, n_outputs, step):
+        norm = zscore(batch)
+        mean, std = torch.from_numpy(norm.mean), torch.from_numpy(norm.std)
+        outs: dict[str, np.ndarray] = {}
+        for part in self._chunks(len(batch), n_render, n_outputs):
+            results = step(self._tensor(norm.volumes[part]), mean[part].to(self.device),
+                           std[part].to(self.device))
+            for key, value in results.items():
+                if key not in outs:
+                    outs[key] = np.empty((len(batch), *value.shape[1:]), np.float32)
+                outs[key][part] = _np(value)
+        # Checked on the host afterwards: cheaper than a dozen small torch ops per chunk.
+        return outs, {k: np.bool_(not np.isfinite(v).all()) for k, v in outs.items()}
+
+    def _run_on_device(self, volumes: torch.Tensor, n_render, n_outputs, step):
+        """Tensor input already on the engine's (non-CPU) device: no host transfer at all."""
+        outs: dict[str, torch.Tensor] = {}
+        flags: dict[str, torch.Tensor] = {}
+        for part in self._chunks(len(volumes), n_render, n_outputs):
+            x = volumes[part].to(self.device, torch.float32)
+            _flag(flags, "volumes", x)
+            results = step(*zscore_tensor(x))
+            for key, value in results.items():
+                _flag(flags, key, value)
+                if key not in outs:
+                    with torch.inference_mode(False):  # a tensor callers may modify in place
+                        outs[key] = torch.empty((len(volumes), *value.shape[1:]),
+                                                dtype=torch.float32, device=self.device)
+                outs[key][part] = value
+        return outs, flags
+
+    def _run_pipelined(self, host: np.ndarray, n_render, n_outputs, step):
+        """Host input, z-scored on the device; on CUDA a three-stage pipeline per chunk:
+        host -> pinned -> device on one stream, compute on the current stream, device ->
+        pinned on a third, then pinned -> the preallocated numpy outputs. Two pinned slots
+        each way let chunk k+1 copy in and chunk k-1 copy out while chunk k computes."""
+        cuda = self.device.type == "cuda"
+        if host.dtype not in _TORCH_HOST_DTYPES or not host.flags.c_contiguous:
+            with np.errstate(over="ignore"):  # beyond float32 range: inf, caught as input
+                host = np.ascontiguousarray(host, dtype=np.float32)
+        if cuda:
+            if self._streams is None:
+                self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+            copy_in, copy_out = self._streams
+            compute = torch.cuda.current_stream(self.device)
+        else:
+            copy_in = copy_out = compute = None
+        n = len(host)
+        chunks = list(self._chunks(n, n_render, n_outputs))
+        size = chunks[0].stop - chunks[0].start
+        pin_in = self._staging("in", (2, size, *self.box_shape))
+        source = torch.from_numpy(host) if host.flags.writeable else _readonly_tensor(host)
+        outs: dict[str, np.ndarray] = {}
+        flags: dict[str, torch.Tensor] = {}
+        pin_out: dict[str, torch.Tensor] = {}
+        in_free = [None, None]  # events: the H2D copy from that pinned slot has finished
+        out_ready = [None, None]  # events: the D2H copy into that pinned slot has finished
+        pending: list[slice | None] = [None, None]
+
+        def drain(slot: int) -> None:
+            part = pending[slot]
+            if part is None:
+                return
+            _wait(out_ready[slot])
+            for key, staged in pin_out.items():
+                torch.from_numpy(outs[key][part]).copy_(staged[slot, : part.stop - part.start])
+            pending[slot] = None
+
+        for i, part in enumerate(chunks):
+            slot, m = i % 2, part.stop - part.start
+            _wait(in_free[slot])
+            pin_in[slot, :m].copy_(source[part])  # converts dtype; multi-threaded on the host
+            with _on(copy_in):
+                x = pin_in[slot, :m].to(self.device, non_blocking=True)
+                in_free[slot] = _record(copy_in)
+            if cuda:
+                compute.wait_event(in_free[slot])
+                x.record_stream(compute)
+            _flag(flags, "volumes", x)
+            results = step(*zscore_tensor(x))
+            for key, value in results.items():
+                _flag(flags, key, value)
+            done = _record(compute)
+            with _on(copy_out):
+                if cuda:
+                    copy_out.wait_event(done)
+                for key, value in results.items():
+                    if key not in outs:
+                        outs[key] = np.empty((n, *value.shape[1:]), np.float32)
+                        pin_out[key] = self._staging(f"out:{key}", (2, size, *value.shape[1:]))
+                    pin_out[key][slot, :m].copy_(value, non_blocking=True)
+                    if cuda:
+                        value.record_stream(copy_out)
+                out_ready[slot] = _record(copy_out)
+            pending[slot] = part
+            drain(1 - slot)  # the previous chunk, while this one computes
+        drain(0)
+        drain(1)
+        return outs, flags
+
+    def _staging(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A float32 host buffer of ``shape``, pinned on CUDA, kept and reused between calls
+        (grown when a larger one is needed)."""
+        numel = int(np.prod(shape))
+        buffer = self._pinned.get(name)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.float32,
+                                 pin_memory=self.device.type == "cuda")
+            self._pinned[name] = buffer
+        return buffer[:numel].view(shape)
+
+    def _raise_if_not_finite(self, flags: dict, outs: dict) -> None:
+        """Inputs beyond float32 range, or any output that is not finite: an InputError,
+        never a NaN or infinity handed back (one host sync for the whole batch)."""
+        names = list(flags)
+        if all(isinstance(flag, np.bool_) for flag in flags.values()):
+            bad = [bool(flags[k]) for k in names]
+        else:
+            bad = torch.stack([flags[k] for k in names]).cpu().tolist()
+        if "volumes" in flags and bad[names.index("volumes")]:
+            raise InputError(_NOT_FINITE, field="volumes")
+        for key, is_bad in zip(names, bad, strict=True):
+            if not is_bad:
+                continue
+            value = outs[key]
+            finite = (np.isfinite(value) if isinstance(value, np.ndarray)
+                      else torch.isfinite(value).cpu().numpy())
+            rows = np.flatnonzero(~finite.reshape(len(finite), -1).all(axis=1)).tolist()
+            hint = (" De-normalising (x * std + mean) left float32's range: the particle's "
+                    "values are too large for it; ask for normalised units (denormalise=False)."
+                    if key in ("volume", "affinity", "free") else "")
+            raise InputError(
+                f"the {key} of particle(s) {rows[:10]} is not finite (NaN or infinity).{hint}",
+                field="volumes",
+            )
+
     # -- operations -----------------------------------------------------------------------
+    def _encode(self, normalised: torch.Tensor):
+        enc = self.model.encode(normalised)
+        return enc, {
+            "embedding": enc.mu,
+            "log_var": enc.log_var,
+            "pose_axis_angle": enc.pose,
+            "pose_quaternion": axis_angle_to_quaternion(enc.pose),
+            "global_weight": enc.global_weight[:, 0],
+        }
+
     def features(self, volumes) -> Features:
         """Encode (N, D, H, W) particles; see :class:`Features`."""
-        norm = self.normalise(volumes)
-        parts = []
-        with torch.inference_mode():
-            for part in self._chunks(len(norm.volumes), 1):
-                parts.append(self._encode(norm.volumes[part])[1])
-        return _concat_features(parts)
-
-    def _encode(self, normalised: np.ndarray):
-        enc = self.model.encode(self._tensor(normalised))
-        return enc, Features(
-            embedding=_np(enc.mu),
-            log_var=_np(enc.log_var),
-            pose_axis_angle=_np(enc.pose),
-            pose_quaternion=_np(axis_angle_to_quaternion(enc.pose)),
-            global_weight=_np(enc.global_weight[:, 0]),
-        )
+        outs, _ = self._run(volumes, 1, len(_FEATURE_FIELDS), lambda x, m, s: self._encode(x)[1])
+        return _features(outs)
 
     def reconstruct(
         self,
@@ -237,85 +499,122 @@ class Engine:
 
         Defaults follow CryoLens's pipeline: the "identity" pose and global-weight logit 1.0,
         the final convolution on, and the result de-normalised with the particle's own mean and
-        std (``x * std + mean``). ``use_predicted_pose`` decodes in the particle's predicted pose
+        std (``x * std + mean``, in float32; a particle whose result leaves float32's range is
+        an InputError). ``use_predicted_pose`` decodes in the particle's predicted pose
         and global weight instead; ``final_convolution=False`` returns the centre of the raw
         [0, 1] render; ``segments`` also renders the affinity and free splats on their own.
         """
-        norm = self.normalise(volumes)
         decoder = self.model.decoder
         region = "conv" if final_convolution else "crop"
-        outputs: dict[str, list[np.ndarray]] = {"volume": [], "affinity": [], "free": []}
-        feats = []
-        with torch.inference_mode():
-            n_render = len(decoder.region_axis(region))
-            for part in self._chunks(len(norm.volumes), n_render):
-                enc, feat = self._encode(norm.volumes[part])
-                feats.append(feat)
-                if use_predicted_pose:
-                    pose, weight = enc.pose, enc.global_weight
-                else:
-                    pose, weight = self.model.identity_pose(len(enc.mu), self.device)
-                splats = decoder.splats(enc.mu, pose, weight)
-                groups = [("volume", splats)]
-                if segments:
-                    groups += [(name, splats.segment(name)) for name in ("affinity", "free")]
-                for key, group in groups:
-                    render = decoder.render(group, region)
-                    if final_convolution:
-                        render = decoder.final_convolution(render)
-                    outputs[key].append(_np(render))
-        result = {k: np.concatenate(v) if v else None for k, v in outputs.items()}
-        if denormalise:
-            scale, offset = norm.std[:, None, None, None], norm.mean[:, None, None, None]
-            for key, value in result.items():
-                if value is not None:
-                    value *= scale
-                    value += offset
+        n_render = len(decoder.region_axis(region))
+
+        def step(x, mean, std):
+            enc, out = self._encode(x)
+            if use_predicted_pose:
+                pose, weight = enc.pose, enc.global_weight
+            else:
+                pose, weight = self.model.identity_pose(len(enc.mu), self.device)
+            splats = decoder.splats(enc.mu, pose, weight)
+            groups = [("volume", splats)]
+            if segments:
+                groups += [(name, splats.segment(name)) for name in ("affinity", "free")]
+            for key, group in groups:
+                render = decoder.render(group, region)
+                if final_convolution:
+                    render = decoder.final_convolution(render)
+                if denormalise:  # two float32 roundings, as numpy's ``*=`` then ``+=``
+                    render = render.mul_(std[:, None, None, None]).add_(mean[:, None, None, None])
+                out[key] = render
+            return out
+
+        outs, _ = self._run(volumes, n_render, len(_FEATURE_FIELDS) + 1 + 2 * segments, step)
         return Reconstruction(
-            volume=result["volume"], features=_concat_features(feats),
-            affinity=result["affinity"], free=result["free"],
+            volume=outs["volume"], features=_features(outs),
+            affinity=outs.get("affinity"), free=outs.get("free"),
         )
 
     def splats(self, volumes, *, include_free: bool = True) -> SplatSet:
         """The splats each particle decodes to, in its predicted pose; see :class:`SplatSet`."""
-        norm = self.normalise(volumes)
         cfg = self.config
         half = (cfg.render_size - 1) / 2  # grid units -> render voxels
-        centres, sigmas, weights, feats = [], [], [], []
-        with torch.inference_mode():
-            for part in self._chunks(len(norm.volumes), 1):
-                enc, feat = self._encode(norm.volumes[part])
-                feats.append(feat)
-                splats = self.model.decoder.splats(enc.mu, enc.pose, enc.global_weight)
-                if not include_free:
-                    splats = splats.segment("affinity")
-                # rows (x, y, z) -> columns (z, y, x), the array axes (d, h, w)
-                xyz = splats.centres.flip(1).transpose(1, 2)
-                centres.append(_np((xyz + 1) * half - cfg.margin))
-                sigmas.append(_np(splats.sigmas * half))
-                weights.append(_np(splats.weights))
+
+        def step(x, mean, std):
+            enc, out = self._encode(x)
+            splats = self.model.decoder.splats(enc.mu, enc.pose, enc.global_weight)
+            if not include_free:
+                splats = splats.segment("affinity")
+            # rows (x, y, z) -> columns (z, y, x), the array axes (d, h, w)
+            xyz = splats.centres.flip(1).transpose(1, 2)
+            out["centres"] = (xyz + 1) * half - cfg.margin
+            out["sigmas"] = splats.sigmas * half
+            out["weights"] = splats.weights
+            return out
+
+        outs, place = self._run(volumes, 1, len(_FEATURE_FIELDS) + 3, step)
         n_free = cfg.n_free if include_free else 0
         segment = np.repeat(np.array([SEGMENT_AFFINITY, SEGMENT_FREE], np.int8),
                             [cfg.n_affinity, n_free])
         return SplatSet(
-            centres=np.concatenate(centres), sigmas=np.concatenate(sigmas),
-            weights=np.concatenate(weights), segment=segment,
-            n_affinity=cfg.n_affinity, n_free=n_free, features=_concat_features(feats),
+            centres=outs["centres"], sigmas=outs["sigmas"], weights=outs["weights"],
+            segment=segment if place is None else torch.from_numpy(segment).to(place),
+            n_affinity=cfg.n_affinity, n_free=n_free, features=_features(outs),
         )
+
+
+_NOT_FINITE = "volumes must be finite: found NaN or infinity (or a value beyond float32 range)"
 
 
 def _np(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to("cpu", torch.float32).numpy()
 
 
-def _concat_features(feats: list[Features]) -> Features:
-    return Features(**{
-        name: np.concatenate([getattr(f, name) for f in feats])
-        for name in Features.__dataclass_fields__
-    })
+def _to(value, place: torch.device) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value).to(place)
+    return value.to(place)
+
+
+def _flag(flags: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    """Accumulate, on the device and without a sync, whether ``value`` has a non-finite entry."""
+    bad = ~torch.isfinite(value).all()
+    flags[key] = bad if key not in flags else flags[key] | bad
+
+
+def _features(outs: dict) -> Features:
+    return Features(**{name: outs[name] for name in _FEATURE_FIELDS})
+
+
+def _on(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _record(stream):
+    return stream.record_event() if stream is not None else None
+
+
+def _wait(event) -> None:
+    if event is not None:
+        event.synchronize()
+
+
+def _host_array(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.cpu()
+    if tensor.dtype in (torch.bfloat16, torch.uint16, torch.uint32, torch.uint64) or (
+            tensor.dtype.is_floating_point and tensor.element_size() == 1):  # no numpy twin
+        tensor = tensor.to(torch.float32)
+    return tensor.numpy()
+
+
+def _readonly_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor view of a read-only array (only ever read here), without torch's warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 __all__ = [
+    "DEFAULT_CUDA_MAX_CHUNK",
+    "DEFAULT_CUDA_MEMORY_BUDGET",
     "DEFAULT_MEMORY_BUDGET",
     "Engine",
     "Features",
@@ -324,4 +623,5 @@ __all__ = [
     "SplatSet",
     "resolve_device",
     "zscore",
+    "zscore_tensor",
 ]

@@ -1,0 +1,170 @@
+"""Tensors in, tensors out; the device z-score and the pipelined path (exercised on the CPU
+too, where streams and pinned memory fall away); CUDA-only checks that skip without a GPU."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from cryolens.engine import Engine, zscore, zscore_tensor
+from cryolens.errors import InputError
+from cryolens.model import CryoLensConfig, CryoLensVAE
+
+SMALL = CryoLensConfig(latent_dims=8, affinity_dims=6, n_affinity=40, n_free=10)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (bench/gpu_check.sh runs these there)")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = CryoLensVAE(SMALL)
+    with torch.no_grad():  # O(1) latents, so splats spread over the box as in a trained model
+        model.mu.weight.mul_(40)
+        model.pose.weight.mul_(40)
+    return model
+
+
+@pytest.fixture(scope="module")
+def volumes():
+    return (np.random.default_rng(1).standard_normal((5, 48, 48, 48)) * 3 + 2).astype(np.float32)
+
+
+def _fields(result) -> dict:
+    out = {}
+    for field in dataclasses.fields(result):
+        value = getattr(result, field.name)
+        if dataclasses.is_dataclass(value):
+            out.update({f"features.{k}": v for k, v in _fields(value).items()})
+        elif value is not None and not isinstance(value, int):
+            out[field.name] = value
+    return out
+
+
+def _calls(engine):
+    return {
+        "features": lambda v: engine.features(v),
+        "reconstruct": lambda v: engine.reconstruct(v),
+        "reconstruct+segments": lambda v: engine.reconstruct(v, segments=True,
+                                                             use_predicted_pose=True),
+        "reconstruct raw": lambda v: engine.reconstruct(v, final_convolution=False,
+                                                        denormalise=False),
+        "splats": lambda v: engine.splats(v),
+        "normalise": lambda v: engine.normalise(v),
+    }
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "device-zscore"])
+def test_tensor_input_gives_the_same_numbers_as_numpy(model, volumes, exact):
+    """CPU tensors in: CPU tensors out, bit-identical to the numpy results."""
+    engine = Engine(model, device="cpu", exact_zscore=exact, memory_budget=1)  # 1 a chunk
+    for name, call in _calls(engine).items():
+        from_numpy, from_tensor = _fields(call(volumes)), _fields(call(torch.from_numpy(volumes)))
+        assert from_numpy.keys() == from_tensor.keys(), name
+        for key, value in from_numpy.items():
+            assert isinstance(value, np.ndarray), (name, key)
+            tensor = from_tensor[key]
+            assert isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu", (name, key)
+            assert np.array_equal(value, tensor.numpy()), (name, key)
+
+
+def test_tensor_outputs_are_ordinary_tensors(model, volumes):
+    r = Engine(model, device="cpu").reconstruct(torch.from_numpy(volumes[:2]))
+    r.volume += 1  # not an inference-mode tensor: callers may modify it
+    assert not r.volume.requires_grad
+
+
+def test_other_dtypes_and_a_single_volume(model, volumes):
+    engine = Engine(model, device="cpu", exact_zscore=False)
+    ref = engine.features(volumes[:2]).embedding
+    as64 = engine.features(torch.from_numpy(volumes[:2].astype(np.float64))).embedding
+    assert np.array_equal(ref, as64.numpy())
+    assert np.array_equal(ref, engine.features(volumes[:2].astype(np.float64)).embedding)
+    assert engine.features(torch.from_numpy(volumes[0])).embedding.shape == (1, 8)
+    readonly = volumes[:2].copy()
+    readonly.flags.writeable = False
+    assert np.array_equal(ref, engine.features(readonly).embedding)
+
+
+def test_device_zscore_is_the_numpy_zscore_up_to_rounding(volumes):
+    exact = zscore(volumes)
+    normalised, mean, std = zscore_tensor(torch.from_numpy(volumes))
+    assert np.allclose(normalised.numpy(), exact.volumes, rtol=0, atol=2e-6)
+    assert np.allclose(mean.numpy(), exact.mean, rtol=1e-6)
+    assert np.allclose(std.numpy(), exact.std, rtol=1e-6)
+    # A constant volume: the true z-score, 0, not numpy's float32 rounding residue.
+    constant = torch.full((1, 48, 48, 48), 3.7)
+    assert zscore_tensor(constant)[0].abs().max() == 0
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "device-zscore"])
+def test_device_path_agrees_with_the_exact_path(model, volumes, exact):
+    """The pipelined (device z-score) path, chunked or whole, gives the exact path's numbers up
+    to the z-score's rounding."""
+    ref = Engine(model, device="cpu").reconstruct(volumes, segments=True)
+    for budget in (1, 10**12):
+        other = Engine(model, device="cpu", exact_zscore=exact, memory_budget=budget)
+        got = other.reconstruct(volumes, segments=True)
+        for key, value in _fields(ref).items():
+            scale = np.abs(value).max() + 1
+            assert np.allclose(_fields(got)[key], value, rtol=0, atol=1e-4 * scale), key
+
+
+def test_non_finite_tensor_input_is_an_input_error(model):
+    bad = torch.zeros(2, 48, 48, 48, dtype=torch.float64)
+    bad[1, 3, 4, 5] = 1e39  # beyond float32
+    for exact in (True, False):
+        engine = Engine(model, device="cpu", exact_zscore=exact)
+        with pytest.raises(InputError, match="finite"):
+            engine.reconstruct(bad)
+        with pytest.raises(InputError, match="finite"):
+            engine.features(bad.numpy())
+    with pytest.raises(InputError, match="real numbers"):
+        Engine(model, device="cpu").features(torch.zeros(1, 48, 48, 48, dtype=torch.bool))
+    with pytest.raises(InputError, match="shape"):
+        Engine(model, device="cpu").features(torch.zeros(1, 48, 48, 47))
+
+
+@needs_cuda
+def test_cuda_tensors_in_give_cuda_tensors_out_matching_numpy(model, volumes):
+    engine = Engine(model, device="cuda", memory_budget=200 * 1024**2)  # several chunks
+    cuda_volumes = torch.from_numpy(volumes).cuda()
+    for name, call in _calls(engine).items():
+        from_numpy, from_tensor = _fields(call(volumes)), _fields(call(cuda_volumes))
+        for key, value in from_numpy.items():
+            tensor = from_tensor[key]
+            assert tensor.device.type == "cuda", (name, key)
+            assert np.allclose(value, tensor.cpu().numpy(), rtol=0, atol=1e-6), (name, key)
+
+
+@needs_cuda
+def test_cuda_device_path_matches_the_cpu_and_stays_within_the_budget(model, volumes):
+    cpu = Engine(model, device="cpu").reconstruct(volumes, segments=True)
+    budget = 100 * 1024**2
+    engine = Engine(model, device="cuda", memory_budget=budget)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    many = np.concatenate([volumes] * 8)
+    got = engine.reconstruct(many, segments=True)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base <= budget
+    for key, value in _fields(cpu).items():
+        scale = np.abs(value).max() + 1
+        assert np.allclose(_fields(got)[key][:5], value, rtol=0, atol=2e-5 * scale), key
+        assert np.allclose(_fields(got)[key][:5], _fields(got)[key][35:], rtol=0,
+                           atol=1e-6 * scale), key
+
+
+@needs_cuda
+def test_cuda_pinned_buffers_are_reused_between_calls(model, volumes):
+    engine = Engine(model, device="cuda", max_chunk=2)
+    first = engine.reconstruct(volumes)
+    buffers = {name: buffer.data_ptr() for name, buffer in engine._pinned.items()}
+    assert buffers and all(b.is_pinned() for b in engine._pinned.values())
+    second = engine.reconstruct(volumes)
+    assert {name: b.data_ptr() for name, b in engine._pinned.items()} == buffers
+    assert np.array_equal(first.volume, second.volume)
+    assert isinstance(second.volume, np.ndarray) and second.volume.flags.writeable
