@@ -347,6 +347,19 @@ def test_415_falls_back_to_json_one_volume_per_request():
     assert out["input_shape"].tolist() == [3, 48, 48, 48]
 
 
+def test_415_to_json_is_an_error():
+    def answer(handler, body, n):
+        return 415, JSON, b'{"detail": "no", "field": "content-type"}'
+
+    with StandIn(answer) as stand_in, CryoLensClient(stand_in.url) as c:
+        with pytest.raises(CryoLensHTTPError) as caught:
+            c.health()
+        assert (caught.value.status, caught.value.field) == (415, "content-type")
+        with pytest.raises(CryoLensHTTPError):
+            c.extract_features(particles(2))  # .npy refused, then JSON refused too
+    assert len(stand_in.requests) == 3
+
+
 # -- without PyTorch --------------------------------------------------------------------------
 NO_TORCH_SCRIPT = textwrap.dedent("""
     import importlib.util

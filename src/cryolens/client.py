@@ -270,7 +270,8 @@ def _with_leading_axis(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _first_volume(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out = {k: (v[0] if k in PER_VOLUME and v.ndim else v) for k, v in result.items()}
+    out = {k: (np.asarray(v[0]) if k in PER_VOLUME and v.ndim else v)
+           for k, v in result.items()}
     if "reconstruction" in out:
         out["reconstruction_shape"] = np.asarray(out["reconstruction"].shape)
     return out
@@ -410,12 +411,14 @@ class _Core:
         return self._volumes_plan(_BATCH, volumes, options, progress)
 
     # -- sending -------------------------------------------------------------------------------
-    def _outcome(self, response: httpx.Response, attempt: int) -> float | None:
+    def _outcome(self, request: _Request, response: httpx.Response, attempt: int
+                 ) -> float | None:
         """None: hand the response to the plan; a number: retry after that many seconds.
-        Raises for an error status the plan does not handle."""
+        Raises for an error status the plan does not handle (all but a 415 to ``.npy``)."""
         if response.status_code == 503 and attempt < self.max_retries:
             return retry_wait(response, attempt, self.max_retry_wait_s)
-        if response.is_success or (response.status_code == 415 and self.binary):
+        sent_npy = request.headers.get("Content-Type") == formats.NPY_MEDIA_TYPE
+        if response.is_success or (response.status_code == 415 and sent_npy):
             return None
         raise _error(response)
 
@@ -459,7 +462,7 @@ class CryoLensClient(_Core):
             except httpx.TransportError as exc:
                 raise CryoLensConnectionError(
                     f"{request.method} {self.url}{request.path}: {exc!r}") from exc
-            wait = self._outcome(response, attempt)
+            wait = self._outcome(request, response, attempt)
             if wait is None:
                 return response
             time.sleep(wait)
@@ -560,7 +563,7 @@ class AsyncCryoLensClient(_Core):
             except httpx.TransportError as exc:
                 raise CryoLensConnectionError(
                     f"{request.method} {self.url}{request.path}: {exc!r}") from exc
-            wait = self._outcome(response, attempt)
+            wait = self._outcome(request, response, attempt)
             if wait is None:
                 return response
             await asyncio.sleep(wait)
