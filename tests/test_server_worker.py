@@ -7,6 +7,7 @@ import re
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -74,19 +75,25 @@ def in_threads(calls):
     return results
 
 
+@contextmanager
+def worker_held(client, volume, gate: threading.Event, release_after_s: float):
+    """One request holds the worker (its engine waits on ``gate``) while the block queues
+    more; the gate opens ``release_after_s`` later."""
+    first = threading.Thread(target=post_features, args=(client, volume))
+    first.start()
+    time.sleep(0.3)
+    threading.Timer(release_after_s, gate.set).start()
+    yield
+    first.join()
+
+
 def test_batched_requests_get_their_own_numbers(engine, volumes):
     gate = threading.Event()
     counting = CountingEngine(engine, gate)
     app = create_app(Settings(batch_wait_ms=50, max_batch_size=32), engine=counting)
     with TestClient(app) as client:
-        # the first request holds the worker; the other five queue and run as one batch
-        first = threading.Thread(target=post_features, args=(client, volumes[0]))
-        first.start()
-        time.sleep(0.3)
-        timer = threading.Timer(0.5, gate.set)
-        timer.start()
-        answers = in_threads([lambda v=v: post_features(client, v) for v in volumes[1:]])
-        first.join()
+        with worker_held(client, volumes[0], gate, 0.5):  # the other five queue: one batch
+            answers = in_threads([lambda v=v: post_features(client, v) for v in volumes[1:]])
         metrics = client.get("/metrics").text
     assert counting.calls[0] == 1 and 5 in counting.calls[1:], counting.calls
     for volume, answer in zip(volumes[1:], answers, strict=True):
@@ -110,12 +117,8 @@ def test_a_job_past_its_deadline_is_answered_504_and_never_run(engine, volumes):
     counting = CountingEngine(engine, gate)
     app = create_app(Settings(request_timeout_s=1, batch_wait_ms=0), engine=counting)
     with TestClient(app) as client:
-        first = threading.Thread(target=post_features, args=(client, volumes[0]))
-        first.start()
-        time.sleep(0.3)
-        threading.Timer(1.5, gate.set).start()
-        late = post_features(client, volumes[1])
-        first.join()
+        with worker_held(client, volumes[0], gate, 1.5):
+            late = post_features(client, volumes[1])
         metrics = client.get("/metrics").text
     assert late.status_code == 504 and "request timeout" in late.json()["detail"]
     assert counting.calls == [1]  # only the first job ran
@@ -129,13 +132,9 @@ def test_a_failure_inside_a_batch_costs_only_the_request_at_fault(engine, volume
     bad = volumes[2].copy()
     bad[0, 0, 0] = 7
     with TestClient(app, raise_server_exceptions=False) as client:
-        first = threading.Thread(target=post_features, args=(client, volumes[0]))
-        first.start()
-        time.sleep(0.3)
-        threading.Timer(0.5, gate.set).start()
-        good, failed = in_threads([lambda: post_features(client, volumes[1]),
-                                   lambda: post_features(client, bad)])
-        first.join()
+        with worker_held(client, volumes[0], gate, 0.5):
+            good, failed = in_threads([lambda: post_features(client, volumes[1]),
+                                       lambda: post_features(client, bad)])
         after = post_features(client, volumes[3])
     assert failed.status_code == 500 and failed.json()["detail"] == "internal error"
     assert failed.json()["request_id"] == failed.headers["x-request-id"]
