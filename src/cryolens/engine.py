@@ -31,6 +31,7 @@ DEFAULT_MAX_CHUNK = 32
 #: On CUDA: chunks large enough to fill the GPU (plain PyTorch peaks at batch 512-1024 on an
 #: H200) yet leave two in the pipeline for a typical batch; working memory ~17 MB a particle.
 DEFAULT_CUDA_MAX_CHUNK = 256
+#: Default CUDA working-memory budget, capped at half the device memory free at start.
 DEFAULT_CUDA_MEMORY_BUDGET = 6 * 1024**3
 #: CryoLens adds this to the standard deviation before dividing (spec.md c.1).
 NORM_EPS = 1e-6
@@ -197,8 +198,11 @@ class Engine:
             torch.backends.cuda.matmul.allow_tf32 = False
         self.model = model.to(self.device).eval()
         self.config: CryoLensConfig = model.config
-        if memory_budget is None:
-            memory_budget = DEFAULT_CUDA_MEMORY_BUDGET if cuda else DEFAULT_MEMORY_BUDGET
+        if memory_budget is None and cuda:  # at most half of what is free now: no OOM on a
+            free = torch.cuda.mem_get_info(self.device)[0]  # small or shared GPU
+            memory_budget = min(DEFAULT_CUDA_MEMORY_BUDGET, free // 2)
+        elif memory_budget is None:
+            memory_budget = DEFAULT_MEMORY_BUDGET
         if max_chunk is None:
             max_chunk = DEFAULT_CUDA_MAX_CHUNK if cuda else DEFAULT_MAX_CHUNK
         self.memory_budget = int(memory_budget)
