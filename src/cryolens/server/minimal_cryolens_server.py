@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from cryolens.server.app import create_app
+from cryolens.server.app import create_app, exit_zero_on_sigterm
 from cryolens.server.settings import DEVICES, LOG_LEVELS, Settings
 
 APP_IMPORT_STRING = "cryolens.server.minimal_cryolens_server:app"
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         list_versions()
         return 0
     try:
-        settings = Settings(checkpoint=args.checkpoint, host=args.host, port=args.port,
+        settings = replace(defaults, checkpoint=args.checkpoint, host=args.host, port=args.port,
                             cors=args.cors, device=args.device, log_level=args.log_level,
                             max_body_bytes=args.max_body_bytes, max_volumes=args.max_volumes,
                             queue_size=args.queue_size, retry_after_s=defaults.retry_after_s)
@@ -95,10 +96,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
+    exit_zero_on_sigterm()
     uvicorn.run(APP_IMPORT_STRING, host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), reload=args.reload,
                 reload_dirs=[str(Path(__file__).resolve().parents[1])] if args.reload else None,
-                workers=None if args.reload else args.workers)
+                workers=None if args.reload else args.workers,
+                timeout_keep_alive=settings.keep_alive_s,
+                limit_concurrency=settings.max_connections,
+                h11_max_incomplete_event_size=settings.max_header_bytes,
+                timeout_graceful_shutdown=settings.drain_timeout_s)
     return 0
 
 

@@ -34,6 +34,20 @@ DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_MS = 2
 #: Seconds a request may wait for the model (queue and load) before it is answered 504.
 DEFAULT_REQUEST_TIMEOUT_S = 60
+#: Bytes of request bodies being read and parsed at once, all requests together.
+DEFAULT_MAX_PARSE_BYTES = 512 * 1024**2
+#: Seconds a request waits for room in that parse budget before it is answered 503.
+DEFAULT_PARSE_WAIT_S = 2.0
+#: Seconds without a body chunk before a slow upload is answered 408 and closed.
+DEFAULT_BODY_TIMEOUT_S = 30.0
+#: Seconds an idle keep-alive connection stays open.
+DEFAULT_KEEP_ALIVE_S = 5
+#: Open connections (and tasks) beyond which uvicorn answers 503 at once.
+DEFAULT_MAX_CONNECTIONS = 256
+#: Largest incomplete HTTP event (request line plus headers) h11 buffers, in bytes.
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+#: Seconds SIGTERM waits for requests in flight before closing their connections.
+DEFAULT_DRAIN_TIMEOUT_S = 30
 
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
@@ -57,6 +71,14 @@ class Settings:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_wait_ms: int = DEFAULT_BATCH_WAIT_MS
     request_timeout_s: int = DEFAULT_REQUEST_TIMEOUT_S
+    # -- shared-node hygiene (issue #9) ---------------------------------------------------
+    max_parse_bytes: int = DEFAULT_MAX_PARSE_BYTES  # body bytes parsed at once, server-wide
+    parse_wait_s: float = DEFAULT_PARSE_WAIT_S  # wait for parse room before a 503
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # silence mid-upload before a 408
+    keep_alive_s: int = DEFAULT_KEEP_ALIVE_S  # idle keep-alive connection lifetime
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # uvicorn limit_concurrency
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # h11_max_incomplete_event_size
+    drain_timeout_s: int = DEFAULT_DRAIN_TIMEOUT_S  # uvicorn timeout_graceful_shutdown
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "log_level", self.log_level.upper())
@@ -67,9 +89,13 @@ class Settings:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, "
                              f"got {self.log_level!r}")
         for name in ("port", "max_body_bytes", "max_volumes", "queue_size", "retry_after_s",
-                     "max_batch_size", "request_timeout_s"):
+                     "max_batch_size", "request_timeout_s", "max_parse_bytes",
+                     "body_timeout_s", "keep_alive_s", "max_connections", "max_header_bytes",
+                     "drain_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.parse_wait_s < 0:
+            raise ValueError(f"parse_wait_s must be 0 or more, got {self.parse_wait_s}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be 0 or more, got {self.batch_wait_ms}")
 
@@ -87,11 +113,12 @@ class Settings:
             raw = environ.get(ENV_PREFIX + f.name.upper())
             if raw is None:
                 continue
-            if f.type == "int":
+            if f.type in ("int", "float"):
                 try:
-                    values[f.name] = int(raw)
+                    values[f.name] = int(raw) if f.type == "int" else float(raw)
                 except ValueError:
-                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be an integer, "
+                    kind = "an integer" if f.type == "int" else "a number"
+                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be {kind}, "
                                      f"got {raw!r}") from None
             else:
                 values[f.name] = raw
