@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cryolens.server.app import create_app, exit_zero_on_sigterm
+from cryolens.server.protocol import IMPORT_STRING as HEADER_TIMEOUT_PROTOCOL
 from cryolens.server.settings import DEVICES, LOG_LEVELS, Settings
 
 APP_IMPORT_STRING = "cryolens.server.minimal_cryolens_server:app"
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 timeout_keep_alive=settings.keep_alive_s,
                 limit_concurrency=settings.max_connections,
                 h11_max_incomplete_event_size=settings.max_header_bytes,
-                timeout_graceful_shutdown=settings.drain_timeout_s)
+                timeout_graceful_shutdown=settings.drain_timeout_s, http=HEADER_TIMEOUT_PROTOCOL)
     return 0
 
 

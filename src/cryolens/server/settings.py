@@ -40,6 +40,8 @@ DEFAULT_MAX_PARSE_BYTES = 512 * 1024**2
 DEFAULT_PARSE_WAIT_S = 2.0
 #: Seconds without a body chunk before a slow upload is answered 408 and closed.
 DEFAULT_BODY_TIMEOUT_S = 30.0
+#: Seconds a connection has to send complete request headers (slow or silent ones are closed).
+DEFAULT_HEADER_TIMEOUT_S = 10.0
 #: Seconds an idle keep-alive connection stays open.
 DEFAULT_KEEP_ALIVE_S = 5
 #: Open connections (and tasks) beyond which uvicorn answers 503 at once.
@@ -75,6 +77,7 @@ class Settings:
     max_parse_bytes: int = DEFAULT_MAX_PARSE_BYTES  # body bytes parsed at once, server-wide
     parse_wait_s: float = DEFAULT_PARSE_WAIT_S  # wait for parse room before a 503
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # silence mid-upload before a 408
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # to send complete request headers
     keep_alive_s: int = DEFAULT_KEEP_ALIVE_S  # idle keep-alive connection lifetime
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # uvicorn limit_concurrency
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # h11_max_incomplete_event_size
@@ -90,7 +93,7 @@ class Settings:
                              f"got {self.log_level!r}")
         for name in ("port", "max_body_bytes", "max_volumes", "queue_size", "retry_after_s",
                      "max_batch_size", "request_timeout_s", "max_parse_bytes",
-                     "body_timeout_s", "keep_alive_s", "max_connections", "max_header_bytes",
+                     "body_timeout_s", "header_timeout_s", "keep_alive_s", "max_connections", "max_header_bytes",
                      "drain_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
