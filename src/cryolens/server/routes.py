@@ -331,6 +331,8 @@ def _statistics(value: Any, field: str) -> dict[str, Any]:
         codecs.numeric_array(value, field, dtype=np.float64)
     if array.size == 0:
         raise InputError(f"{field} is empty: expected at least one number", field=field)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():  # .npy and MRC bodies
+        raise InputError(f"{field} must be finite: a value is NaN or infinite", field=field)
     stats = operations.statistics(array)
     if not all(np.isfinite(stats[k]) for k in ("mean", "std", "min", "max")):
         raise InputError(f"{field}: the statistics overflow float64 (values near 1.8e308)",
