@@ -292,3 +292,27 @@ def test_default_cors_allows_any_origin_without_credentials(server):
         "Origin": origin, "Access-Control-Request-Method": "POST"})
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "*"
+
+
+EXTREMES = {"1e20": np.full((48, 48, 48), 1e20, np.float32),
+            "+-3e38": np.where(np.indices((48, 48, 48)).sum(0) % 2, 3e38, -3e38).astype(
+                np.float32),
+            "1e-40": np.full((48, 48, 48), 1e-40, np.float32)}
+ENDPOINTS = [("/reconstruct", "input_volume"), ("/extract_features", "input_volume"),
+             ("/extract_gaussian_splats", "input_volume"), ("/batch_process", "input_volumes"),
+             ("/statistics", "volume")]
+
+
+@pytest.mark.parametrize("path, field", ENDPOINTS, ids=[e[0] for e in ENDPOINTS])
+@pytest.mark.parametrize("name", list(EXTREMES))
+def test_extreme_finite_values_give_finite_json_or_4xx(server, path, field, name):
+    volume = EXTREMES[name]
+    value = volume[None] if field == "input_volumes" else volume
+    response = requests.post(server.url + path, timeout=120, headers={"Content-Type": J},
+                             data=orjson.dumps({field: value},
+                                               option=orjson.OPT_SERIALIZE_NUMPY))
+    assert response.status_code < 500, response.text[:500]
+    if response.status_code >= 400:
+        return
+    if b"null" in response.content:  # orjson writes NaN and infinities as null
+        pytest.xfail("engine overflow fix pending on branch engine")
