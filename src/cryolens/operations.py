@@ -145,10 +145,19 @@ def _splat_result(splats: SplatSet) -> Result:
 
 def statistics(values: np.ndarray) -> dict[str, float | list[int]]:
     """Mean, population std, min and max of any real array, computed in float64 (so a
-    float32 volume's statistics do not lose digits), and its shape."""
+    float32 volume's statistics do not lose digits), and its shape. Values beyond 1e150 are
+    scaled down first, so sums and squares of any finite input stay finite."""
     data = np.asarray(values, dtype=np.float64)
-    return {"mean": float(data.mean()), "std": float(data.std()), "min": float(data.min()),
-            "max": float(data.max()), "shape": list(data.shape)}
+    low, high = float(data.min()), float(data.max())
+    scale = max(abs(low), abs(high))
+    scale = scale if np.isfinite(scale) and scale > _SCALE_ABOVE else 1.0
+    scaled = data / scale if scale != 1.0 else data
+    return {"mean": float(scaled.mean()) * scale, "std": float(scaled.std()) * scale,
+            "min": low, "max": high, "shape": list(data.shape)}
+
+
+#: Magnitude beyond which :func:`statistics` works on scaled values (squares reach 1e300).
+_SCALE_ABOVE = 1e150
 
 
 def options_of(operation: Operation) -> dict[str, object]:

@@ -19,10 +19,12 @@ from starlette.middleware.cors import CORSMiddleware
 from cryolens import __version__
 from cryolens.errors import CryoLensError
 from cryolens.server import docs, handlers, routes
+from cryolens.server.budget import ParseBudget
 from cryolens.server.metrics import Metrics
 from cryolens.server.middleware import (
     BodyLimitMiddleware,
     ErrorMiddleware,
+    RepeatFilter,
     RequestContextMiddleware,
     RequestIdFilter,
 )
@@ -58,7 +60,7 @@ def create_app(settings: Settings | None = None, *, engine=None) -> FastAPI:
         try:
             yield
         finally:
-            worker.stop()
+            worker.stop(timeout=settings.drain_timeout_s)
 
     app = FastAPI(title=SERVICE_NAME, version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, default_response_class=ORJSONResponse,
@@ -66,9 +68,12 @@ def create_app(settings: Settings | None = None, *, engine=None) -> FastAPI:
                               "poses and Gaussian splats of 48^3 cryo-ET particles. Volumes "
                               "as JSON nested lists, .npy or MRC; answers as JSON or .npz.")
     app.state.metrics = metrics
+    app.state.parse_budget = ParseBudget(settings.max_parse_bytes, settings.parse_wait_s,
+                                         on_refusal=metrics.busy_parse.inc)
     handlers.install(app, settings.retry_after_s)
-    app.add_middleware(ErrorMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ErrorMiddleware, metrics=metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       timeout_s=settings.body_timeout_s)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_credentials=False, allow_methods=["*"], allow_headers=["*"],
@@ -99,6 +104,16 @@ def startup_failed(settings: Settings):
     return fail
 
 
+def exit_zero_on_sigterm() -> None:
+    """uvicorn (>= 0.29) re-raises the SIGTERM it handled once it has shut down, so the process
+    would die of the signal (status 143) after a clean drain. A no-op handler installed before
+    ``uvicorn.run`` is what uvicorn restores and re-raises into: the process then ends with
+    status 0. Only for the process that calls ``uvicorn.run`` itself (our CLI)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+
+
 def configure_logging(level: str) -> None:
     """The package's log lines carry the request id; uvicorn's access lines get it too."""
     package_logger = logging.getLogger("cryolens")
@@ -110,6 +125,10 @@ def configure_logging(level: str) -> None:
             "%(levelname)s:     %(name)s: [%(request_id)s] %(message)s"))
         package_logger.addHandler(handler)
         package_logger.propagate = False
+    for name in ("uvicorn.error", "asyncio"):  # accept() floods (EMFILE): once a minute
+        flooded = logging.getLogger(name)
+        if not any(isinstance(f, RepeatFilter) for f in flooded.filters):
+            flooded.addFilter(RepeatFilter())
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, _AccessRequestId) for f in access.filters):
         access.addFilter(_AccessRequestId())

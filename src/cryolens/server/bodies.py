@@ -59,14 +59,18 @@ async def read_volumes(request: Request, model: type[BaseModel], field: str, *,
         body = await request.body()
 
         def parse_json() -> Parsed:
+            # no 'true'/'false' anywhere: the volumes need no boolean check of their own
+            text = b"" if b"true" not in body and b"false" not in body else None
             if batch:
                 payload = codecs.loads_with_split_array(body, field, max_volumes)
                 options = validate_options(model, payload, "body")
-                volumes = codecs.volumes(_required(payload, field), field, box, max_volumes)
+                volumes = codecs.volumes(_required(payload, field), field, box, max_volumes,
+                                         text)
                 return Parsed(options, volumes, True)
             payload = codecs.loads_object(body)
             options = validate_options(model, payload, "body")
-            return Parsed(options, codecs.volume(_required(payload, field), field, box)[None],
+            return Parsed(options,
+                          codecs.volume(_required(payload, field), field, box, text)[None],
                           False)
 
         return await run_in_threadpool(parse_json)

@@ -6,6 +6,7 @@ float32) so that the engine only ever sees well-formed ``float32`` arrays. No St
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -79,82 +80,201 @@ def loads_object(body: bytes) -> dict[str, Any]:
 
 def loads_with_split_array(body: bytes, field: str, max_volumes: int) -> dict[str, Any]:
     """Like :func:`loads_object`, but a large body's top-level array ``field`` comes back as a
-    list of raw JSON byte slices, one per element, parsed later one at a time.
+    list of raw JSON slices (views into ``body``, no copies), one per volume, parsed later one
+    at a time by :func:`volumes`.
 
-    One ``orjson.loads`` of a 150 MB batch holds the GIL for ~1 s, which would stall the event
-    loop (and ``/health``); element by element, the parsing thread yields every few ms. Bodies
-    under :data:`SPLIT_THRESHOLD_BYTES`, or any body this scan cannot vouch for, take the plain
-    path, which also produces the exact error messages.
+    One ``orjson.loads`` of a 150 MB batch holds the GIL for ~1 s and turns every number into a
+    32-byte Python float (an empty list costs 56 bytes for its 3 bytes of JSON); element by
+    element, the parsing thread yields every few ms and holds one volume of Python objects at a
+    time. Bodies under :data:`SPLIT_THRESHOLD_BYTES` take the plain path. Large bodies never do:
+    :func:`_split_top_level_array` decides from a chunked scan, whose extra memory is a few
+    chunks plus two ``max_volumes + 1`` index arrays, and refuses more than ``max_volumes``
+    volumes before any per-volume object exists.
     """
     if len(body) >= SPLIT_THRESHOLD_BYTES:
-        split = _split_top_level_array(body, field, max_volumes)
-        if split is not None:
-            return split
+        return _split_top_level_array(body, field, max_volumes)
     return loads_object(body)
 
 
 #: Bodies at least this large have their volume array parsed element by element.
 SPLIT_THRESHOLD_BYTES = 8 * 1024**2
-_OPEN = np.frombuffer(b"[{", np.uint8)
-_CLOSE = np.frombuffer(b"]}", np.uint8)
+#: Bytes of a large body scanned per numpy pass (temporaries: ~25 bytes per scanned byte in
+#: the worst case, a body made only of brackets).
+SCAN_CHUNK_BYTES = 1024**2
+#: In a large body, the JSON outside the volume array (the options) may not exceed this.
+MAX_OPTIONS_BYTES = 1024**2
+#: JSON's own whitespace (RFC 8259); ``bytes.strip()`` would also take \x0b and \x0c.
+JSON_WHITESPACE = b" \t\n\r"
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_LSQ, _RSQ, _LCURLY, _RCURLY = ord("["), ord("]"), ord("{"), ord("}")
 
 
-def _split_top_level_array(body: bytes, field: str, max_volumes: int) -> dict[str, Any] | None:
+def _split_top_level_array(body: bytes, field: str, max_volumes: int) -> dict[str, Any]:
+    if body.find(b"\\") >= 0:
+        # escapes make quote counting unsound; a big volume batch never needs them
+        raise MalformedBody(f"body: a JSON body of {SPLIT_THRESHOLD_BYTES} bytes or more may "
+                            "not contain backslash escapes; send large batches as .npy",
+                            field="body")
+    start = _NON_SPACE.search(body)
+    if start is None or body[start.start()] != _LCURLY:
+        _not_an_object(body, start.start() if start else len(body))
+    keys = _key_positions(body, field)
+    scan = _Scan(keys, max_volumes, field)
     data = np.frombuffer(body, np.uint8)
-    if (data == ord("\\")).any():
-        return None  # escaped quotes would need a real tokenizer
-    quotes = np.flatnonzero(data == ord('"'))
-    if len(quotes) % 2:
-        return None
-    brackets = np.flatnonzero(np.isin(data, _OPEN) | np.isin(data, _CLOSE))
-    if len(quotes):  # drop brackets inside strings: between quote 2k and quote 2k+1
-        inside = np.searchsorted(quotes, brackets) % 2 == 1
-        brackets = brackets[~inside]
-    if not len(brackets):
-        return None
-    step = np.where(np.isin(data[brackets], _OPEN), 1, -1)
-    depth = np.cumsum(step)  # depth just after each bracket
-    if depth.min() < 0 or depth[-1] != 0 or data[brackets[0]] != ord("{"):
-        return None
-    key = body.find(b'"' + field.encode() + b'"')
-    if key < 0 or body.find(b'"' + field.encode() + b'"', key + 1) >= 0:
-        return None
-    at = np.searchsorted(brackets, key)
-    if at == 0 or depth[at - 1] != 1:
-        return None  # the key is not at the top level
-    colon = body[key + len(field) + 2:brackets[at]].strip()
-    if colon != b":" or data[brackets[at]] != ord("["):
-        return None
-    start = at  # the array's own '[' (depth 2 after it)
-    close = start + 1 + int(np.argmax(depth[start + 1:] == 1))
-    if depth[close] != 1:
-        return None
-    inner = slice(start + 1, close)
-    opens = brackets[inner][(depth[inner] == 3) & (step[inner] == 1)]
-    ends = brackets[inner][(depth[inner] == 2) & (step[inner] == -1)]
-    if len(opens) != len(ends):
-        return None
-    if len(opens) > max_volumes:  # before a slice is made of each
-        raise PayloadTooLarge(f"{field} holds {len(opens)} volumes; at most {max_volumes} are "
-                              f"accepted per request", field=field)
-    pieces = [body[a:b + 1] for a, b in zip(opens.tolist(), ends.tolist())]
-    edges = [brackets[start] + 1, *[e + 1 for e in ends.tolist()]]
-    gaps = [body[a:b] for a, b in zip(edges, [*opens.tolist(), brackets[close]])]
-    if any(gap.strip() not in (b",", b"") for gap in gaps) or \
-            sum(gap.strip() == b"," for gap in gaps) != max(0, len(pieces) - 1) or \
-            (pieces and gaps[0].strip()) or (pieces and gaps[-1].strip()):
-        return None  # something other than nested arrays in the array: plain path
-    payload = loads_object(body[:brackets[start]] + b"[]" + body[brackets[close] + 1:])
-    payload[field] = [_RawJSON(piece) for piece in pieces]
+    for offset in range(0, len(data), SCAN_CHUNK_BYTES):
+        scan.feed(data[offset:offset + SCAN_CHUNK_BYTES], offset)
+    if scan.array is not None:
+        between = body[scan.key + len(field) + 2:scan.array].strip(JSON_WHITESPACE)
+        if between != b":" or body[scan.array] != _LSQ:
+            scan.array = None  # the value is not an array: the options path answers
+    if scan.array is not None and scan.close is None:
+        raise MalformedBody(f"body is malformed JSON: the {field} array is never closed",
+                            field="body")
+    rest = body if scan.array is None else body[:scan.array] + b"[]" + body[scan.close + 1:]
+    if len(rest) > MAX_OPTIONS_BYTES:
+        raise PayloadTooLarge(
+            f"body: a large JSON body may hold at most {MAX_OPTIONS_BYTES} bytes besides the "
+            f"{field} array of volumes, got {len(rest)}", field="body")
+    payload = loads_object(rest)
+    if scan.array is None:
+        return payload
+    starts = scan.starts[:scan.count].tolist()
+    ends = scan.ends[:scan.count].tolist()
+    view = memoryview(body)
+    edges = [scan.array + 1, *[e + 1 for e in ends]]
+    for i, (a, b) in enumerate(zip(edges, [*starts, scan.close], strict=True)):
+        _check_gap(view[a:b], field, i, i == 0, i == len(starts))
+    payload[field] = [_RawJSON(view[a:b + 1]) for a, b in zip(starts, ends, strict=True)]
     return payload
 
 
+_NON_SPACE = re.compile(rb"[^ \t\n\r]")
+_FIRST_BYTE_TYPE = {ord('"'): "a string", ord("["): "an array", ord("t"): "a boolean",
+                    ord("f"): "a boolean", ord("n"): "null",
+                    **{c: "a number" for c in b"-0123456789"}}
+
+
+def _not_an_object(body: bytes, at: int) -> None:
+    if at >= len(body):
+        raise MalformedBody("body is empty: expected JSON", field="body")
+    kind = _FIRST_BYTE_TYPE.get(body[at])
+    if kind is None:
+        raise MalformedBody(f"body is malformed JSON: unexpected character at byte {at}",
+                            field="body")
+    raise InputError(f"request body must be a JSON object, got {kind}", field="body")
+
+
+def _key_positions(body: bytes, field: str, limit: int = 16) -> list[int]:
+    """Where ``"field"`` occurs (as a key or not: the scan tells); at most ``limit``."""
+    needle, found, at = b'"' + field.encode() + b'"', [], body.find(b'"' + field.encode())
+    while at >= 0 and len(found) < limit:
+        if body.startswith(needle, at):
+            found.append(at)
+        at = body.find(needle, at + 1)
+    if at >= 0:
+        raise MalformedBody(f"body names {field} more than {limit} times", field="body")
+    return found
+
+
+def _check_gap(gap: memoryview, field: str, index: int, first: bool, last: bool) -> None:
+    """Between two volumes: a comma and JSON whitespace; before the first or after the last:
+    whitespace only. Anything else is a non-list element (422) or broken JSON (400)."""
+    text = bytes(gap).strip(JSON_WHITESPACE)
+    if text == (b"" if first or last else b","):
+        return
+    if not text:
+        raise MalformedBody(f"body is malformed JSON: a comma is missing between volumes "
+                            f"{index - 1} and {index} of {field}", field="body")
+    token = text.strip(b",").strip(JSON_WHITESPACE)
+    if token:
+        try:
+            value = orjson.loads(b"[" + token + b"]")
+        except orjson.JSONDecodeError:
+            value = None
+        if value:
+            raise InputError(f"{field}[{index}] must be a list of volumes: found "
+                             f"{_json_type(value[0])} among them", field=field)
+    raise MalformedBody(f"body is malformed JSON: unexpected {truncate(repr(text), 40)} in "
+                        f"{field} near volume {index}", field="body")
+
+
+class _Scan:
+    """Brackets and quotes of a body, a chunk at a time: nesting depth, string state, where the
+    top-level key ``field`` and its array are, and each volume's first and last byte."""
+
+    def __init__(self, keys: list[int], max_volumes: int, field: str) -> None:
+        self.keys = np.asarray(keys, np.int64)
+        self.max_volumes, self.field = max_volumes, field
+        self.depth, self.in_string = 0, 0
+        self.key: int | None = None
+        self.array: int | None = None
+        self.close: int | None = None
+        self.starts = np.empty(max_volumes + 1, np.int64)
+        self.ends = np.empty(max_volumes + 1, np.int64)
+        self.count = self.ended = 0
+        self.no_array = False
+
+    def feed(self, chunk: np.ndarray, offset: int) -> None:
+        quotes = np.flatnonzero(chunk == _QUOTE)
+        brackets = np.flatnonzero((chunk == _LSQ) | (chunk == _RSQ) |
+                                  (chunk == _LCURLY) | (chunk == _RCURLY))
+        if len(quotes):
+            outside = (np.searchsorted(quotes, brackets) + self.in_string) % 2 == 0
+            brackets = brackets[outside]
+        kinds = chunk[brackets]
+        step = np.where((kinds == _LSQ) | (kinds == _LCURLY), 1, -1).astype(np.int32)
+        after = self.depth + np.cumsum(step, dtype=np.int64)
+        if len(after) and after.min() < 0:
+            raise MalformedBody("body is malformed JSON: a closing bracket has no opening one",
+                                field="body")
+        here = (self.keys >= offset) & (self.keys < offset + len(chunk))
+        for key in (self.keys[here] - offset).tolist():
+            self._key(key + offset, quotes, brackets, after, key)
+        if self.key is not None and self.array is None and not self.no_array:
+            later = np.flatnonzero(brackets + offset > self.key)
+            if len(later):
+                self.array = int(brackets[later[0]]) + offset
+                if kinds[later[0]] != _LSQ or after[later[0]] != 2:
+                    self.array, self.no_array = None, True
+        if self.array is not None and self.close is None:
+            self._volumes(brackets + offset, step, after)
+        self.depth = int(after[-1]) if len(after) else self.depth
+        self.in_string = (self.in_string + len(quotes)) % 2
+
+    def _key(self, at: int, quotes, brackets, after, local: int) -> None:
+        if (np.searchsorted(quotes, local) + self.in_string) % 2:
+            return  # inside a string
+        before = np.searchsorted(brackets, local)
+        depth = int(after[before - 1]) if before else self.depth
+        if depth != 1:
+            return
+        if self.key is not None:
+            raise MalformedBody(f"body names {self.field} twice", field="body")
+        self.key = at
+
+    def _volumes(self, positions, step, after) -> None:
+        inside = positions > self.array
+        closing = np.flatnonzero(inside & (after == 1))
+        if len(closing):
+            inside &= positions < positions[closing[0]]
+            self.close = int(positions[closing[0]])
+        opens = positions[inside & (step == 1) & (after == 3)]
+        ends = positions[inside & (step == -1) & (after == 2)]
+        if self.count + len(opens) > self.max_volumes:
+            raise PayloadTooLarge(
+                f"{self.field} holds more than {self.max_volumes} volumes; at most "
+                f"{self.max_volumes} are accepted per request", field=self.field)
+        self.starts[self.count:self.count + len(opens)] = opens
+        self.ends[self.ended:self.ended + len(ends)] = ends
+        self.count += len(opens)
+        self.ended += len(ends)
+
 class _RawJSON:
-    """An element of a split array, still JSON text."""
+    """An element of a split array, still JSON text (a view into the body)."""
 
     __slots__ = ("text",)
 
-    def __init__(self, text: bytes) -> None:
+    def __init__(self, text: memoryview) -> None:
         self.text = text
 
 
@@ -172,9 +292,12 @@ def _shape_text(shape: tuple[int | str, ...]) -> str:
 
 
 def numeric_array(value: Any, field: str, expected: str = "an array of numbers",
-                  dtype: type = np.float32) -> np.ndarray:
-    """Nested lists -> a ``dtype`` array of any shape; rejects ragged lists, non-numbers and
-    values that are not finite in ``dtype`` (e.g. 1e39 in float32). Never echoes the value."""
+                  dtype: type = np.float32, text: bytes | memoryview | None = None
+                  ) -> np.ndarray:
+    """Nested lists -> a ``dtype`` array of any shape; rejects ragged lists, non-numbers
+    (booleans too: numpy would quietly read ``true`` as 1.0) and values that are not finite in
+    ``dtype`` (e.g. 1e39 in float32). ``text``: the JSON the value came from, when at hand (the
+    boolean check then reads it instead of re-serialising the value). Never echoes the value."""
     if isinstance(value, (str, bool, dict)) or value is None:
         raise InputError(f"{field} must be {expected}, got {_json_type(value)}", field=field)
     try:
@@ -182,6 +305,9 @@ def numeric_array(value: Any, field: str, expected: str = "an array of numbers",
     except (ValueError, TypeError, OverflowError):
         raise InputError(f"{field} is ragged (nested lists of different lengths): expected "
                          f"{expected}", field=field) from None
+    if array.dtype.kind == "b" or (array.dtype.kind in "fiu" and _has_boolean(value, text)):
+        raise InputError(f"{field} must hold only numbers, no booleans (true/false); expected "
+                         f"{expected}", field=field)
     if array.dtype.kind not in _NUMERIC_KINDS:
         raise InputError(f"{field} must hold only numbers (no strings, null, booleans or "
                          f"objects); expected {expected}", field=field)
@@ -194,18 +320,32 @@ def numeric_array(value: Any, field: str, expected: str = "an array of numbers",
     return array
 
 
-def volume(value: Any, field: str, box: tuple[int, ...]) -> np.ndarray:
+def _has_boolean(value: Any, text: bytes | memoryview | None) -> bool:
+    """Did a list of numbers hold ``true`` or ``false``? Numbers never contain a 't' or an 'f'
+    in JSON, and strings were refused before this is asked."""
+    if not isinstance(value, list):
+        return False
+    if text is None:
+        text = orjson.dumps(value)
+    raw = bytes(text) if isinstance(text, memoryview) else text
+    return b"t" in raw or b"f" in raw
+
+
+def volume(value: Any, field: str, box: tuple[int, ...],
+           text: bytes | memoryview | None = None) -> np.ndarray:
     """One particle: a nested list of exactly ``box`` shape -> ``box`` float32 array."""
     expected = f"a {'x'.join(map(str, box))} nested list of numbers, shape {_shape_text(box)}"
-    array = numeric_array(value, field, expected)
+    array = numeric_array(value, field, expected, text=text)
     if array.shape != box:
         raise InputError(f"{field} must have shape {_shape_text(box)}, got "
                          f"{_shape_text(array.shape)}", field=field)
     return array
 
 
-def volumes(value: Any, field: str, box: tuple[int, ...], max_volumes: int) -> np.ndarray:
-    """A batch: a list of particles -> (N, *box) float32, naming the first bad one by index."""
+def volumes(value: Any, field: str, box: tuple[int, ...], max_volumes: int,
+            text: bytes | None = None) -> np.ndarray:
+    """A batch: a list of particles -> (N, *box) float32, naming the first bad one by index.
+    The output is allocated once the first volume is known to be good."""
     shape = _shape_text(("N", *box))
     if not isinstance(value, list):
         raise InputError(f"{field} must be a list of volumes, shape {shape}, got "
@@ -216,8 +356,14 @@ def volumes(value: Any, field: str, box: tuple[int, ...], max_volumes: int) -> n
     if len(value) > max_volumes:
         raise PayloadTooLarge(f"{field} holds {len(value)} volumes; at most {max_volumes} are "
                               f"accepted per request", field=field)
-    out = np.empty((len(value), *box), np.float32)
+    out = None
     for i, item in enumerate(value):
         name = f"{field}[{i}]"
-        out[i] = volume(loads_json(item.text, name) if isinstance(item, _RawJSON) else item, name, box)
+        if isinstance(item, _RawJSON):  # one volume of Python floats at a time
+            one = volume(loads_json(item.text, name), name, box, item.text)
+        else:
+            one = volume(item, name, box, text)
+        if out is None:
+            out = np.empty((len(value), *box), np.float32)
+        out[i] = one
     return out

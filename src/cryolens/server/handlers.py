@@ -9,6 +9,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from cryolens.errors import (
     Busy,
@@ -49,6 +51,16 @@ def error_entries(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route accepts on this path (GET implies HEAD, as Starlette has it)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return sorted(methods)
+
+
 def install(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(CryoLensError)
     async def cryolens_error(request: Request, exc: CryoLensError) -> ORJSONResponse:
@@ -60,6 +72,14 @@ def install(app: FastAPI, retry_after_s: int) -> None:
             body["field"] = exc.field
         headers = {"Retry-After": str(retry_after_s)} if status == 503 else None
         return ORJSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> ORJSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names one route's methods; a path may have two
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return ORJSONResponse({"detail": exc.detail}, status_code=exc.status_code,
+                              headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def request_validation(request: Request, exc: RequestValidationError

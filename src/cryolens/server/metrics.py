@@ -45,6 +45,12 @@ class Metrics:
         self.dropped_jobs = Counter(
             "cryolens_dropped_jobs", "Queued jobs never run: client disconnected or deadline "
             "passed", ("reason",), registry=registry)
+        self.disconnects = Counter(
+            "cryolens_client_disconnects", "Clients that left before their answer: during the "
+            "upload, or while their job waited or ran", ("stage",), registry=registry)
+        self.busy_parse = Counter(
+            "cryolens_parse_budget_refusals", "Requests answered 503 because the server-wide "
+            "parse budget stayed full", registry=registry)
         self.queue_depth = Gauge("cryolens_queue_depth", "Inference jobs waiting",
                                  registry=registry)
         self.in_flight = Gauge("cryolens_requests_in_flight", "HTTP requests being handled",
@@ -68,6 +74,9 @@ class Metrics:
 
     def dropped(self, reason: str) -> None:
         self.dropped_jobs.labels(reason).inc()
+
+    def disconnected(self, stage: str) -> None:
+        self.disconnects.labels(stage).inc()
 
     # -- scrape -------------------------------------------------------------------------------
     def render(self, queue_depth: int, ready: bool, device_type: str | None) -> bytes:

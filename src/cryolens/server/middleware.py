@@ -3,12 +3,14 @@ and the last-resort 500. Pure ASGI (no BaseHTTPMiddleware), so streaming and dis
 pass through untouched."""
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import re
 import time
 import uuid
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cryolens.server.metrics import Metrics
@@ -25,6 +27,10 @@ _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 class BodyTooLarge(Exception):
     pass
+
+
+class BodyTimeout(Exception):
+    """No body chunk arrived within the body timeout."""
 
 
 class TrackedSend:
@@ -78,11 +84,15 @@ class RequestContextMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for a body over ``max_bytes``: by Content-Length up front, else by counting chunks."""
+    """413 for a body over ``max_bytes``: by Content-Length up front, else by counting chunks.
+    408 (and the connection closed) when an upload stalls: no chunk for ``timeout_s`` seconds
+    while the body is still incomplete. Once the body is in, ``receive`` waits untimed (it then
+    only ever brings ``http.disconnect``)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,12 +103,20 @@ class BodyLimitMiddleware:
             await self._reject(scope, receive, send)
             return
         received = 0
+        complete = False
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete or self.timeout_s is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.timeout_s)
+                except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
+                    raise BodyTimeout from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise BodyTooLarge
             return message
@@ -110,6 +128,14 @@ class BodyLimitMiddleware:
             if tracked.started:
                 raise
             await self._reject(scope, receive, send)
+        except BodyTimeout:
+            if tracked.started:
+                raise
+            logger.info("no body bytes for %g s: answered 408 and closed", self.timeout_s)
+            response = ORJSONResponse(
+                {"detail": f"request body timed out: nothing arrived for {self.timeout_s:g} s",
+                 "field": "body"}, status_code=408, headers={"Connection": "close"})
+            await response(scope, receive, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = ORJSONResponse(
@@ -120,10 +146,12 @@ class BodyLimitMiddleware:
 
 class ErrorMiddleware:
     """Any exception that escapes a route: logged with its traceback, answered with a bare 500
-    that carries the request id."""
+    that carries the request id. A client that left mid-upload (``ClientDisconnect``) is no
+    error of ours: counted, logged at INFO, and nothing is sent."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -132,8 +160,13 @@ class ErrorMiddleware:
         tracked = TrackedSend(send)
         try:
             await self.app(scope, receive, tracked)
-        except BodyTooLarge:
+        except (BodyTooLarge, BodyTimeout):
             raise
+        except ClientDisconnect:
+            if self.metrics is not None:
+                self.metrics.disconnected("upload")
+            logger.info("client disconnected during the upload of %s %s", scope.get("method"),
+                        scope.get("path"))
         except Exception:
             rid = request_id.get()
             logger.exception("internal error in %s %s", scope.get("method"), scope.get("path"))
@@ -142,6 +175,32 @@ class ErrorMiddleware:
             response = ORJSONResponse({"detail": "internal error", "request_id": rid},
                                       status_code=500)
             await response(scope, receive, send)
+
+
+class RepeatFilter(logging.Filter):
+    """Lets an identical message (same logger, level and text) through once per ``window_s``
+    seconds; the next one that passes says how many were held back. For floods such as
+    asyncio's "socket.accept() out of system resource" when file descriptors run out (EMFILE),
+    which would otherwise be logged, with a traceback, every second it lasts."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg))
+        now = time.monotonic()
+        last, held = self._seen.get(key, (float("-inf"), 0))
+        if now - last < self.window_s:
+            self._seen[key] = (last, held + 1)
+            return False
+        if len(self._seen) > 1024:
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} identical messages held back)"
+        return True
 
 
 class RequestIdFilter(logging.Filter):

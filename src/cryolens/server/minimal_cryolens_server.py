@@ -21,7 +21,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from cryolens.cliutil import ArgumentParser, fail
-from cryolens.server.app import create_app
+from cryolens.server.app import create_app, exit_zero_on_sigterm
+from cryolens.server.protocol import IMPORT_STRING as HEADER_TIMEOUT_PROTOCOL
 from cryolens.server.settings import Settings, field_flags, field_type
 
 APP_IMPORT_STRING = "cryolens.server.minimal_cryolens_server:app"
@@ -138,7 +139,13 @@ def _serve(settings: Settings, args: argparse.Namespace, prog: str) -> int:
 
     import uvicorn
 
-    common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level.lower()}
+    common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level.lower(),
+              "timeout_keep_alive": settings.keep_alive_s,
+              "limit_concurrency": settings.max_connections,
+              "h11_max_incomplete_event_size": settings.max_header_bytes,
+              "timeout_graceful_shutdown": settings.drain_timeout_s,
+              "http": HEADER_TIMEOUT_PROTOCOL}
+    exit_zero_on_sigterm()
     if args.workers == 1 and not args.reload:
         # The app built from these very settings: no round trip through the environment.
         uvicorn.run(create_app(settings), **common)

@@ -70,6 +70,14 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientGone
 
 
+def parse_room(request: Request, max_body_bytes: int):
+    """Reserve this request's body in the server-wide parse budget (503 when it stays full):
+    its Content-Length, or the body limit when it declares none."""
+    length = request.headers.get("content-length", "")
+    size = int(length) if length.isdigit() else max_body_bytes
+    return request.app.state.parse_budget.reserve(size)
+
+
 def engine_of(request: Request):
     worker = request.app.state.worker
     if not worker.ready.is_set():
@@ -95,7 +103,7 @@ async def loaded_engine(request: Request, timeout_s: float):
 def add_routes(app: FastAPI, settings: Settings) -> None:
     _add_info_routes(app, settings)
     _add_model_routes(app, settings)
-    _add_statistics_routes(app)
+    _add_statistics_routes(app, settings)
 
 
 # -- server information -------------------------------------------------------------------
@@ -272,15 +280,20 @@ def _add_model_routes(app: FastAPI, settings: Settings) -> None:
                  operation, payload, response_model: type, summary: str) -> None:
         async def handler(request: Request) -> Response:
             engine = await loaded_engine(request, settings.request_timeout_s)
-            parsed = await bodies.read_volumes(
-                request, options, field, box=tuple(engine.box_shape),
-                max_volumes=settings.max_volumes, batch=batch)
+            async with parse_room(request, settings.max_body_bytes):
+                parsed = await bodies.read_volumes(
+                    request, options, field, box=tuple(engine.box_shape),
+                    max_volumes=settings.max_volumes, batch=batch)
             worker = request.app.state.worker
             rid = request.scope.get("state", {}).get("request_id", "")
             try:
                 result = await unless_disconnected(
                     request, worker.submit(operation(parsed.options), parsed.volumes, rid))
             except ClientGone:
+                request.app.state.metrics.disconnected("waiting")
+                return Response(status_code=CLIENT_CLOSED)
+            if await request.is_disconnected():  # left while it ran: nothing to serialise
+                request.app.state.metrics.disconnected("answer")
                 return Response(status_code=CLIENT_CLOSED)
             return await respond(request, payload(parsed, result))
 
@@ -318,6 +331,8 @@ def _statistics(value: Any, field: str) -> dict[str, Any]:
         codecs.numeric_array(value, field, dtype=np.float64)
     if array.size == 0:
         raise InputError(f"{field} is empty: expected at least one number", field=field)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():  # .npy and MRC bodies
+        raise InputError(f"{field} must be finite: a value is NaN or infinite", field=field)
     stats = operations.statistics(array)
     if not all(np.isfinite(stats[k]) for k in ("mean", "std", "min", "max")):
         raise InputError(f"{field}: the statistics overflow float64 (values near 1.8e308)",
@@ -325,7 +340,7 @@ def _statistics(value: Any, field: str) -> dict[str, Any]:
     return stats
 
 
-def _add_statistics_routes(app: FastAPI) -> None:
+def _add_statistics_routes(app: FastAPI, settings: Settings) -> None:
     @app.get("/statistics", response_model=schemas.StatisticsResponse,
              summary="Mean, std, min, max and shape of a small volume",
              responses={**_ERRORS, 400: {"model": schemas.ErrorResponse}})
@@ -345,6 +360,10 @@ def _add_statistics_routes(app: FastAPI) -> None:
               summary="Statistics of a volume sent as JSON, .npy or MRC",
               responses=_VOLUME_ERRORS, openapi_extra=_body_doc(schemas.StatisticsRequest))
     async def statistics_post(request: Request) -> ORJSONResponse:
+        async with parse_room(request, settings.max_body_bytes):
+            return await _statistics_post(request)
+
+    async def _statistics_post(request: Request) -> ORJSONResponse:
         if codecs.is_json_content_type(bodies.media_type(request)):
             body = await request.body()
 

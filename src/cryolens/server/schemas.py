@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Volume3D = list[list[list[float]]]
 Volume4D = list[Volume3D]
+#: The shape every volume field must have, stated in the schema (the routes enforce it: 422).
+VOLUME_SHAPE = ("Shape (48, 48, 48): a list of 48 lists of 48 lists of 48 finite numbers "
+                "(z, y, x); no booleans, strings or null.")
 BATCH_OPERATIONS = ("reconstruction", "features", "splats")
 
 
@@ -35,7 +38,7 @@ class ReconstructOptions(_Options):
 
 
 class ReconstructRequest(ReconstructOptions):
-    input_volume: Volume3D = Field(..., description="One particle, box^3 (48x48x48), z-y-x.")
+    input_volume: Volume3D = Field(..., description="One particle. " + VOLUME_SHAPE)
 
 
 class FeaturesOptions(_Options):
@@ -45,7 +48,7 @@ class FeaturesOptions(_Options):
 
 
 class FeaturesRequest(FeaturesOptions):
-    input_volume: Volume3D
+    input_volume: Volume3D = Field(..., description="One particle. " + VOLUME_SHAPE)
 
 
 class SplatsOptions(_Options):
@@ -53,7 +56,7 @@ class SplatsOptions(_Options):
 
 
 class SplatsRequest(SplatsOptions):
-    input_volume: Volume3D
+    input_volume: Volume3D = Field(..., description="One particle. " + VOLUME_SHAPE)
 
 
 class BatchOptions(_Options):
@@ -70,7 +73,9 @@ class BatchOptions(_Options):
 
 
 class BatchRequest(BatchOptions):
-    input_volumes: Volume4D = Field(..., description="(N, 48, 48, 48) particles.")
+    input_volumes: Volume4D = Field(
+        ..., description="Shape (N, 48, 48, 48): 1 <= N <= the server's --max-volumes "
+                         "(default 256) particles, each of shape (48, 48, 48), z-y-x.")
 
 
 class StatisticsRequest(BaseModel):

@@ -60,6 +60,22 @@ DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_MS = 2
 #: Seconds a request may wait for the model (queue and load) before it is answered 504.
 DEFAULT_REQUEST_TIMEOUT_S = 60
+#: Bytes of request bodies being read and parsed at once, all requests together.
+DEFAULT_MAX_PARSE_BYTES = 512 * 1024**2
+#: Seconds a request waits for room in that parse budget before it is answered 503.
+DEFAULT_PARSE_WAIT_S = 2.0
+#: Seconds without a body chunk before a slow upload is answered 408 and closed.
+DEFAULT_BODY_TIMEOUT_S = 30.0
+#: Seconds a connection has to send complete request headers (slow or silent ones are closed).
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+#: Seconds an idle keep-alive connection stays open.
+DEFAULT_KEEP_ALIVE_S = 5
+#: Open connections (and tasks) beyond which uvicorn answers 503 at once.
+DEFAULT_MAX_CONNECTIONS = 256
+#: Largest incomplete HTTP event (request line plus headers) h11 buffers, in bytes.
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+#: Seconds SIGTERM waits for requests in flight before closing their connections.
+DEFAULT_DRAIN_TIMEOUT_S = 30
 
 #: Accepted devices; ``cuda:N`` (N = 0, 1, ...) picks one GPU of several.
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
@@ -142,6 +158,25 @@ class Settings:
     request_timeout_s: int = field(default=DEFAULT_REQUEST_TIMEOUT_S, metadata={
         "help": "seconds a request may wait for the model (queue, loading) before it is "
                 "answered 504 and not run"})
+    # -- shared-node hygiene ----------------------------------------------------------------
+    max_parse_bytes: int = field(default=DEFAULT_MAX_PARSE_BYTES, metadata={
+        "help": "request-body bytes read and parsed at once, all requests together; beyond it "
+                "requests wait --parse-wait-s, then get 503"})
+    parse_wait_s: float = field(default=DEFAULT_PARSE_WAIT_S, metadata={
+        "help": "seconds a request waits for room in the parse budget before a 503"})
+    body_timeout_s: float = field(default=DEFAULT_BODY_TIMEOUT_S, metadata={
+        "help": "seconds without a body chunk before a slow upload is answered 408 and closed"})
+    header_timeout_s: float = field(default=DEFAULT_HEADER_TIMEOUT_S, metadata={
+        "help": "seconds a connection has to send complete request headers"})
+    keep_alive_s: int = field(default=DEFAULT_KEEP_ALIVE_S, metadata={
+        "help": "seconds an idle keep-alive connection stays open"})
+    max_connections: int = field(default=DEFAULT_MAX_CONNECTIONS, metadata={
+        "help": "open connections beyond which new requests get 503 at once"})
+    max_header_bytes: int = field(default=DEFAULT_MAX_HEADER_BYTES, metadata={
+        "help": "largest request line plus headers, in bytes"})
+    drain_timeout_s: int = field(default=DEFAULT_DRAIN_TIMEOUT_S, metadata={
+        "help": "seconds SIGTERM waits for requests in flight before closing their "
+                "connections (the process then exits 0)"})
 
     def __post_init__(self) -> None:
         try:
@@ -155,9 +190,13 @@ class Settings:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, "
                              f"got {self.log_level!r}") from None
         for name in ("port", "max_body_bytes", "max_volumes", "queue_size", "retry_after_s",
-                     "max_batch_size", "request_timeout_s"):
+                     "max_batch_size", "request_timeout_s", "max_parse_bytes",
+                     "body_timeout_s", "header_timeout_s", "keep_alive_s", "max_connections",
+                     "max_header_bytes", "drain_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.parse_wait_s < 0:
+            raise ValueError(f"parse_wait_s must be 0 or more, got {self.parse_wait_s}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be 0 or more, got {self.batch_wait_ms}")
 

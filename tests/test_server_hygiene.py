@@ -1,0 +1,272 @@
+"""A server left running on a shared node (issue #9), each check on a real process: memory in
+proportion to the body, decided before per-volume work; slow, silent and idle connections
+closed in time while /health answers; SIGTERM drains within its timeout and exits 0; work for
+clients that left is neither run nor logged as an error; the parse budget answers 503."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import socket
+import threading
+import time
+
+import numpy as np
+import orjson
+import pytest
+import requests
+from server_helpers import small_model_file, start_cli_server
+
+from cryolens.server.middleware import RepeatFilter
+
+J = {"Content-Type": "application/json"}
+BODY_TIMEOUT_S = 1.5
+HEADER_TIMEOUT_S = 1.5
+KEEP_ALIVE_S = 1
+PARSE_BUDGET = 4 * 1024**2
+HYGIENE_ENV = {"CRYOLENS_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+               "CRYOLENS_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+               "CRYOLENS_KEEP_ALIVE_S": str(KEEP_ALIVE_S),
+               "CRYOLENS_MAX_PARSE_BYTES": str(PARSE_BUDGET),
+               "CRYOLENS_PARSE_WAIT_S": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return small_model_file(tmp_path_factory.mktemp("model") / "small.safetensors")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    proc = start_cli_server(model, env=HYGIENE_ENV)
+    yield proc
+    proc.stop()
+
+
+def connect(server, timeout: float = 10.0) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+    sock.settimeout(timeout)
+    return sock
+
+
+def partial_upload(server, path: str = "/extract_features", length: int = 1_000_000,
+                   sent: bytes = b'{"input_volume": [') -> socket.socket:
+    """A connection that sent its headers and the start of a body, then nothing."""
+    sock = connect(server)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode() + sent)
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def health_ok(server) -> bool:
+    started = time.monotonic()
+    ok = requests.get(server.url + "/health", timeout=5).status_code == 200
+    return ok and time.monotonic() - started < 1.0
+
+
+def metric(server, name: str, **labels: str) -> float:
+    text = requests.get(server.url + "/metrics", timeout=5).text
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name + ("{" + want + "}" if want else "")) + r" (\S+)"
+    found = re.search("^" + pattern + "$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def vm_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+# -- connections ------------------------------------------------------------------------------
+def test_stalled_body_is_answered_408_and_closed_while_health_answers(server):
+    sock = partial_upload(server)
+    started = time.monotonic()
+    assert health_ok(server)
+    answer = read_until_closed(sock)
+    elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"timed out" in answer
+    assert BODY_TIMEOUT_S - 0.2 < elapsed < BODY_TIMEOUT_S + 4
+    assert health_ok(server)
+
+
+@pytest.mark.parametrize("dribble", [b"", b"GET /health HTTP/1.1\r\nHost: x\r\n"],
+                         ids=["silent", "slow headers"])
+def test_silent_and_slow_header_connections_are_closed(server, dribble):
+    sock = connect(server)
+    started = time.monotonic()
+    closed = False
+    for byte in dribble:  # one byte every 0.1 s: never finishes in time
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            closed = True
+            break
+        time.sleep(0.1)
+    assert health_ok(server)
+    if not closed:
+        assert read_until_closed(sock) == b""
+    assert time.monotonic() - started < HEADER_TIMEOUT_S + 4
+
+
+def test_idle_keep_alive_connection_is_closed(server):
+    sock = connect(server)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    started = time.monotonic()
+    answer = read_until_closed(sock)  # the answer, then the close after KEEP_ALIVE_S
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert time.monotonic() - started < KEEP_ALIVE_S + 3
+
+
+# -- cancelled work -----------------------------------------------------------------------------
+def test_client_leaving_mid_upload_is_counted_not_logged_as_an_error(server):
+    before = metric(server, "cryolens_client_disconnects_total", stage="upload")
+    sock = partial_upload(server, sent=b'{"input_volume": [[[1.0, 2.0')
+    time.sleep(0.3)
+    sock.close()
+    deadline = time.monotonic() + 5
+    while metric(server, "cryolens_client_disconnects_total", stage="upload") == before:
+        assert time.monotonic() < deadline, "the disconnect was not counted"
+        time.sleep(0.1)
+    log = server.output()
+    assert "internal error" not in log and "Traceback" not in log
+
+
+def test_queued_request_whose_client_left_is_never_run(server):
+    """Hold the worker with a big batch, queue a request on a raw socket, close it: the job is
+    dropped (counted as disconnected) and the model never sees a 'features' particle."""
+    batch = np.random.default_rng(1).standard_normal((48, 48, 48, 48)).astype(np.float32)
+    npy = _npy(batch)
+    done: list[int] = []
+    holder = threading.Thread(target=lambda: done.append(requests.post(
+        server.url + "/batch_process?return_embeddings=false", data=npy,
+        headers={"Content-Type": "application/x-npy"}, timeout=120).status_code))
+    dropped = metric(server, "cryolens_dropped_jobs_total", reason="disconnected")
+    holder.start()
+    deadline = time.monotonic() + 30
+    while metric(server, "cryolens_requests_in_flight") < 1:  # the batch is in
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    body = orjson.dumps({"input_volume": np.zeros((48, 48, 48), np.float32)},
+                        option=orjson.OPT_SERIALIZE_NUMPY)
+    sock = connect(server)
+    sock.sendall(b"POST /extract_features HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    time.sleep(0.5)  # parsed and queued behind the batch
+    assert holder.is_alive(), "the batch finished too soon to hold the worker"
+    sock.close()
+    holder.join(120)
+    assert done == [200]
+    deadline = time.monotonic() + 10
+    while metric(server, "cryolens_dropped_jobs_total", reason="disconnected") < dropped + 1:
+        assert time.monotonic() < deadline, "the abandoned job was not dropped"
+        time.sleep(0.1)
+    assert metric(server, "cryolens_particles_total", operation="features") == 0
+
+
+def _npy(array: np.ndarray) -> bytes:
+    from cryolens.formats import write_npy
+
+    return write_npy(array)
+
+
+# -- budgets ------------------------------------------------------------------------------------
+def test_parse_budget_full_answers_503_with_retry_after(server):
+    holder = partial_upload(server, length=PARSE_BUDGET)  # reserves the whole budget
+    try:
+        time.sleep(0.3)
+        response = requests.post(server.url + "/statistics", json={"volume": [1, 2]}, timeout=10)
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"].isdigit()
+        assert "parsing" in response.json()["detail"]
+        assert metric(server, "cryolens_parse_budget_refusals_total") >= 1
+    finally:
+        holder.close()
+    time.sleep(0.3)
+    assert requests.post(server.url + "/statistics", json={"volume": [1, 2]},
+                         timeout=10).status_code == 200
+
+
+@pytest.mark.slow
+def test_large_batch_bodies_cost_memory_in_proportion(model):
+    """A hostile 48 MiB body (millions of tiny 'volumes') is refused by count before any
+    per-volume object; a 48 MiB body of real volumes (the last one wrong, so nothing runs)
+    raises peak RSS by at most 4x its size."""
+    proc = start_cli_server(model, "--max-body-bytes", str(300 * 1024**2),
+                            "--max-volumes", "1024")
+    try:
+        size = 48 * 1024**2
+        hostile = b'{"input_volumes": [' + b",".join([b"[[]]"] * (size // 5)) + b"]}"
+        before = vm_kib(proc.process.pid, "VmHWM")
+        response = requests.post(proc.url + "/batch_process", data=hostile, headers=J,
+                                 timeout=120)
+        assert response.status_code == 413, response.text
+        assert "at most 1024" in response.json()["detail"]
+        grown = (vm_kib(proc.process.pid, "VmHWM") - before) * 1024
+        assert grown <= 4 * len(hostile), f"hostile body: peak grew {grown / len(hostile):.1f}x"
+        del hostile
+
+        one = orjson.dumps(np.random.default_rng(0).standard_normal((48, 48, 48)).astype(
+            np.float32), option=orjson.OPT_SERIALIZE_NUMPY)
+        body = b'{"input_volumes": [' + b",".join([one] * (size // len(one))) + b",[[[1]]]]}"
+        before = vm_kib(proc.process.pid, "VmHWM")
+        response = requests.post(proc.url + "/batch_process", data=body, headers=J, timeout=120)
+        assert response.status_code == 422 and "got (1, 1, 1)" in response.text
+        grown = (vm_kib(proc.process.pid, "VmHWM") - before) * 1024
+        assert grown <= 4 * len(body), f"peak grew {grown / len(body):.1f}x the body"
+        assert health_ok(proc)
+    finally:
+        proc.stop()
+
+
+# -- shutdown -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("stalled", [False, True], ids=["idle", "stalled client"])
+def test_sigterm_exits_0_within_the_drain_timeout(model, stalled):
+    drain = 2
+    proc = start_cli_server(model, env={"CRYOLENS_DRAIN_TIMEOUT_S": str(drain),
+                                        "CRYOLENS_BODY_TIMEOUT_S": "120"})
+    sock = partial_upload(proc) if stalled else None
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        os.kill(proc.process.pid, signal.SIGTERM)
+        code = proc.process.wait(drain + 15)
+        assert code == 0, proc.output()[-2000:]
+        assert time.monotonic() - started < drain + 8
+    finally:
+        if sock is not None:
+            sock.close()
+        proc.stop()
+
+
+# -- logging --------------------------------------------------------------------------------------
+def test_repeated_accept_errors_are_logged_once_per_window():
+    logger = logging.getLogger("test.flood")
+    logger.propagate = False
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    flood = RepeatFilter(window_s=0.5)
+    logger.addFilter(flood)
+    for _ in range(100):
+        logger.error("socket.accept() out of system resource")
+    logger.error("something else")
+    time.sleep(0.6)
+    logger.error("socket.accept() out of system resource")
+    messages = [r.getMessage() for r in records]
+    assert messages == ["socket.accept() out of system resource", "something else",
+                        ("socket.accept() out of system resource (99 identical messages held "
+                         "back)")]
