@@ -5,7 +5,6 @@ Each sub-command is a thin layer over the library; ``cryolens <command> --help``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -37,15 +36,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from cryolens.checkpoints import list_checkpoints, load_model
+    from cryolens.commands.info import run
 
-    if args.checkpoint is None:
-        for row in list_checkpoints():
-            print(f"{row['name']:<8} {row['description']}")
-        return 0
-    _, info = load_model(args.checkpoint)
-    print(json.dumps(info.to_dict(), indent=2, default=str))
-    return 0
+    return run(args)
 
 
 def _serve(rest: list[str]) -> int:
@@ -101,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", help="run the REST server (same options as cryolens-server)",
                    add_help=False)
+    from cryolens.commands import register  # embed, reconstruct, show, map
+
+    register(sub)
     return parser
 
 
