@@ -225,6 +225,7 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
     from tqdm import tqdm
 
     out = Path(out)
+    identity = json.loads(json.dumps(identity))  # as it reads back from disk (tuples -> lists)
     parts = out.with_name(out.name + ".parts")
     if overwrite:
         shutil.rmtree(parts, ignore_errors=True)
