@@ -114,6 +114,23 @@ def test_mrc_is_strict_unless_permissive(tmp_path, stack):
     assert np.array_equal(data[0], stack[0])
 
 
+def test_mrc_truncated_or_big_endian(tmp_path, stack):
+    import mrcfile
+
+    path = write_mrc(tmp_path / "cut.mrc", stack[0])
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(InputError, match="but the file holds"):
+        open_particles(path)
+    big = tmp_path / "big.mrc"
+    with mrcfile.new(big) as mrc:
+        mrc.set_data(stack[0].astype(">f4"))
+        mrc.voxel_size = 10.0
+    with mrcfile.open(big) as mrc:
+        assert mrc.header.mode.dtype.byteorder == ">"
+    data, records = load_particles(big)
+    assert np.array_equal(data[0], stack[0]) and records[0].voxel_size == 10.0
+
+
 def test_unknown_sources_are_clear_errors(tmp_path):
     with pytest.raises(InputError, match="cannot read particles"):
         open_particles(tmp_path / "x.txt")

@@ -159,20 +159,68 @@ def _voxel_from(value, where: str) -> float | None:
     return float(sizes[0])
 
 
-class _MrcReader(_Reader):
-    def __init__(self, path: Path, options: ReadOptions) -> None:
-        import mrcfile
+#: MRC modes that hold real voxels: int8, int16, float32, uint16, float16.
+_MRC_MODES = {0: "i1", 1: "i2", 2: "f4", 6: "u2", 12: "f2"}
+_MRC_HEADER = 1024
 
+
+def _strict_mrc_header(path: Path):
+    """The header of an MRC file, checked as strictly as ``mrcfile`` (``permissive=False``)
+    checks it, and more: the 'MAP ' marker, a known machine stamp, a real-valued mode,
+    positive sizes, and a file exactly as long as the header says. Returns the header
+    (``mrcfile``'s header dtype, in the file's byte order), the data's dtype and offset."""
+    from mrcfile.dtypes import HEADER_DTYPE
+
+    size = path.stat().st_size
+    if size < _MRC_HEADER:
+        raise ValueError(f"{size} bytes is shorter than the 1024-byte header")
+    raw = np.fromfile(path, dtype=np.uint8, count=_MRC_HEADER)
+    if raw[208:212].tobytes() != b"MAP ":
+        raise ValueError("no 'MAP ' marker at byte 208")
+    stamp = raw[212:214].tobytes()
+    if stamp in (b"\x44\x44", b"\x44\x41"):
+        order = "<"
+    elif stamp == b"\x11\x11":
+        order = ">"
+    else:
+        raise ValueError(f"unrecognised machine stamp {raw[212:216].tobytes()!r}")
+    header = raw.view(HEADER_DTYPE.newbyteorder(order))[0]
+    mode = int(header["mode"])
+    if mode not in _MRC_MODES:
+        raise ValueError(f"mode {mode} is not a real-valued volume (use 0, 1, 2, 6 or 12)")
+    dims = [int(header[k]) for k in ("nx", "ny", "nz")]
+    if min(dims) <= 0:
+        raise ValueError(f"dimensions {dims} must be positive")
+    dtype = np.dtype(order + _MRC_MODES[mode])
+    offset = _MRC_HEADER + int(header["nsymbt"])
+    expected = offset + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if size != expected:
+        raise ValueError(f"the header declares {dims[2]}x{dims[1]}x{dims[0]} voxels of mode "
+                         f"{mode} ({expected} bytes with the header) but the file holds {size}")
+    return header, dtype, offset
+
+
+class _MrcReader(_Reader):
+    """One MRC/MRCS file. Strict (the default): the header is checked by
+    :func:`_strict_mrc_header` and the data read directly; permissive: through ``mrcfile``'s
+    permissive mode, which reads what it can of damaged files."""
+
+    def __init__(self, path: Path, options: ReadOptions) -> None:
         self.path, self.permissive = path, options.permissive
         try:
-            with mrcfile.open(path, header_only=True, permissive=options.permissive) as mrc:
-                header = mrc.header
-                size = mrc.voxel_size
+            if options.permissive:
+                import mrcfile
+
+                with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+                    header = mrc.header
+                self.dtype, self.offset = None, None
+            else:
+                header, self.dtype, self.offset = _strict_mrc_header(path)
         except (ValueError, OSError) as exc:
             hint = "" if options.permissive else " (permissive=True / --permissive reads it anyway)"
             raise InputError(f"{path}: not a valid MRC file: {exc}{hint}", field="source") from exc
-        nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
-        ispg, mz = int(header.ispg), int(header.mz)
+        nx, ny, nz = int(header["nx"]), int(header["ny"]), int(header["nz"])
+        ispg, mz = int(header["ispg"]), int(header["mz"])
         if 401 <= ispg <= 630 and mz > 0 and nz % mz == 0:
             count, shape = nz // mz, (mz, ny, nx)  # a volume stack
         elif (ispg == 0 or path.suffix.lower() == ".mrcs") and nx == ny and nz > ny \
@@ -181,26 +229,32 @@ class _MrcReader(_Reader):
         else:
             count, shape = 1, (nz, ny, nx)
         self.count, self.shape = count, shape
-        voxel = _voxel_from((size.x, size.y, size.z), str(path))
-        origin = header.origin
+        cella, grid = header["cella"], [int(header[k]) for k in ("mx", "my", "mz")]
+        sizes = [float(cella[a]) / n if n > 0 else 0.0 for a, n in zip("xyz", grid, strict=True)]
+        voxel = _voxel_from(sizes, str(path))
+        origin = header["origin"]
         base = ParticleRecord(source=str(path), index=0, format="mrc", voxel_size=voxel,
-                              origin_x=float(origin.x), origin_y=float(origin.y),
-                              origin_z=float(origin.z))
+                              origin_x=float(origin["x"]), origin_y=float(origin["y"]),
+                              origin_z=float(origin["z"]))
         self.records = [replace(base, index=i) for i in range(count)]
 
     def read(self, items: Sequence[int]) -> list[np.ndarray]:
-        import mrcfile
-
         try:
-            if self.count == 1:
-                with mrcfile.open(self.path, permissive=self.permissive) as mrc:
-                    data = mrc.data
-                    if data is None:
+            if self.permissive:
+                import mrcfile
+
+                with mrcfile.mmap(self.path, mode="r", permissive=True) as mrc:
+                    if mrc.data is None:
                         raise ValueError("no data could be read")
-                    return [np.asarray(data, np.float32).reshape(self.shape)]
-            with mrcfile.mmap(self.path, mode="r", permissive=self.permissive) as mrc:
-                data = mrc.data.reshape(self.count, *self.shape)
-                return [np.array(data[i], np.float32) for i in items]
+                    data = mrc.data.reshape(self.count, *self.shape)
+                    return [np.array(data[i], np.float32) for i in items]
+            per = int(np.prod(self.shape))
+            if self.count == 1:
+                data = np.fromfile(self.path, dtype=self.dtype, count=per, offset=self.offset)
+                return [data.reshape(self.shape).astype(np.float32, copy=False)]
+            data = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset,
+                             shape=(self.count, *self.shape))
+            return [np.array(data[i], np.float32) for i in items]
         except (ValueError, OSError) as exc:
             raise InputError(f"{self.path}: cannot read MRC data: {exc}", field="source") from exc
 
