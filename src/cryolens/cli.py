@@ -44,15 +44,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from cryolens.checkpoints import list_checkpoints, load_model
+    from cryolens.commands.info import run
 
-    if args.checkpoint is None:
-        for row in list_checkpoints():
-            print(f"{row['name']:<8} {row['description']}")
-        return 0
-    _, info = load_model(args.checkpoint)
-    print(json.dumps(info.to_dict(), indent=2, default=str))
-    return 0
+    return run(args)
 
 
 def _serve(rest: list[str]) -> int:
@@ -184,6 +178,9 @@ def build_parser() -> ArgumentParser:
     common = _common_options()
     for add in SUBCOMMANDS:
         add(sub, common)
+    from cryolens.commands import register  # embed, reconstruct, show, map
+
+    register(sub)
     return parser
 
 

@@ -6,8 +6,6 @@ with the noise-free particle, the same for a Gaussian-blurred input, and 1-NN st
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -102,32 +100,10 @@ def write_report(path: Path, reports: list[SnrReport]) -> None:
     path.write_text(json.dumps([asdict(r) for r in reports], indent=2))
 
 
-# -- a tiny PNG writer, so evaluation needs no imaging library ------------------------------
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(image, [1, 99])
-    return (np.clip((image - lo) / (hi - lo + 1e-12), 0, 1) * 255).astype(np.uint8)
+def write_slices_png(path: Path, inputs, recons, truths) -> None:
+    """One row per particle: central z | y | x slices of the input, the reconstruction and the
+    noise-free truth (the same figure code as ``cryolens show``)."""
+    from cryolens.plots import slices_figure
 
-
-def write_png(path: Path, image: np.ndarray) -> None:
-    """Write a (H, W) uint8 grey image as PNG."""
-    height, width = image.shape
-    raw = b"".join(b"\x00" + image[row].tobytes() for row in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
-def write_slices_png(path: Path, inputs, recons, truths, zoom: int = 3) -> None:
-    """One row per particle: central z-slice of input | reconstruction | ground truth."""
-    gap = 2
-    rows = []
-    for volumes in zip(inputs, recons, truths):
-        tiles = [_to_uint8(v[v.shape[0] // 2]) for v in volumes]
-        row = np.concatenate([np.pad(t, ((0, gap), (0, gap)), constant_values=255) for t in tiles], 1)
-        rows.append(row)
-    image = np.concatenate(rows, 0)
-    write_png(path, np.kron(image, np.ones((zoom, zoom), np.uint8)))
+    rows = [list(volumes) for volumes in zip(inputs, recons, truths, strict=True)]
+    slices_figure(path, rows, ["input", "reconstruction", "noise-free truth"])

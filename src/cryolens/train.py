@@ -142,28 +142,11 @@ class ParticleStack(torch.utils.data.IterableDataset):
 
 
 def load_particles(path: str | os.PathLike) -> np.ndarray:
-    """(N, S, S, S) particles from a folder of .mrc files, an .npy stack or an .h5 stack."""
-    path = Path(path)
-    if path.is_dir():
-        import mrcfile
+    """(N, S, S, S) particles from any input :mod:`cryolens.io` reads (a folder of MRC files,
+    an MRC stack, ``.npy``, HDF5 or zarr), checked against the model's box and voxel size."""
+    from cryolens.io import load_particles as read_all
 
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".mrc", ".map", ".rec"))
-        if not files:
-            raise FileNotFoundError(f"no .mrc files in {path}")
-        volumes = []
-        for file in files:
-            with mrcfile.open(file, permissive=True) as mrc:
-                volumes.append(np.asarray(mrc.data, np.float32))
-        return np.stack(volumes)
-    if path.suffix == ".npy":
-        return np.load(path)
-    if path.suffix in (".h5", ".hdf5"):
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            name = next(k for k in f if isinstance(f[k], h5py.Dataset) and f[k].ndim == 4)
-            return np.asarray(f[name], np.float32)
-    raise ValueError(f"cannot read particles from {path}: use a folder of MRC files, .npy or .h5")
+    return read_all(path)[0]
 
 
 # -- model initialisation -------------------------------------------------------------------

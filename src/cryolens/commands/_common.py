@@ -1,0 +1,103 @@
+"""Options every particle command shares, and turning them into a particle set or an engine."""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+from cryolens.errors import CryoLensError
+from cryolens.io import MODEL_BOX, MODEL_VOXEL_SIZE, CopickOptions, ParticleSet, ReadOptions
+
+SOURCES_HELP = ("particles: MRC/MRCS files (one particle each, or stacks), folders of them, "
+                "HDF5 (.h5), zarr (.zarr), .npy, or a copick configuration (.json, with --object)")
+
+
+def add_input_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("reading particles")
+    group.add_argument("--dataset", default=None,
+                       help="HDF5/zarr: the array to read (default: the only 4-D array)")
+    group.add_argument("--voxel-size", type=float, default=None, dest="declared_voxel_size",
+                       metavar="A",
+                       help="angstrom per voxel of inputs whose header lacks it or is wrong "
+                            "(default: the header's; none in the file means the model's "
+                            f"{MODEL_VOXEL_SIZE:g} A)")
+    group.add_argument("--rescale", action="store_true",
+                       help="resample particles whose voxel size is not the model's "
+                            f"{MODEL_VOXEL_SIZE:g} A (default: off, such input is an error)")
+    group.add_argument("--fit", action="store_true",
+                       help=f"crop or pad boxes that are not {MODEL_BOX}^3 about their centre "
+                            "(default: off, such input is an error)")
+    group.add_argument("--permissive", action="store_true",
+                       help="read MRC files with damaged headers (mrcfile permissive mode; "
+                            "default: off, strict)")
+    cp = parser.add_argument_group("copick projects")
+    cp.add_argument("--object", default=None,
+                    help="pickable object whose picks become particles (required for copick; "
+                         "default: none)")
+    cp.add_argument("--voxel-spacing", type=float, default=MODEL_VOXEL_SIZE,
+                    help="tomogram voxel spacing to use, angstrom; the nearest available one is "
+                         "taken (default: %(default)s)")
+    cp.add_argument("--run", action="append", default=None, dest="runs", metavar="NAME",
+                    help="only this run; repeat for several (default: every run)")
+    cp.add_argument("--tomo-type", default=None,
+                    help="tomogram type (default: 'denoised', else 'wbp', else the first by name)")
+    cp.add_argument("--user-id", default=None, help="only picks by this user (default: all)")
+    cp.add_argument("--session-id", default=None, help="only picks of this session (default: all)")
+
+
+def add_engine_options(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--checkpoint", "-c", default="demo",
+                       help="checkpoint: a name (demo, v001), a URL or a file "
+                            "(default: %(default)s)")
+    group.add_argument("--device", default="auto",
+                       help="cpu, cuda or auto (CUDA when available) (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=batch_size,
+                       help="particles per model call (default: %(default)s)")
+
+
+def read_options(args: argparse.Namespace) -> ReadOptions:
+    return ReadOptions(rescale=args.rescale, fit=args.fit, permissive=args.permissive,
+                       declared_voxel_size=args.declared_voxel_size, dataset=args.dataset)
+
+
+def copick_options(args: argparse.Namespace) -> CopickOptions:
+    return CopickOptions(object=args.object, voxel_spacing=args.voxel_spacing,
+                         runs=tuple(args.runs or ()), tomo_type=args.tomo_type,
+                         user_id=args.user_id, session_id=args.session_id)
+
+
+def open_from_args(args: argparse.Namespace, sources=None, box: int | None = None) -> ParticleSet:
+    from dataclasses import replace
+
+    from cryolens.io import open_particles
+
+    options = read_options(args)
+    if box is not None:
+        options = replace(options, box=box)
+    particles = open_particles(sources if sources is not None else args.sources, options,
+                               copick_options(args))
+    for warning in particles.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return particles
+
+
+def load_engine(args: argparse.Namespace):
+    from cryolens.engine import Engine
+
+    return Engine.from_checkpoint(args.checkpoint, device=args.device)
+
+
+def reports_errors(run):
+    """A command's own mistakes (bad input, missing checkpoint) as one line and exit code 2,
+    not a traceback."""
+
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except CryoLensError as exc:
+            print(f"cryolens {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+
+    return wrapper

@@ -1,0 +1,138 @@
+"""Pictures of particles and embeddings with matplotlib (Agg, no display needed).
+
+Used by ``cryolens show``, ``cryolens map`` and ``cryolens evaluate``. Figures are built on
+:class:`matplotlib.figure.Figure` directly, never through ``pyplot``, so nothing global changes
+and no window system is touched.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+#: Blank voxels between the three slices of one panel.
+SLICE_GAP = 2
+
+
+def central_slices(volume: np.ndarray) -> np.ndarray:
+    """The central z, y and x slices of a (z, y, x) volume side by side (NaN between them):
+    the z slice shows (y, x), the y slice (z, x), the x slice (z, y)."""
+    d, h, w = volume.shape
+    planes = [volume[d // 2], volume[:, h // 2, :], volume[:, :, w // 2]]
+    rows = max(p.shape[0] for p in planes)
+    tiles = []
+    for k, plane in enumerate(planes):
+        tile = np.full((rows, plane.shape[1]), np.nan, np.float32)
+        tile[: plane.shape[0]] = plane
+        tiles.append(tile)
+        if k < 2:
+            tiles.append(np.full((rows, SLICE_GAP), np.nan, np.float32))
+    return np.concatenate(tiles, axis=1)
+
+
+def display_range(volume: np.ndarray) -> tuple[float, float]:
+    """1st and 99th percentile: a few hot voxels do not wash the picture out."""
+    lo, hi = np.nanpercentile(np.asarray(volume, np.float64), [1, 99])
+    return float(lo), float(hi if hi > lo else lo + 1e-6)
+
+
+def slices_figure(path: str | Path, rows: Sequence[Sequence[np.ndarray | None]],
+                  columns: Sequence[str], row_labels: Sequence[str] | None = None,
+                  title: str | None = None, dpi: int = 100) -> Path:
+    """A grid of panels, one row per particle and one column per volume (input,
+    reconstruction, ...); each panel shows its volume's central z | y | x slices in grey,
+    scaled to that volume's 1-99 % range. ``None`` leaves a panel empty. Written as PNG."""
+    from matplotlib.figure import Figure
+
+    n_rows, n_cols = len(rows), len(columns)
+    fig = Figure(figsize=(2.9 * n_cols, 1.05 * n_rows + 0.5), dpi=dpi, layout="constrained")
+    axes = np.atleast_2d(fig.subplots(n_rows, n_cols, squeeze=False))
+    for r, volumes in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            volume = volumes[c] if c < len(volumes) else None
+            if volume is not None:
+                lo, hi = display_range(volume)
+                ax.imshow(central_slices(np.asarray(volume, np.float32)), cmap="gray",
+                          vmin=lo, vmax=hi, interpolation="nearest")
+            if r == 0:
+                ax.set_title(f"{columns[c]}\nz | y | x", fontsize=8)
+            if c == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path
+
+
+def pca_2d(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First two principal components (N, 2) and the fraction of variance each explains."""
+    x = np.asarray(embeddings, np.float64)
+    x = x - x.mean(0)
+    if len(x) < 2:
+        return np.zeros((len(x), 2)), np.zeros(2)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    comps = vt[:2]
+    coords = x @ comps.T
+    if coords.shape[1] < 2:  # a 1-D embedding
+        coords = np.column_stack([coords, np.zeros(len(x))])
+    total = (s**2).sum()
+    explained = (s[:2] ** 2) / total if total > 0 else np.zeros(2)
+    return coords, np.pad(explained, (0, 2 - len(explained)))
+
+
+def scatter_figure(path: str | Path, panels: Sequence[tuple[str, np.ndarray]],
+                   values: Sequence | None, color_label: str, title: str | None = None,
+                   dpi: int = 120) -> Path:
+    """One scatter panel per (title, (N, 2) coordinates), coloured by ``values``: a legend
+    for a few categories, a colour bar for numbers."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2 * len(panels) + 1.6, 4.8), dpi=dpi, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
+    values = None if values is None else np.asarray(values, dtype=object)
+    numeric = values is not None and _is_numeric(values)
+    for ax, (name, coords) in zip(axes, panels, strict=True):
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if values is None:
+            ax.scatter(coords[:, 0], coords[:, 1], s=8, alpha=0.8)
+        elif numeric:
+            points = ax.scatter(coords[:, 0], coords[:, 1], s=8, alpha=0.8,
+                                c=values.astype(np.float64), cmap="viridis")
+        else:
+            labels = np.array(["(none)" if v is None else str(v) for v in values])
+            for k, label in enumerate(sorted(set(labels))):
+                mask = labels == label
+                ax.scatter(coords[mask, 0], coords[mask, 1], s=8, alpha=0.8, label=label,
+                           color=f"C{k % 10}")
+    if values is not None and numeric:
+        fig.colorbar(points, ax=list(axes), label=color_label)
+    elif values is not None:
+        handles, names = axes[0].get_legend_handles_labels()
+        fig.legend(handles[:30], names[:30], title=color_label, loc="outside right upper",
+                   fontsize=7, markerscale=2)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _is_numeric(values: np.ndarray) -> bool:
+    """Numbers with more than 12 distinct values get a colour bar; fewer are categories."""
+    present = [v for v in values if v is not None]
+    if not present or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                              for v in present):
+        return False
+    return len(set(present)) > 12
+
+
+__all__ = ["central_slices", "display_range", "pca_2d", "scatter_figure", "slices_figure"]

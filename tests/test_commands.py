@@ -1,0 +1,278 @@
+"""The particle commands end to end, in-process: embed, reconstruct, show, map, info."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import mrcfile
+import numpy as np
+import pytest
+from io_helpers import BOX, make_copick_project, particle_stack, write_mrc
+from server_helpers import small_model_file
+
+from cryolens.checkpoints import sha256_of
+from cryolens.cli import main
+from cryolens.engine import Engine
+from cryolens.io import CopickOptions, load_particles
+from cryolens.operations import Operation, run
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return small_model_file(tmp_path_factory.mktemp("model") / "small.safetensors")
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return Engine.from_checkpoint(str(model), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def stack():
+    return particle_stack(5)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, stack):
+    root = tmp_path_factory.mktemp("mrc")
+    for i, volume in enumerate(stack):
+        write_mrc(root / f"p{i}.mrc", volume)
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return make_copick_project(tmp_path_factory.mktemp("copick"))
+
+
+def _cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def _features(engine, volumes):
+    return run(engine, Operation(kind="features"), volumes).arrays
+
+
+def test_embed_parquet_has_numeric_columns_and_the_engines_values(tmp_path, model, engine,
+                                                                  folder, stack, capsys):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "emb.parquet"
+    assert _cli("embed", folder, "-o", out, "-c", model, "--device", "cpu",
+                "--batch-size", 2, "--quiet") == 0
+    assert "embedded 5 particles" in capsys.readouterr().out
+    frame = pd.read_parquet(out)
+    emb = [f"embedding_{k}" for k in range(engine.config.latent_dims)]
+    numbers = [*emb, "pose_w", "pose_x", "pose_y", "pose_z", "global_weight"]
+    assert all(pd.api.types.is_float_dtype(frame[c]) for c in numbers)
+    assert list(frame["source"]) == [str(folder / f"p{i}.mrc") for i in range(5)]
+    want = _features(engine, stack)
+    np.testing.assert_allclose(frame[emb].to_numpy(), want["embedding"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(frame[["pose_w", "pose_x", "pose_y", "pose_z"]].to_numpy(),
+                               want["pose"], atol=1e-6)
+    np.testing.assert_allclose(frame["global_weight"], want["global_weight"], atol=1e-6)
+    assert np.allclose(np.linalg.norm(want["pose"], axis=1), 1, atol=1e-5)
+    meta = pq.read_schema(out).metadata
+    assert meta[b"checkpoint_sha256"].decode() == sha256_of(model)
+    assert json.loads(meta[b"cryolens"])["checkpoint_name"] == "small.safetensors"
+    assert not (tmp_path / "emb.parquet.parts").exists()
+    # running it again does nothing: the output is complete
+    assert _cli("embed", folder, "-o", out, "-c", model, "--device", "cpu", "--quiet") == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_embed_every_input_format(tmp_path, model, engine, stack):
+    import h5py
+    import pandas as pd
+    import zarr
+
+    np.save(tmp_path / "s.npy", stack[:2])
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f["particles"] = stack[2:4]
+    zarr.open_group(str(tmp_path / "s.zarr"), mode="w").create_dataset("p", data=stack[4:])
+    write_mrc(tmp_path / "s.mrcs", stack[:3].reshape(-1, BOX, BOX), image_stack=True)
+    out = tmp_path / "all.parquet"
+    sources = [tmp_path / n for n in ("s.npy", "s.h5", "s.zarr", "s.mrcs")]
+    assert _cli("embed", *sources, "-o", out, "-c", model, "--device", "cpu", "--quiet") == 0
+    frame = pd.read_parquet(out)
+    assert list(frame["format"]) == ["npy"] * 2 + ["hdf5"] * 2 + ["zarr"] + ["mrc"] * 3
+    assert list(frame["index"]) == [0, 1, 0, 1, 0, 0, 1, 2]
+    want = _features(engine, np.concatenate([stack, stack[:3]]))["embedding"]
+    got = frame[[f"embedding_{k}" for k in range(want.shape[1])]].to_numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_embed_copick_to_cryolens_hdf5_layout(tmp_path, model, engine, project):
+    import h5py
+
+    config, _ = project
+    out = tmp_path / "emb.h5"
+    assert _cli("embed", config, "--object", "ribosome", "--voxel-spacing", 10, "-o", out,
+                "-c", model, "--device", "cpu", "--quiet") == 0
+    boxes, _ = load_particles(config, copick=CopickOptions(object="ribosome"))
+    want = _features(engine, boxes)
+    with h5py.File(out, "r") as f:
+        assert sorted(f) == ["TS_1", "TS_2", "metadata"]
+        g = f["TS_1"]
+        for name in ("embeddings", "log_var", "pose", "pose_quaternion", "global_weight",
+                     "coordinates_angstrom", "coordinates_voxel", "structure_labels",
+                     "orientations", "voxel_spacings", "session_ids", "user_ids", "edge"):
+            assert name in g, name
+        assert g.attrs["n_particles"] == 3
+        assert g["embeddings"].shape == (3, engine.config.latent_dims)
+        assert g["global_weight"].shape == (3, 1)
+        np.testing.assert_allclose(g["embeddings"][:], want["embedding"][:3], atol=1e-6)
+        np.testing.assert_allclose(g["pose"][:], want["pose_axis_angle"][:3], atol=1e-6)
+        np.testing.assert_allclose(g["pose_quaternion"][:], want["pose"][:3], atol=1e-6)
+        np.testing.assert_allclose(g["log_var"][:], want["log_variance"][:3], atol=1e-6)
+        assert g["coordinates_angstrom"][0].tolist() == [485.0, 476.0, 314.0]
+        assert g["coordinates_voxel"][0].tolist() == [49, 48, 31]
+        assert g["edge"][:].tolist() == [False, True, True]
+        assert g["structure_labels"][:].tolist() == [b"ribosome"] * 3
+        meta = f["metadata"]
+        assert meta.attrs["checkpoint_sha256"] == sha256_of(model)
+        assert meta.attrs["total_particles"] == 4 and meta.attrs["runs_processed"] == 2
+        assert meta["structures"][:].tolist() == [b"ribosome"]
+
+
+def test_embed_resumes_after_an_interruption_without_duplicates(tmp_path, model, engine,
+                                                                 folder):
+    import pandas as pd
+
+    from cryolens.commands.embed import embed, engine_compute
+    from cryolens.io import open_particles
+
+    out = tmp_path / "emb.parquet"
+    particles = open_particles(folder)
+
+    def stop(done):
+        raise KeyboardInterrupt
+
+    identity = {"sources": [str(folder.resolve())], "read": None, "copick": None,
+                "checkpoint_sha256": sha256_of(model), "server": None}
+    with pytest.raises(KeyboardInterrupt):
+        embed(particles, engine_compute(engine), out, identity=identity, metadata={},
+              batch_size=2, progress=False, after_batch=stop)
+    parts = tmp_path / "emb.parquet.parts"
+    assert not out.exists() and len(list(parts.glob("part-*.parquet"))) == 1
+    computed = []
+    compute = engine_compute(engine)
+
+    def counting(volumes):
+        computed.append(len(volumes))
+        return compute(volumes)
+
+    summary = embed(particles, counting, out, identity=identity, metadata={}, batch_size=2,
+                    progress=False)
+    assert computed == [2, 1] and summary["n"] == 3 and "resumed" in summary["line"]
+    resumed = pd.read_parquet(out)
+    whole = tmp_path / "whole.parquet"
+    embed(particles, compute, whole, identity=identity, metadata={}, batch_size=2,
+          progress=False)
+    assert resumed["particle_key"].is_unique and len(resumed) == 5
+    pd.testing.assert_frame_equal(resumed, pd.read_parquet(whole))
+    # another model's unfinished parts are not mixed in
+    with pytest.raises(KeyboardInterrupt):
+        embed(particles, compute, out.with_name("x.parquet"), identity=identity, metadata={},
+              batch_size=2, progress=False, after_batch=stop)
+    other = {**identity, "checkpoint_sha256": "0" * 64}
+    with pytest.raises(ValueError, match="other inputs or another model"):
+        embed(particles, compute, out.with_name("x.parquet"), identity=other, metadata={},
+              progress=False)
+
+
+def test_reconstruct_keeps_voxel_size_and_origin_and_writes_segments(tmp_path, model, engine,
+                                                                     stack, capsys):
+    source = write_mrc(tmp_path / "one.mrc", stack[0], voxel_size=10.02,
+                       origin=(120.0, -40.0, 8.5))
+    out = tmp_path / "rec.mrc"
+    assert _cli("reconstruct", source, "-o", out, "-c", model, "--device", "cpu",
+                "--pose", "predicted", "--segments") == 0
+    want = run(engine, Operation(kind="reconstruct", use_predicted_pose=True, segments=True),
+               stack[:1]).arrays
+    for path, key in ((out, "reconstruction"), (tmp_path / "rec_affinity.mrc",
+                                                "affinity_reconstruction"),
+                      (tmp_path / "rec_free.mrc", "free_reconstruction")):
+        with mrcfile.open(path) as mrc:
+            np.testing.assert_allclose(mrc.data, want[key][0], atol=1e-5)
+            assert mrc.voxel_size.x == pytest.approx(10.02, abs=1e-4)
+            origin = mrc.header.origin
+            assert (float(origin.x), float(origin.y), float(origin.z)) == (120.0, -40.0, 8.5)
+    # many particles go to a folder; the default pose is the identity
+    stack_file = write_mrc(tmp_path / "s.mrcs", stack[:3])
+    assert _cli("reconstruct", stack_file, "-o", tmp_path / "recs", "-c", model,
+                "--device", "cpu") == 0
+    files = sorted(p.name for p in (tmp_path / "recs").iterdir())
+    assert files == ["s_0.mrc", "s_1.mrc", "s_2.mrc"]
+    identity = run(engine, Operation(kind="reconstruct"), stack[:3]).arrays["reconstruction"]
+    with mrcfile.open(tmp_path / "recs" / "s_2.mrc") as mrc:
+        np.testing.assert_allclose(mrc.data, identity[2], atol=1e-5)
+    capsys.readouterr()
+    assert _cli("reconstruct", stack_file, "-o", tmp_path / "x.mrc", "-c", model) == 2
+    assert "give a folder" in capsys.readouterr().err
+
+
+def test_reconstruct_copick_boxes_land_in_the_tomogram(tmp_path, model, project):
+    config, _ = project
+    out = tmp_path / "boxes"
+    assert _cli("reconstruct", config, "--object", "ribosome", "--run", "TS_1", "-o", out,
+                "-c", model, "--device", "cpu") == 0
+    name = "TS_1_ribosome_tester_0_0.mrc"
+    with mrcfile.open(out / name) as mrc:
+        origin = mrc.header.origin
+        assert (float(origin.x), float(origin.y), float(origin.z)) == (250.0, 240.0, 70.0)
+        assert mrc.voxel_size.x == pytest.approx(10.0)
+    assert len(list(out.iterdir())) == 3
+
+
+def test_show_and_map_write_pictures(tmp_path, model, folder, project, capsys):
+    png = tmp_path / "slices.png"
+    assert _cli("show", folder, "-o", png, "-c", model, "--device", "cpu",
+                "--max-particles", 2) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "2 of 5 particles" in capsys.readouterr().out
+    config, _ = project
+    emb = tmp_path / "emb.parquet"
+    assert _cli("embed", config, folder, "--object", "ribosome", "-o", emb, "-c", model,
+                "--device", "cpu", "--quiet") == 0
+    picture = tmp_path / "map.png"
+    assert _cli("map", emb, "-o", picture, "--color-by", "run", "--no-umap") == 0
+    assert picture.read_bytes()[:4] == b"\x89PNG"
+    assert "coloured by run" in capsys.readouterr().out
+    assert _cli("map", emb, "-o", picture, "--dims", "affinity") == 0  # default: by object
+    assert _cli("map", emb, "-o", picture, "--color-by", "nope") == 2
+
+
+def test_info_reports_parameters_hash_and_v001(model, capsys):
+    assert _cli("info", model) == 0
+    out = capsys.readouterr().out
+    assert sha256_of(model) in out and "published v001: no" in out
+    assert "latent_dims    8" in out and "parameters" in out
+
+
+def test_wrong_inputs_are_one_line_errors(tmp_path, model, stack, capsys):
+    source = write_mrc(tmp_path / "coarse.mrc", stack[0], voxel_size=20.0)
+    assert _cli("embed", source, "-o", tmp_path / "e.parquet", "-c", model) == 2
+    err = capsys.readouterr().err
+    assert "voxel size 20 A, but the model expects 10 A" in err and "Traceback" not in err
+    assert _cli("embed", source, "-o", tmp_path / "e.csv", "-c", model) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cryolens.client") is None,
+                    reason="cryolens.client (the HTTP client) is not on this branch yet")
+@pytest.mark.slow
+def test_embed_against_a_server_matches_in_process(tmp_path, model, engine, folder, stack):
+    import pandas as pd
+    from server_helpers import start_cli_server
+
+    server = start_cli_server(model)
+    try:
+        out = tmp_path / "remote.parquet"
+        assert _cli("embed", folder, "-o", out, "--server", server.url, "--quiet") == 0
+    finally:
+        server.stop()
+    frame = pd.read_parquet(out)
+    want = _features(engine, stack)
+    got = frame[[f"embedding_{k}" for k in range(want["embedding"].shape[1])]].to_numpy()
+    np.testing.assert_allclose(got, want["embedding"], atol=1e-5)
