@@ -9,7 +9,6 @@ errors exit 2); ``--log-level debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import fields
