@@ -44,10 +44,12 @@ class CountingEngine:
     def __init__(self, engine: Engine, gate: threading.Event | None = None) -> None:
         self.engine, self.gate = engine, gate
         self.calls: list[int] = []
+        self.entered = threading.Event()  # a batch has reached the engine
         self.box_shape, self.device = engine.box_shape, engine.device
         self.config, self.checkpoint = engine.config, None
 
     def features(self, volumes):
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait(10)
         volumes = np.asarray(volumes)
@@ -76,15 +78,26 @@ def in_threads(calls):
 
 
 @contextmanager
-def worker_held(client, volume, gate: threading.Event, release_after_s: float):
+def worker_held(client, volume, gate: threading.Event, queued: int, hold_s: float = 0.0):
     """One request holds the worker (its engine waits on ``gate``) while the block queues
-    more; the gate opens ``release_after_s`` later."""
+    more; the gate opens once ``queued`` jobs wait (and ``hold_s`` more seconds have passed),
+    so the test does not depend on how fast this machine parses requests."""
     first = threading.Thread(target=post_features, args=(client, volume))
     first.start()
-    time.sleep(0.3)
-    threading.Timer(release_after_s, gate.set).start()
+    client.app.state.worker.engine.entered.wait(30)  # the first job holds the worker
+
+    def release() -> None:
+        worker, deadline = client.app.state.worker, time.monotonic() + 30
+        while worker.pending < queued and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(hold_s)
+        gate.set()
+
+    opener = threading.Thread(target=release)
+    opener.start()
     yield
     first.join()
+    opener.join()
 
 
 def test_batched_requests_get_their_own_numbers(engine, volumes):
@@ -92,7 +105,7 @@ def test_batched_requests_get_their_own_numbers(engine, volumes):
     counting = CountingEngine(engine, gate)
     app = create_app(Settings(batch_wait_ms=50, max_batch_size=32), engine=counting)
     with TestClient(app) as client:
-        with worker_held(client, volumes[0], gate, 0.5):  # the other five queue: one batch
+        with worker_held(client, volumes[0], gate, queued=5):  # the five queue: one batch
             answers = in_threads([lambda v=v: post_features(client, v) for v in volumes[1:]])
         metrics = client.get("/metrics").text
     assert counting.calls[0] == 1 and 5 in counting.calls[1:], counting.calls
@@ -117,7 +130,7 @@ def test_a_job_past_its_deadline_is_answered_504_and_never_run(engine, volumes):
     counting = CountingEngine(engine, gate)
     app = create_app(Settings(request_timeout_s=1, batch_wait_ms=0), engine=counting)
     with TestClient(app) as client:
-        with worker_held(client, volumes[0], gate, 1.5):
+        with worker_held(client, volumes[0], gate, queued=1, hold_s=1.2):
             late = post_features(client, volumes[1])
         metrics = client.get("/metrics").text
     assert late.status_code == 504 and "request timeout" in late.json()["detail"]
@@ -132,7 +145,7 @@ def test_a_failure_inside_a_batch_costs_only_the_request_at_fault(engine, volume
     bad = volumes[2].copy()
     bad[0, 0, 0] = 7
     with TestClient(app, raise_server_exceptions=False) as client:
-        with worker_held(client, volumes[0], gate, 0.5):
+        with worker_held(client, volumes[0], gate, queued=2):
             good, failed = in_threads([lambda: post_features(client, volumes[1]),
                                        lambda: post_features(client, bad)])
         after = post_features(client, volumes[3])
