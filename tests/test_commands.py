@@ -209,7 +209,7 @@ def test_reconstruct_keeps_voxel_size_and_origin_and_writes_segments(tmp_path, m
     with mrcfile.open(tmp_path / "recs" / "s_2.mrc") as mrc:
         np.testing.assert_allclose(mrc.data, identity[2], atol=1e-5)
     capsys.readouterr()
-    assert _cli("reconstruct", stack_file, "-o", tmp_path / "x.mrc", "-c", model) == 2
+    assert _cli("reconstruct", stack_file, "-o", tmp_path / "x.mrc", "-c", model) == 1
     assert "give a folder" in capsys.readouterr().err
 
 
@@ -241,7 +241,7 @@ def test_show_and_map_write_pictures(tmp_path, model, folder, project, capsys):
     assert picture.read_bytes()[:4] == b"\x89PNG"
     assert "coloured by run" in capsys.readouterr().out
     assert _cli("map", emb, "-o", picture, "--dims", "affinity") == 0  # default: by object
-    assert _cli("map", emb, "-o", picture, "--color-by", "nope") == 2
+    assert _cli("map", emb, "-o", picture, "--color-by", "nope") == 1
 
 
 def test_info_reports_parameters_hash_and_v001(model, capsys):
@@ -253,10 +253,10 @@ def test_info_reports_parameters_hash_and_v001(model, capsys):
 
 def test_wrong_inputs_are_one_line_errors(tmp_path, model, stack, capsys):
     source = write_mrc(tmp_path / "coarse.mrc", stack[0], voxel_size=20.0)
-    assert _cli("embed", source, "-o", tmp_path / "e.parquet", "-c", model) == 2
+    assert _cli("embed", source, "-o", tmp_path / "e.parquet", "-c", model) == 1
     err = capsys.readouterr().err
     assert "voxel size 20 A, but the model expects 10 A" in err and "Traceback" not in err
-    assert _cli("embed", source, "-o", tmp_path / "e.csv", "-c", model) == 2
+    assert _cli("embed", source, "-o", tmp_path / "e.csv", "-c", model) == 1
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cryolens.client") is None,

@@ -179,7 +179,7 @@ def build_parser() -> ArgumentParser:
         add(sub, common)
     from cryolens.commands import register  # embed, reconstruct, show, map
 
-    register(sub)
+    register(sub, common)
     return parser
 
 

@@ -1,7 +1,7 @@
 """Console sub-commands for people with their own particles: ``embed``, ``reconstruct``,
 ``show``, ``map`` and ``info``.
 
-Each module has ``add_parser(subparsers)`` and ``run(args) -> int``; :func:`register` adds them
+Each module has ``add_parser(subparsers, common)`` and ``run(args) -> int``; :func:`register` adds them
 all to the ``cryolens`` parser (``cryolens.cli``).
 """
 from __future__ import annotations
@@ -13,9 +13,10 @@ from importlib import import_module
 COMMANDS = ("embed", "reconstruct", "show", "map")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add each command; ``common`` holds the options every command shares (--log-level)."""
     for name in COMMANDS:
-        import_module(f"cryolens.commands.{name}").add_parser(subparsers)
+        import_module(f"cryolens.commands.{name}").add_parser(subparsers, common)
 
 
 __all__ = ["COMMANDS", "register"]

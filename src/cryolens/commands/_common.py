@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 
-from cryolens.errors import CryoLensError
 from cryolens.io import MODEL_BOX, MODEL_VOXEL_SIZE, CopickOptions, ParticleSet, ReadOptions
 
 SOURCES_HELP = ("particles: MRC/MRCS files (one particle each, or stacks), folders of them, "
@@ -88,16 +86,3 @@ def load_engine(args: argparse.Namespace):
     return Engine.from_checkpoint(args.checkpoint, device=args.device)
 
 
-def reports_errors(run):
-    """A command's own mistakes (bad input, missing checkpoint) as one line and exit code 2,
-    not a traceback."""
-
-    @functools.wraps(run)
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except CryoLensError as exc:
-            print(f"cryolens {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-
-    return wrapper

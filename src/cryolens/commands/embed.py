@@ -47,7 +47,6 @@ from cryolens.commands._common import (
     load_engine,
     open_from_args,
     read_options,
-    reports_errors,
 )
 from cryolens.errors import InputError
 from cryolens.io import RECORD_COLUMNS, ParticleRecord, ParticleSet
@@ -59,9 +58,8 @@ FORMATS = {".parquet": "parquet", ".pq": "parquet", ".h5": "hdf5", ".hdf5": "hdf
 STATE = "state.json"
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "embed", help="embed your particles: one row per particle (Parquet or HDF5)",
+def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser("embed", parents=[common], help="embed your particles: one row per particle (Parquet or HDF5)",
         description=__doc__.split("\n\n")[0])
     p.add_argument("sources", nargs="+", metavar="SOURCE", help=SOURCES_HELP)
     p.add_argument("-o", "--output", required=True,
@@ -79,7 +77,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-@reports_errors
 def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix.lower() not in FORMATS:

@@ -6,11 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from cryolens.commands._common import reports_errors
 
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("info", help="list named checkpoints, or describe one",
+def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser("info", parents=[common], help="list named checkpoints, or describe one",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", nargs="?", default=None,
                    help="a name (demo, v001), URL or file (default: list the named ones)")
@@ -35,7 +33,6 @@ def describe(source) -> dict:
     }
 
 
-@reports_errors
 def run(args: argparse.Namespace) -> int:
     from cryolens.checkpoints import list_checkpoints
 

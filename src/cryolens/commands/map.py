@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cryolens.commands._common import reports_errors
 from cryolens.errors import InputError
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("map", help="a 2-D map (PCA, UMAP) of embeddings from `embed`",
+def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser("map", parents=[common], help="a 2-D map (PCA, UMAP) of embeddings from `embed`",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("embeddings", help="a Parquet file written by `cryolens embed`")
     p.add_argument("-o", "--output", default="map.png",
@@ -57,7 +56,6 @@ def umap_2d(embeddings: np.ndarray) -> np.ndarray | None:
     return umap.UMAP(n_neighbors=neighbours, random_state=0).fit_transform(embeddings)
 
 
-@reports_errors
 def run(args: argparse.Namespace) -> int:
     from cryolens.commands.embed import embedding_columns
     from cryolens.plots import pca_2d, scatter_figure

@@ -13,7 +13,6 @@ from cryolens.commands._common import (
     add_input_options,
     load_engine,
     open_from_args,
-    reports_errors,
 )
 from cryolens.errors import InputError
 from cryolens.io import MODEL_VOXEL_SIZE, ParticleRecord
@@ -21,8 +20,8 @@ from cryolens.io import MODEL_VOXEL_SIZE, ParticleRecord
 MRC_OUT = (".mrc", ".map")
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("reconstruct", help="reconstruct your particles as MRC files",
+def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser("reconstruct", parents=[common], help="reconstruct your particles as MRC files",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("sources", nargs="+", metavar="SOURCE", help=SOURCES_HELP)
     p.add_argument("-o", "--output", required=True,
@@ -48,7 +47,6 @@ def output_voxel_size(record: ParticleRecord) -> float:
     return record.voxel_size
 
 
-@reports_errors
 def run(args: argparse.Namespace) -> int:
     from cryolens.formats import write_mrc
     from cryolens.operations import Operation

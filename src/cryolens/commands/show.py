@@ -11,14 +11,13 @@ from cryolens.commands._common import (
     add_input_options,
     load_engine,
     open_from_args,
-    reports_errors,
 )
 
 COLUMNS = ("input", "reconstruction", "affinity part", "free part")
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("show", help="a PNG of particles beside their reconstructions",
+def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser("show", parents=[common], help="a PNG of particles beside their reconstructions",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("sources", nargs="+", metavar="SOURCE", help=SOURCES_HELP)
     p.add_argument("-o", "--output", default="slices.png",
@@ -48,7 +47,6 @@ def show(engine, volumes, labels, out, *, pose: str = "predicted", title: str | 
     return arrays
 
 
-@reports_errors
 def run(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     particles = open_from_args(args, box=engine.config.box_size)
