@@ -84,5 +84,3 @@ def load_engine(args: argparse.Namespace):
     from cryolens.engine import Engine
 
     return Engine.from_checkpoint(args.checkpoint, device=args.device)
-
-
