@@ -22,8 +22,8 @@ NPY_MAGIC = b"\x93NUMPY"
 #: Longest ``.npy`` header accepted (numpy itself caps it at 10,000 bytes by default).
 MAX_NPY_HEADER = 10_000
 _MRC_HEADER_BYTES = 1024
-#: MRC modes CryoLens reads: int8, int16, float32, (complex: no), uint16, float16.
-_MRC_MODES = {0: np.int8, 1: np.int16, 2: np.float32, 6: np.uint16, 12: np.float16}
+#: MRC modes that hold real voxels: int8, int16, float32, uint16, float16.
+_MRC_MODES = {0: "i1", 1: "i2", 2: "f4", 6: "u2", 12: "f2"}
 _REAL_KINDS = "fiu"
 
 
@@ -83,50 +83,91 @@ def _npy_header(text: bytes, field: str) -> tuple[np.dtype, tuple[int, ...], boo
     return dtype, shape, bool(fortran)
 
 
-def read_mrc(body: bytes | memoryview, field: str = "body") -> Volumes:
-    """An MRC/MRCS file from bytes: (D, H, W) for one map, (N, D, H, W) for a stack (MRCS, or
-    ispg 0 with nz > 1 read as a volume). The header is checked before the data is read."""
-    import mrcfile
-    from mrcfile.mrcinterpreter import MrcInterpreter
+class MrcModeError(ValueError):
+    """A well-formed MRC file whose voxels are not real numbers (e.g. complex, mode 4)."""
 
-    view = memoryview(body)
-    if len(view) < _MRC_HEADER_BYTES:
-        raise MalformedBody(f"{field} is not an MRC file: {len(view)} bytes is shorter than "
-                            f"the 1024-byte header", field=field)
-    head = np.frombuffer(view[:_MRC_HEADER_BYTES], dtype=mrcfile.dtypes.HEADER_DTYPE)[0]
-    if bytes(head["map"]) != b"MAP ":
-        swapped = head.view(head.dtype.newbyteorder())  # big-endian files
-        if bytes(swapped["map"]) == b"MAP ":
-            head = swapped
-        else:
-            raise MalformedBody(f"{field} is not an MRC file (no 'MAP ' marker at byte 208)",
-                                field=field)
-    mode = int(head["mode"])
+
+@dataclass
+class MrcLayout:
+    """Where an MRC file's particles lie: ``count`` particles of ``shape`` (z, y, x) voxels of
+    ``dtype`` (in the file's byte order) from byte ``offset``; ``header`` is mrcfile's header
+    record (file byte order), ``voxel_size`` angstrom (x, y, z) or None when the file says 0."""
+
+    header: np.void
+    dtype: np.dtype
+    offset: int
+    count: int
+    shape: tuple[int, int, int]
+    voxel_size: tuple[float, float, float] | None
+
+
+def mrc_layout(head: bytes | memoryview | np.ndarray, size: int, name: str = "") -> MrcLayout:
+    """Check an MRC header as strictly as ``mrcfile`` (``permissive=False``) does, and more:
+    the 'MAP ' marker, a known machine stamp, a real-valued mode, positive sizes and a file of
+    exactly ``size`` bytes. ``head`` holds at least the first 1024 bytes; ``name`` (the file's
+    name) tells an ``.mrcs`` (see :func:`mrc_particles`). Raises ValueError saying what is
+    wrong."""
+    from mrcfile.dtypes import HEADER_DTYPE
+
+    if size < _MRC_HEADER_BYTES:
+        raise ValueError(f"{size} bytes is shorter than the 1024-byte header")
+    raw = np.frombuffer(memoryview(head)[:_MRC_HEADER_BYTES], np.uint8)
+    if raw[208:212].tobytes() != b"MAP ":
+        raise ValueError("no 'MAP ' marker at byte 208")
+    stamp = raw[212:214].tobytes()
+    if stamp in (b"\x44\x44", b"\x44\x41"):
+        order = "<"
+    elif stamp == b"\x11\x11":
+        order = ">"
+    else:
+        raise ValueError(f"unrecognised machine stamp {raw[212:216].tobytes()!r}")
+    header = raw.view(HEADER_DTYPE.newbyteorder(order))[0]
+    mode = int(header["mode"])
     if mode not in _MRC_MODES:
-        raise InputError(f"{field}: MRC mode {mode} is not a real-valued volume (use mode 0, "
-                         f"1, 2, 6 or 12)", field=field)
-    dims = [int(head[k]) for k in ("nx", "ny", "nz")]
-    if min(dims) <= 0:
-        raise MalformedBody(f"{field}: MRC dimensions {dims} must be positive", field=field)
-    expected = _MRC_HEADER_BYTES + int(head["nsymbt"]) + \
-        int(np.prod(dims, dtype=np.int64)) * np.dtype(_MRC_MODES[mode]).itemsize
-    if len(view) != expected:
-        raise MalformedBody(f"{field}: the MRC header declares {dims[2]}x{dims[1]}x{dims[0]} "
-                            f"voxels of mode {mode} ({expected} bytes with the header) but the "
-                            f"body holds {len(view)}", field=field)
+        raise MrcModeError(f"MRC mode {mode} is not a real-valued volume (use mode 0, 1, 2, 6 "
+                           "or 12)")
+    nx, ny, nz = (int(header[k]) for k in ("nx", "ny", "nz"))
+    if min(nx, ny, nz) <= 0:
+        raise ValueError(f"dimensions {[nx, ny, nz]} must be positive")
+    dtype = np.dtype(_MRC_MODES[mode]).newbyteorder(order)
+    offset = _MRC_HEADER_BYTES + int(header["nsymbt"])
+    expected = offset + nx * ny * nz * dtype.itemsize
+    if size != expected:
+        raise ValueError(f"the header declares {nz}x{ny}x{nx} voxels of mode {mode} ({expected} "
+                         f"bytes with the header) but the file holds {size}")
+    count, shape = mrc_particles(header, name)
+    cella, grid = header["cella"], [int(header[k]) for k in ("mx", "my", "mz")]
+    voxel = tuple(float(cella[a]) / n if n > 0 else 0.0 for a, n in zip("xyz", grid, strict=True))
+    return MrcLayout(header, dtype, offset, count, shape, voxel if any(voxel) else None)
+
+
+def mrc_particles(header, name: str = "") -> tuple[int, tuple[int, int, int]]:
+    """(count, (z, y, x) shape) of the particles an MRC header describes: a volume stack
+    (ispg 401-630) holds nz / mz volumes; cubes written as an image stack (an ``.mrcs``, or
+    ispg 0, with nz a multiple of ny = nx) hold nz / ny; anything else is one map."""
+    nx, ny, nz = (int(header[k]) for k in ("nx", "ny", "nz"))
+    ispg, mz = int(header["ispg"]), int(header["mz"])
+    if 401 <= ispg <= 630 and mz > 0 and nz % mz == 0:
+        return nz // mz, (mz, ny, nx)
+    if (ispg == 0 or name.lower().endswith(".mrcs")) and nx == ny and nz > ny and nz % ny == 0:
+        return nz // ny, (ny, ny, nx)
+    return 1, (nz, ny, nx)
+
+
+def read_mrc(body: bytes | memoryview, field: str = "body") -> Volumes:
+    """An MRC/MRCS file from bytes: (D, H, W) for one map, (N, D, H, W) for a stack. The
+    header is checked (:func:`mrc_layout`) before the data is touched."""
+    view = memoryview(body)
     try:
-        mrc = MrcInterpreter(iostream=io.BytesIO(view), permissive=False)
-    except Exception as exc:  # noqa: BLE001 - mrcfile's own message says what is wrong
-        raise MalformedBody(f"{field}: not a valid MRC file: {exc}", field=field) from None
-    data = mrc.data
-    if mrc.is_image_stack() and data.shape[1:] == (data.shape[1],) * 2 and \
-            data.shape[0] % data.shape[1] == 0 and data.shape[0] > data.shape[1]:
-        # an MRCS of cubes written as one image stack: N*S images of S x S
-        side = data.shape[1]
-        data = data.reshape(-1, side, side, side)
-    size = mrc.voxel_size
-    voxel = (float(size.x), float(size.y), float(size.z))
-    return Volumes(data, voxel if any(voxel) else None)
+        layout = mrc_layout(view, len(view))
+    except MrcModeError as exc:
+        raise InputError(f"{field}: {exc}", field=field) from None
+    except ValueError as exc:
+        raise MalformedBody(f"{field} is not an MRC file that can be read: {exc}",
+                            field=field) from None
+    data = np.frombuffer(view, layout.dtype, count=layout.count * int(np.prod(layout.shape)),
+                         offset=layout.offset).reshape(layout.count, *layout.shape)
+    return Volumes(data if layout.count > 1 else data[0], layout.voxel_size)
 
 
 def sniff(body: bytes | memoryview, field: str = "body") -> Volumes:

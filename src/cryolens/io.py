@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cryolens import formats
 from cryolens.errors import InputError
 
 #: What CryoLens models expect: a 48^3 box at 10 angstrom per voxel.
@@ -159,51 +160,10 @@ def _voxel_from(value, where: str) -> float | None:
     return float(sizes[0])
 
 
-#: MRC modes that hold real voxels: int8, int16, float32, uint16, float16.
-_MRC_MODES = {0: "i1", 1: "i2", 2: "f4", 6: "u2", 12: "f2"}
-_MRC_HEADER = 1024
-
-
-def _strict_mrc_header(path: Path):
-    """The header of an MRC file, checked as strictly as ``mrcfile`` (``permissive=False``)
-    checks it, and more: the 'MAP ' marker, a known machine stamp, a real-valued mode,
-    positive sizes, and a file exactly as long as the header says. Returns the header
-    (``mrcfile``'s header dtype, in the file's byte order), the data's dtype and offset."""
-    from mrcfile.dtypes import HEADER_DTYPE
-
-    size = path.stat().st_size
-    if size < _MRC_HEADER:
-        raise ValueError(f"{size} bytes is shorter than the 1024-byte header")
-    raw = np.fromfile(path, dtype=np.uint8, count=_MRC_HEADER)
-    if raw[208:212].tobytes() != b"MAP ":
-        raise ValueError("no 'MAP ' marker at byte 208")
-    stamp = raw[212:214].tobytes()
-    if stamp in (b"\x44\x44", b"\x44\x41"):
-        order = "<"
-    elif stamp == b"\x11\x11":
-        order = ">"
-    else:
-        raise ValueError(f"unrecognised machine stamp {raw[212:216].tobytes()!r}")
-    header = raw.view(HEADER_DTYPE.newbyteorder(order))[0]
-    mode = int(header["mode"])
-    if mode not in _MRC_MODES:
-        raise ValueError(f"mode {mode} is not a real-valued volume (use 0, 1, 2, 6 or 12)")
-    dims = [int(header[k]) for k in ("nx", "ny", "nz")]
-    if min(dims) <= 0:
-        raise ValueError(f"dimensions {dims} must be positive")
-    dtype = np.dtype(order + _MRC_MODES[mode])
-    offset = _MRC_HEADER + int(header["nsymbt"])
-    expected = offset + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if size != expected:
-        raise ValueError(f"the header declares {dims[2]}x{dims[1]}x{dims[0]} voxels of mode "
-                         f"{mode} ({expected} bytes with the header) but the file holds {size}")
-    return header, dtype, offset
-
-
 class _MrcReader(_Reader):
     """One MRC/MRCS file. Strict (the default): the header is checked by
-    :func:`_strict_mrc_header` and the data read directly; permissive: through ``mrcfile``'s
-    permissive mode, which reads what it can of damaged files."""
+    :func:`cryolens.formats.mrc_layout` and the data read directly; permissive: through
+    ``mrcfile``'s permissive mode, which reads what it can of damaged files."""
 
     def __init__(self, path: Path, options: ReadOptions) -> None:
         self.path, self.permissive = path, options.permissive
@@ -215,19 +175,13 @@ class _MrcReader(_Reader):
                     header = mrc.header
                 self.dtype, self.offset = None, None
             else:
-                header, self.dtype, self.offset = _strict_mrc_header(path)
+                layout = formats.mrc_layout(np.fromfile(path, np.uint8, count=1024),
+                                            path.stat().st_size, path.name)
+                header, self.dtype, self.offset = layout.header, layout.dtype, layout.offset
         except (ValueError, OSError) as exc:
             hint = "" if options.permissive else " (permissive=True / --permissive reads it anyway)"
             raise InputError(f"{path}: not a valid MRC file: {exc}{hint}", field="source") from exc
-        nx, ny, nz = int(header["nx"]), int(header["ny"]), int(header["nz"])
-        ispg, mz = int(header["ispg"]), int(header["mz"])
-        if 401 <= ispg <= 630 and mz > 0 and nz % mz == 0:
-            count, shape = nz // mz, (mz, ny, nx)  # a volume stack
-        elif (ispg == 0 or path.suffix.lower() == ".mrcs") and nx == ny and nz > ny \
-                and nz % ny == 0:
-            count, shape = nz // ny, (ny, ny, nx)  # cubes written as an image stack
-        else:
-            count, shape = 1, (nz, ny, nx)
+        count, shape = formats.mrc_particles(header, path.name)
         self.count, self.shape = count, shape
         cella, grid = header["cella"], [int(header[k]) for k in ("mx", "my", "mz")]
         sizes = [float(cella[a]) / n if n > 0 else 0.0 for a, n in zip("xyz", grid, strict=True)]
