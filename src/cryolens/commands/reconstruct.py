@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
                     written += 1
     finally:
         particles.close()
-    print(f"reconstructed {len(particles)} particles ({args.pose} pose); wrote {written} MRC "
+    noun = "particle" if len(particles) == 1 else "particles"
+    print(f"reconstructed {len(particles)} {noun} ({args.pose} pose); wrote {written} MRC "
           f"files to {out}", file=sys.stdout)
     return 0
 
