@@ -128,15 +128,14 @@ def zscore(batch: np.ndarray) -> Normalised:
     mean = np.empty(len(batch), np.float32)
     std = np.empty(len(batch), np.float32)
     out = np.empty_like(batch)
-    for i, volume in enumerate(batch):
-        # One volume at a time: numpy's float32 pairwise sums then match CryoLens to the bit.
-        with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is handled below
+        for i, volume in enumerate(batch):
+            # One volume at a time: numpy's float32 pairwise sums then match CryoLens to the bit.
             mean[i] = volume.mean()
             std[i] = volume.std()
-        if np.isfinite(mean[i]) and np.isfinite(std[i]):
             np.divide(volume - mean[i], std[i] + np.float32(NORM_EPS), out=out[i])
-        else:
-            mean[i], std[i], out[i] = _zscore_float64(volume)
+    for i in np.flatnonzero(~(np.isfinite(mean) & np.isfinite(std))):
+        mean[i], std[i], out[i] = _zscore_float64(batch[i])
     return Normalised(out, mean, std)
 
 
