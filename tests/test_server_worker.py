@@ -194,3 +194,14 @@ def test_metrics_count_what_was_sent(engine, volumes):
     assert 'cryolens_particles_total{operation="features"} 3.0' in text
     assert "process_resident_memory_bytes" in text and "cryolens_queue_depth 0.0" in text
     assert 'cryolens_request_seconds_count{endpoint="/extract_features"} 4.0' in text
+
+
+def test_a_lone_request_never_waits_for_company(engine, volumes):
+    """With nothing else on the way, a batch runs at once, however long --batch-wait-ms is."""
+    app = create_app(Settings(batch_wait_ms=20_000), engine=engine)
+    with TestClient(app) as client:
+        started = time.monotonic()
+        answers = [post_features(client, volumes[0]) for _ in range(3)]
+        took = time.monotonic() - started
+    assert [a.status_code for a in answers] == [200] * 3
+    assert took < 15  # three waits of 20 s would be 60 s

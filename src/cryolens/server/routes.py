@@ -279,16 +279,17 @@ def _add_model_routes(app: FastAPI, settings: Settings) -> None:
     def endpoint(path: str, *, request_model: type, options: type, field: str, batch: bool,
                  operation, payload, response_model: type, summary: str) -> None:
         async def handler(request: Request) -> Response:
-            engine = await loaded_engine(request, settings.request_timeout_s)
-            async with parse_room(request, settings.max_body_bytes):
-                parsed = await bodies.read_volumes(
-                    request, options, field, box=tuple(engine.box_shape),
-                    max_volumes=settings.max_volumes, batch=batch)
             worker = request.app.state.worker
             rid = request.scope.get("state", {}).get("request_id", "")
+            with worker.arriving():  # a batch being formed waits for this request
+                engine = await loaded_engine(request, settings.request_timeout_s)
+                async with parse_room(request, settings.max_body_bytes):
+                    parsed = await bodies.read_volumes(
+                        request, options, field, box=tuple(engine.box_shape),
+                        max_volumes=settings.max_volumes, batch=batch)
+                job = worker.enqueue(operation(parsed.options), parsed.volumes, rid)
             try:
-                result = await unless_disconnected(
-                    request, worker.submit(operation(parsed.options), parsed.volumes, rid))
+                result = await unless_disconnected(request, job)
             except ClientGone:
                 request.app.state.metrics.disconnected("waiting")
                 return Response(status_code=CLIENT_CLOSED)

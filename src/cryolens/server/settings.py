@@ -56,8 +56,8 @@ DEFAULT_RETRY_AFTER_S = 5
 DEFAULT_BATCH_SIZE = 32
 #: Most particles the worker gathers from waiting requests into one engine call.
 DEFAULT_MAX_BATCH_SIZE = 32
-#: Milliseconds the worker waits for more requests of the same kind before running a batch.
-DEFAULT_BATCH_WAIT_MS = 2
+#: Most milliseconds a batch waits for requests still being read (none arriving: no wait).
+DEFAULT_BATCH_WAIT_MS = 10
 #: Seconds a request may wait for the model (queue and load) before it is answered 504.
 DEFAULT_REQUEST_TIMEOUT_S = 60
 #: Bytes of request bodies being read and parsed at once, all requests together.
@@ -153,8 +153,8 @@ class Settings:
     max_batch_size: int = field(default=DEFAULT_MAX_BATCH_SIZE, metadata={
         "help": "most particles gathered from waiting requests into one engine call"})
     batch_wait_ms: int = field(default=DEFAULT_BATCH_WAIT_MS, metadata={
-        "help": "milliseconds the inference worker waits for more requests of the same kind "
-                "before it runs a batch (0: only what is already waiting)"})
+        "help": "most milliseconds a batch waits for requests whose bodies are still being "
+                "read (with none arriving it runs at once; 0: only what is already queued)"})
     request_timeout_s: int = field(default=DEFAULT_REQUEST_TIMEOUT_S, metadata={
         "help": "seconds a request may wait for the model (queue, loading) before it is "
                 "answered 504 and not run"})

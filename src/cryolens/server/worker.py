@@ -3,7 +3,8 @@
 Requests never run the model on the event loop: they put a :class:`Job` (an operation and its
 volumes: data, not a closure) on a bounded queue and await its future, so ``/health`` stays
 responsive whatever the load. The worker takes the oldest job, gathers every waiting job with
-the same operation (up to ``max_batch`` particles, waiting at most ``batch_wait_s`` for more),
+the same operation (up to ``max_batch`` particles, waiting at most ``batch_wait_s`` for
+requests whose bodies are still being read),
 runs them as one engine call and splits the results. A full queue raises
 :class:`~cryolens.errors.Busy` (503); a job whose deadline passed while it waited is answered
 :class:`~cryolens.errors.InferenceTimeout` (504) and never run; a job whose client went away
@@ -20,7 +21,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -88,6 +90,7 @@ class InferenceWorker:
         self._jobs: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._arriving = 0
         self._thread: threading.Thread | None = None
 
     @property
@@ -113,9 +116,29 @@ class InferenceWorker:
         if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
 
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Marks a request on its way to the queue (its body being read and parsed). While any
+        is, a batch being formed waits for it (at most ``batch_wait_s``); when none is, the
+        batch runs at once, so a lone client never waits for company."""
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arriving -= 1
+                self._cond.notify_all()
+
     async def submit(self, operation: Operation, volumes: np.ndarray, request_id: str = "",
                      ) -> Result:
         """Queue ``operation`` on ``volumes`` and wait for its result."""
+        return await self.enqueue(operation, volumes, request_id)
+
+    def enqueue(self, operation: Operation, volumes: np.ndarray, request_id: str = "",
+                ) -> asyncio.Future:
+        """Queue ``operation`` on ``volumes``; the future (of the running event loop) resolves
+        to its :class:`Result`. Cancelling the future drops the job if it has not run."""
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         job = Job(operation, volumes, loop.create_future(), loop, now + self.timeout_s,
@@ -128,7 +151,7 @@ class InferenceWorker:
                            f"retry in {self.retry_after_s} s")
             self._jobs.append(job)
             self._cond.notify()
-        return await job.future
+        return job.future
 
     # -- worker thread ----------------------------------------------------------------------
     def _main(self, on_failure: Callable[[BaseException], None]) -> None:
@@ -156,7 +179,7 @@ class InferenceWorker:
 
     def _take(self) -> list[Job] | None:
         """The oldest live job and every waiting job of the same operation, up to
-        ``max_batch`` particles, waiting up to ``batch_wait_s`` for more to arrive."""
+        ``max_batch`` particles, waiting up to ``batch_wait_s`` for requests still arriving."""
         with self._cond:
             while True:
                 while not self._jobs and not self._stopping:
@@ -177,7 +200,7 @@ class InferenceWorker:
                             group.append(job)
                             size += len(job.volumes)
                 left = until - time.monotonic()
-                if size >= self.max_batch or left <= 0 or self._stopping:
+                if size >= self.max_batch or left <= 0 or self._stopping or not self._arriving:
                     break
                 self._cond.wait(left)
             return group
