@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         return _serve(argv[1:])
     args = build_parser().parse_args(argv)
+    args.log_level = getattr(args, "log_level", "WARNING")  # the particle commands lack it
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
