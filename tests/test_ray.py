@@ -6,6 +6,7 @@ Skipped at once where Ray is not installed (``pip install 'cryolens-server[ray]'
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from cryolens.server.settings import Settings
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).parent / "ray")
+PREFER_LOCAL = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,10 @@ def model(tmp_path_factory):
 def cluster():
     """A local two-CPU Ray cluster owned by this process; ``ray.shutdown()`` stops exactly it."""
     temp = tempfile.mkdtemp(prefix="crt", dir="/tmp")  # short: Ray's socket paths must fit
+    # One proxy (on the head) for both nodes: by default it sends everything to the replica on
+    # its own node while that one has room, and the second node's replica would sit idle.
+    saved = os.environ.get(PREFER_LOCAL)
+    os.environ[PREFER_LOCAL] = "0"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
     try:
         yield ray.get_runtime_context().gcs_address
@@ -51,6 +57,11 @@ def cluster():
 
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+        if saved is None:
+            os.environ.pop(PREFER_LOCAL, None)
+        else:
+            os.environ[PREFER_LOCAL] = saved
 
 
 # -- cryolens embed --ray (first: Ray Data needs the cluster's CPUs free) ----------------------
