@@ -292,9 +292,9 @@ def serve_forever(settings: Settings, options: RayOptions, address: str | None,
                   prog: str = "cryolens serve") -> int:
     """``cryolens serve --ray``: start, print where, serve until SIGINT/SIGTERM, stop."""
     done = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: done.set())
     running = start(settings, options, address)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(signum, lambda *_: done.set())
     where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
     print(f"{prog}: serving {settings.checkpoint!r} on {running.url} through Ray Serve on "
           f"{where} ({options.replicas} replica(s), {options.replica_cpus:g} CPU and "
