@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -222,9 +223,15 @@ def ray_results(particles: ParticleSet, args: argparse.Namespace):
                 concurrency=actors, num_cpus=actor_cpus, num_gpus=actor_gpus,
                 fn_constructor_kwargs={"checkpoint": checkpoint, "device": device,
                                        "threads": max(1, int(actor_cpus))})
+            started, count = time.perf_counter(), 0
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 records = [ParticleRecord(**json.loads(text)) for text in batch["record"]]
+                count += len(records)
                 yield records, {name: batch[name] for name in RESULT_ARRAYS if name in batch}
+            seconds = time.perf_counter() - started
+            print(f"ray: {count} particles in {seconds:.1f} s once the cluster was up "
+                  f"({count / max(seconds, 1e-9):.1f} particles/s; actors started and model "
+                  "loaded in that time)", file=sys.stderr, flush=True)
         finally:
             if owns:
                 ray.shutdown()
