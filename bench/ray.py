@@ -1,13 +1,14 @@
 """The plain server against Ray Serve, and ``cryolens embed`` against ``cryolens embed --ray``,
 on this machine.
 
-Run: python bench/ray.py [--checkpoint demo] [--seconds 30] [--clients 16] [--particles 2048]
-     [--skip-serve] [--skip-data]
+Run: python bench/ray.py [--checkpoint demo] [--seconds 15] [--rounds 3] [--clients 16]
+     [--particles 2048] [--skip-serve] [--skip-data] [--ray-env RAY_SERVE_ENABLE_HA_PROXY=1]
 
 1. HTTP: the same load against ``cryolens-server`` (uvicorn, one worker) and against
    ``cryolens serve --ray`` (a local one-node Ray cluster, one replica with every CPU):
    ``--clients`` threads, each posting one 48^3 particle as .npy to ``/extract_features`` and
-   asking for .npz, as fast as answers come, for ``--seconds`` after a short warm-up. Prints
+   asking for .npz, as fast as answers come, for ``--seconds`` after a short warm-up, taking
+   turns ``--rounds`` times (both servers stay up, so both see the same machine). Prints
    requests/s, p50/p99 latency, errors, the CPU time all the server's processes spent per
    request (Ray's GCS, raylet, proxy and controller included) and their summed RSS.
 2. Embedding: ``--particles`` simulated particles in one .npy, embedded in-process and with
@@ -187,36 +188,56 @@ def load(url: str, pid: int, seconds: float, clients: int) -> dict:
 
 
 def bench_serve(args) -> None:
+    """Both servers up at once; the load goes to each in turn, ``--rounds`` times, so that
+    both see the same machine (its other users come and go)."""
     common = ["-c", args.checkpoint, "--device", "cpu", "--host", "127.0.0.1",
               "--log-level", "warning"]
     cpus = os.cpu_count() or 1
+    ray_tmp = tempfile.mkdtemp(prefix="bray", dir="/tmp")
+    ray_env = {"RAY_TMPDIR": ray_tmp, **dict(item.split("=", 1) for item in args.ray_env)}
+    if ray_env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":  # its files in our temp dir, not /tmp
+        ray_env.update({"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{ray_tmp}/hap/haproxy.cfg",
+                        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{ray_tmp}/hap/admin.sock",
+                        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": f"{ray_tmp}/hap",
+                        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{ray_tmp}/hap/state"})
     runs = [("uvicorn (cryolens-server)", [str(BIN / "cryolens-server"), *common], {}),
-            (f"Ray Serve (1 replica, {cpus} CPUs)",
+            (f"Ray Serve (1 replica, {cpus} CPUs){' +' + ','.join(args.ray_env) if args.ray_env else ''}",
              [str(BIN / "cryolens"), "serve", *common, "--ray", "--replica-cpus", str(cpus)],
-             {"RAY_TMPDIR": tempfile.mkdtemp(prefix="bray", dir="/tmp")})]
-    results = {}
-    for name, command, env in runs:
-        port = free_port()
-        server = Server([*command, "--port", str(port)], port, env)
-        try:
+             ray_env)]
+    servers, ready = {}, {}
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in runs}
+    try:
+        for name, command, env in runs:
+            port = free_port()
             started = time.monotonic()
-            server.wait_ready()
-            ready = time.monotonic() - started
-            results[name] = {**load(server.url, server.process.pid, args.seconds, args.clients),
-                             "ready_s": ready}
-        finally:
+            servers[name] = Server([*command, "--port", str(port)], port, env)
+            servers[name].wait_ready()
+            ready[name] = time.monotonic() - started
+        for _ in range(args.rounds):
+            for name, server in servers.items():
+                results[name].append(load(server.url, server.process.pid, args.seconds,
+                                          args.clients))
+    finally:
+        for server in servers.values():
             server.stop()
-            if env.get("RAY_TMPDIR"):
-                shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
-    print(f"\nHTTP: {args.clients} clients, .npy -> .npz /extract_features, {args.seconds:g} s "
-          f"timed, checkpoint {args.checkpoint}")
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    print(f"\nHTTP: {args.clients} clients, .npy -> .npz /extract_features, {args.rounds} x "
+          f"{args.seconds:g} s timed per server, alternating, checkpoint {args.checkpoint} "
+          "(medians of the rounds; both servers resident throughout)")
     print(f"{'server':34} {'ready s':>7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'CPU-ms/req':>10} {'RSS MiB':>8}  errors")
-    for name, r in results.items():
-        print(f"{name:34} {r['ready_s']:7.1f} {r['rps']:7.1f} {r['p50']:7.1f} {r['p99']:7.1f} "
-              f"{r['cpu_ms']:10.1f} {r['rss']:8.0f}  {r['errors'] or 'none'}")
-    plain, ray = results.values()
-    print(f"Ray Serve / uvicorn throughput: {ray['rps'] / plain['rps']:.2f} (target >= 0.50)")
+    medians = {}
+    for name, rounds in results.items():
+        m = {key: float(np.median([r[key] for r in rounds]))
+             for key in ("rps", "p50", "p99", "cpu_ms", "rss")}
+        errors = sum(sum(r["errors"].values()) for r in rounds)
+        medians[name] = m
+        print(f"{name[:34]:34} {ready[name]:7.1f} {m['rps']:7.1f} {m['p50']:7.1f} "
+              f"{m['p99']:7.1f} {m['cpu_ms']:10.1f} {m['rss']:8.0f}  {errors or 'none'}")
+    plain, ray = (results[name] for name, _, _ in runs)
+    ratios = [r["rps"] / p["rps"] for p, r in zip(plain, ray, strict=True)]
+    print(f"Ray Serve / uvicorn throughput per round: {', '.join(f'{x:.2f}' for x in ratios)}; "
+          f"median {np.median(ratios):.2f} (target >= 0.50)")
 
 
 def bench_data(args) -> None:
@@ -246,6 +267,9 @@ def bench_data(args) -> None:
             if done.returncode != 0:
                 raise RuntimeError(done.stderr[-3000:])
             lines[name] = done.stdout.strip().splitlines()[-1]
+            steady = re.search(r"^ray: .*$", done.stderr, re.MULTILINE)
+            if steady:
+                lines[name + " steady"] = steady.group(0)
         a, b = pq.read_table(work / "local.parquet"), pq.read_table(work / "ray.parquet")
         worst = 0.0
         same = a.schema.names == b.schema.names and a.num_rows == b.num_rows
@@ -266,6 +290,9 @@ def bench_data(args) -> None:
             print(f"{name:24} wall {seconds:6.1f} s (process start, model load"
                   f"{', cluster start' if 'ray' in name else ''} included); command's own line: "
                   f"{rate.group(1) if rate else '?'} particles/s")
+        for name, line in lines.items():
+            if name.endswith(" steady"):
+                print(f"  {line}")
         print(f"rows identical (within 1e-6): {same and worst <= 1e-6} (largest difference "
               f"{worst:.2e})")
     finally:
@@ -275,11 +302,15 @@ def bench_data(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="demo")
-    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--particles", type=int, default=2048)
     parser.add_argument("--skip-serve", action="store_true")
     parser.add_argument("--skip-data", action="store_true")
+    parser.add_argument("--ray-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for the Ray Serve run (repeatable), "
+                             "e.g. RAY_SERVE_ENABLE_HA_PROXY=1")
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()} on {os.cpu_count()} CPUs")
     if not args.skip_serve:

@@ -166,7 +166,11 @@ def deployment_options(settings: Settings, options: RayOptions) -> dict:
                  "max_ongoing_requests": options.ongoing(settings),
                  # a replica drains like the plain server does on SIGTERM
                  "graceful_shutdown_timeout_s": float(settings.drain_timeout_s),
-                 "health_check_period_s": 10.0}
+                 "health_check_period_s": 10.0,
+                 # per-request lines only where uvicorn would print them (INFO, DEBUG)
+                 "logging_config": {"log_level": settings.log_level,
+                                    "enable_access_log": settings.log_level in ("INFO",
+                                                                                "DEBUG")}}
     if options.max_replicas_per_node is not None:
         out["max_replicas_per_node"] = options.max_replicas_per_node
     if options.max_replicas is not None and options.max_replicas > options.replicas:
