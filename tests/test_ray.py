@@ -228,3 +228,54 @@ def test_two_nodes_two_replicas_both_serve_and_nothing_is_lost(served, cluster, 
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait(10)
+
+
+# -- the command line and the cluster config ------------------------------------------------------
+def test_ray_flags_need_ray_and_replace_workers(capsys):
+    from cryolens.server.minimal_cryolens_server import main as serve_main
+
+    with pytest.raises(SystemExit) as exit_:
+        serve_main(["--replicas", "2"])
+    assert exit_.value.code == 2 and "--replicas only apply with --ray" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        serve_main(["--ray", "--workers", "2"])
+    assert exit_.value.code == 2 and "use --replicas" in capsys.readouterr().err
+
+
+def test_options_reach_the_deployment_and_the_replicas_environment():
+    from cryolens.server.ray import deployment_options
+
+    settings = Settings(checkpoint="v001", device="cuda", queue_size=40, max_batch_size=64)
+    fixed = deployment_options(settings, RayOptions(replicas=3, replica_cpus=4, replica_gpus=1))
+    assert fixed["num_replicas"] == 3 and fixed["max_ongoing_requests"] == 104  # > Serve's 5
+    actor = fixed["ray_actor_options"]
+    assert (actor["num_cpus"], actor["num_gpus"]) == (4, 1)
+    env = actor["runtime_env"]["env_vars"]
+    assert env["OMP_NUM_THREADS"] == "4" and Settings.from_env(env) == settings
+    scaled = deployment_options(settings, RayOptions.from_env(
+        {"CRYOLENS_RAY_REPLICAS": "2", "CRYOLENS_RAY_MAX_REPLICAS": "8"}))
+    assert "num_replicas" not in scaled
+    assert scaled["autoscaling_config"]["max_replicas"] == 8
+    assert scaled["autoscaling_config"]["initial_replicas"] == 2
+
+
+def test_rayservice_example_is_a_valid_serve_config():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from cryolens.server.ray import RAY_ENV_PREFIX
+
+    document = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "rayservice.yaml")
+                              .read_text())
+    config = ServeDeploySchema.model_validate(yaml.safe_load(document["spec"]["serveConfigV2"])) \
+        if hasattr(ServeDeploySchema, "model_validate") else \
+        ServeDeploySchema.parse_obj(yaml.safe_load(document["spec"]["serveConfigV2"]))
+    (application,) = config.applications
+    assert application.import_path == "cryolens.server.ray:app"
+    env = application.runtime_env["env_vars"]
+    Settings.from_env(env)
+    options = RayOptions.from_env(env)
+    assert options.replica_gpus == 1 and options.max_replicas == 8
+    known = {f"CRYOLENS_{name.upper()}" for name in Settings.__dataclass_fields__} | \
+        {RAY_ENV_PREFIX + name.upper() for name in RayOptions.__dataclass_fields__}
+    assert set(env) <= known
