@@ -115,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
     }
     results = None
     if getattr(args, "ray", False):  # read and compute on a Ray cluster (cryolens.batch)
+        if args.server:
+            raise InputError("--ray computes on a Ray cluster and --server on a server: "
+                             "choose one", field="ray")
         from cryolens.batch import ray_results
 
         results = ray_results(particles, args)
