@@ -204,6 +204,8 @@ def bench_serve(args) -> None:
             (f"Ray Serve (1 replica, {cpus} CPUs){' +' + ','.join(args.ray_env) if args.ray_env else ''}",
              [str(BIN / "cryolens"), "serve", *common, "--ray", "--replica-cpus", str(cpus)],
              ray_env)]
+    shared = Path("/tmp/haproxy-serve")  # Ray still puts a per-node folder here
+    before = set(shared.iterdir()) if shared.is_dir() else set()
     servers, ready = {}, {}
     results: dict[str, list[dict]] = {name: [] for name, _, _ in runs}
     try:
@@ -221,6 +223,11 @@ def bench_serve(args) -> None:
         for server in servers.values():
             server.stop()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+        if shared.is_dir():
+            for path in set(shared.iterdir()) - before:  # only what this run created
+                shutil.rmtree(path, ignore_errors=True)
+            if not before:
+                shutil.rmtree(shared, ignore_errors=True)
     print(f"\nHTTP: {args.clients} clients, .npy -> .npz /extract_features, {args.rounds} x "
           f"{args.seconds:g} s timed per server, alternating, checkpoint {args.checkpoint} "
           "(medians of the rounds; both servers resident throughout)")
