@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 	@echo "==> installing PyTorch $(TORCH_VERSION)$(if $(TORCH), from $(TORCH_INDEX_URL)) (the largest download: minutes on a slow link)"
 	$(PY) -m pip install --progress-bar on "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
 	@echo "==> installing cryolens-server and its test tools"
-	$(PY) -m pip install --progress-bar on -e '.[dev]'
+	$(PY) -m pip install --progress-bar on -e '.[dev,ray]'
 	touch $@
 
 install: $(VENV)/.installed

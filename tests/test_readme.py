@@ -64,7 +64,8 @@ def shell_commands() -> list[tuple[str, list[str], dict[str, str]]]:
 
 PYTHON_BLOCKS = blocks("python")
 COMMANDS = shell_commands()
-NOT_RUN = {"pip", "python3", ".", "docker", "rm"}  # installs, shell state, containers
+# installs, shell state, containers, clusters (tests/test_ray.py starts its own)
+NOT_RUN = {"pip", "python3", ".", "docker", "rm", "ray", "kubectl"}
 
 
 def test_documents_have_examples():
@@ -173,6 +174,13 @@ def exercise(argv: list[str], env: dict[str, str], request) -> None:
         names = {f"CRYOLENS_{f.name.upper()}" for f in dataclasses.fields(Settings)}
         assert {k for k in env if k.startswith("CRYOLENS_")} <= names
         Settings.from_env(env)
+    elif program == "serve":  # Ray Serve's CLI: the app it names, configured by CRYOLENS_*
+        from cryolens.server.ray import RayOptions  # imports no Ray
+        from cryolens.server.settings import Settings
+
+        assert argv[1:] == ["run", "cryolens.server.ray:app"]
+        Settings.from_env(env)
+        RayOptions.from_env(env)
     elif program in NOT_RUN:
         pin = re.search(r"torch==([\d.]+)", " ".join(argv))
         if pin:

@@ -32,7 +32,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,6 +74,9 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
                    help="start again: discard an existing output and unfinished parts "
                         "(default: off, resume)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
+    from cryolens.batch import add_ray_options
+
+    add_ray_options(p)
     p.set_defaults(run=run)
 
 
@@ -107,10 +110,18 @@ def run(args: argparse.Namespace) -> int:
         "box_size": box,
         **dims,
     }
+    results = None
+    if getattr(args, "ray", False):  # read and compute on a Ray cluster (cryolens.batch)
+        if args.server:
+            raise InputError("--ray computes on a Ray cluster and --server on a server: "
+                             "choose one", field="ray")
+        from cryolens.batch import ray_results
+
+        results = ray_results(particles, args)
     try:
         summary = embed(particles, compute, out, identity=identity, metadata=metadata,
                         batch_size=args.batch_size, progress=not args.quiet,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, results=results)
     finally:
         particles.close()
     print(summary["line"])
@@ -215,9 +226,14 @@ def embedding_columns(names) -> list[str]:
 # -- the resumable loop -----------------------------------------------------------------------
 def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity: dict,
           metadata: dict, batch_size: int = 32, prefetch: int = 2, progress: bool = True,
-          overwrite: bool = False, after_batch: Callable[[int], None] | None = None) -> dict:
+          overwrite: bool = False, after_batch: Callable[[int], None] | None = None,
+          results: Callable[[set[str]], Iterator[tuple[list[ParticleRecord], dict]]] | None
+          = None) -> dict:
     """Embed every particle of ``particles`` not yet done into ``out`` (see the module
-    docstring). ``after_batch(n_done)`` is called after each part is safely on disk."""
+    docstring). ``after_batch(n_done)`` is called after each part is safely on disk.
+    ``results(done_keys)``, when given, yields computed ``(records, arrays)`` batches in any
+    order instead of this function reading and computing them (:mod:`cryolens.batch` runs
+    them on a Ray cluster); parts, resuming and the output are the same."""
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
@@ -252,12 +268,17 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
     bar = tqdm(total=len(particles), initial=len(done), unit="particle", disable=not progress,
                desc="embed", file=sys.stderr)
     try:
-        for batch in particles.batches(batch_size, skip=done, prefetch=prefetch):
-            table = batch_table(batch.records, compute(batch.particles))
+        if results is None:
+            batches = ((b.records, compute(b.particles))
+                       for b in particles.batches(batch_size, skip=done, prefetch=prefetch))
+        else:
+            batches = results(done)
+        for records, arrays in batches:
+            table = batch_table(records, arrays)
             _write_part(parts / f"part-{number:06d}.parquet", table)
             number += 1
-            computed += len(batch)
-            bar.update(len(batch))
+            computed += len(records)
+            bar.update(len(records))
             if after_batch is not None:
                 after_batch(computed)
     finally:

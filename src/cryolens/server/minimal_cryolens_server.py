@@ -79,7 +79,24 @@ def build_parser(defaults: Settings, prog: str = PROG) -> argparse.ArgumentParse
                         help="server processes, each loading its own copy of the model")
     parser.add_argument("--list-versions", action="store_true",
                         help="list the named checkpoints and exit")
+    ray = parser.add_argument_group(
+        "Ray Serve (with --ray; pip install 'cryolens-server[ray]')")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve through Ray Serve: on a new local Ray cluster, stopped on exit, "
+                          "or on the one at --address")
+    for flags, kind, text in RAY_FLAGS:
+        ray.add_argument(*flags, type=kind, default=None, help=text)
     return parser
+
+
+#: Options that only --ray takes: (flags, type, help); None = the RayOptions default.
+RAY_FLAGS = (
+    (("--replicas",), int, "replicas of the app, each with its own model (default: 1)"),
+    (("--replica-cpus",), float, "CPUs per replica; also its torch threads (default: 1)"),
+    (("--replica-gpus",), float, "GPUs per replica, fractions allowed (default: 0)"),
+    (("--max-replicas",), int, "autoscale from --replicas up to this many (default: fixed)"),
+    (("--address",), str, "a Ray cluster to join: auto, or ray://head:10001 (default: new)"),
+)
 
 
 def list_versions() -> None:
@@ -123,12 +140,34 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         parser.error(str(exc))
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    given = [flags[0] for flags, _, _ in RAY_FLAGS
+             if getattr(args, flags[0][2:].replace("-", "_")) is not None]
+    if given and not args.ray:
+        parser.error(f"{', '.join(given)} only apply with --ray")
+    if args.ray:
+        if args.workers != 1 or args.reload:
+            parser.error("--ray replaces --workers and --reload: use --replicas")
+        try:
+            return _serve_ray(settings, args, prog)
+        except (Exception, KeyboardInterrupt) as exc:
+            if settings.log_level == "DEBUG":
+                raise
+            return fail(prog, exc)
     try:
         return _serve(settings, args, prog)
     except (Exception, KeyboardInterrupt) as exc:
         if settings.log_level == "DEBUG":
             raise
         return fail(prog, exc)
+
+
+def _serve_ray(settings: Settings, args: argparse.Namespace, prog: str) -> int:
+    from cryolens.server.ray import RayOptions, serve_forever
+
+    chosen = {name: getattr(args, name) for name in ("replicas", "replica_cpus",
+                                                     "replica_gpus", "max_replicas")
+              if getattr(args, name) is not None}
+    return serve_forever(settings, RayOptions(**chosen), args.address, prog)
 
 
 def _serve(settings: Settings, args: argparse.Namespace, prog: str) -> int:
