@@ -196,6 +196,26 @@ def test_batch_over_many_picks_finishes_and_colours_them(make_napari_viewer, qtb
     assert len(np.unique(np.round(colours, 3), axis=0)) > 10  # coloured by their embeddings
 
 
+def test_all_picks_in_one_layer(make_napari_viewer, qtbot, server):
+    picks = np.array([[32, 40, 40], [32, 120, 120], [2, 5, 158]])  # boxes apart, one at edges
+    viewer, widget, tomo, _ = viewer_with_picks(make_napari_viewer, picks)
+    widget.url.setText(server.url)
+    widget.combined.setChecked(True)
+    run_and_wait(qtbot, widget, widget.reconstruct_all)
+    assert not any(layer.name.startswith("cryolens pick ") for layer in viewer.layers)
+    layer = viewer.layers["cryolens all picks (picks)"]
+    assert layer.data.shape == SHAPE
+    np.testing.assert_allclose(layer.scale, SCALE)
+    np.testing.assert_allclose(layer.translate, TRANSLATE)
+    boxes = np.stack([expected_box(tomo.data, c) for c in picks])
+    with CryoLensClient(server.url) as client:
+        expected = client.reconstruct(boxes)["reconstruction"]
+    for volume, (z, y, x) in zip(expected, picks, strict=True):
+        canvas = np.pad(layer.data, 24, constant_values=np.nan)[z:z + 48, y:y + 48, x:x + 48]
+        inside = ~np.isnan(canvas)
+        np.testing.assert_array_equal(canvas[inside], volume[inside])
+
+
 def test_batch_can_be_cancelled(make_napari_viewer, qtbot, server):
     rng = np.random.default_rng(4)
     picks = rng.uniform(0, 1, (120, 3)) * (np.array(SHAPE) - 1)

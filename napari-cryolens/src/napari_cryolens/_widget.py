@@ -46,6 +46,8 @@ class Job:
     points_name: str
     options: core.Options
     batch_size: int
+    combined: bool = False  # paste every pick into one tomogram-sized layer
+    shape: tuple = ()  # the tomogram's, for the combined layer
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -54,6 +56,8 @@ class Chunk:
     indices: list[int]
     centres: np.ndarray
     arrays: dict[str, np.ndarray]
+    #: Image layers made in the worker thread (napari layers are plain models until added)
+    layers: list = field(default_factory=list)
 
 
 class CryoLensWidget(QWidget):
@@ -110,6 +114,9 @@ class CryoLensWidget(QWidget):
         self.colour = QCheckBox("colour picks by embedding (2-D PCA)")
         self.colour.setChecked(s.colour_by_embedding)
         self.live = QCheckBox("reconstruct each pick as it is added or moved")
+        self.combined = QCheckBox("all picks in one layer (fast for many picks)")
+        self.combined.setToolTip("Paste every reconstruction into one tomogram-sized layer, "
+                                 "'cryolens all picks', instead of a layer per pick")
         self.batch_size = QSpinBox()
         self.batch_size.setRange(1, 256)
         self.batch_size.setValue(s.batch_size)
@@ -133,6 +140,7 @@ class CryoLensWidget(QWidget):
         form.addRow("", self.final_convolution)
         form.addRow("", self.colour)
         form.addRow("", self.live)
+        form.addRow("", self.combined)
         form.addRow("Picks per request", self.batch_size)
         buttons = QHBoxLayout()
         for button in (self.selected_button, self.all_button, self.cancel_button):
@@ -182,7 +190,7 @@ class CryoLensWidget(QWidget):
             current = combo.currentText()
             names = [layer.name for layer in self.viewer.layers
                      if isinstance(layer, kind) and layer.ndim == 3
-                     and not layer.name.startswith("cryolens pick ")]
+                     and not layer.name.startswith("cryolens ")]
             combo.blockSignals(True)
             combo.clear()
             combo.addItems(names)
@@ -307,7 +315,8 @@ class CryoLensWidget(QWidget):
                                         segments=self.segments.isChecked(),
                                         final_convolution=self.final_convolution.isChecked(),
                                         embeddings=self.colour.isChecked()),
-                   batch_size=self.batch_size.value())
+                   batch_size=self.batch_size.value(), combined=self.combined.isChecked(),
+                   shape=tuple(data.shape))
 
     def _set_running(self, running: bool) -> None:
         self.cancel_button.setEnabled(running)
@@ -326,39 +335,61 @@ class CryoLensWidget(QWidget):
             return
         if job is None:
             return
-        for row, (index, centre) in enumerate(zip(chunk.indices, chunk.centres, strict=True)):
-            translate = core.box_translate(centre, job.scale, job.translate)
-            meta = {"cryolens": {"pick": index, "picks": job.points_name,
-                                 "centre_voxel": [int(c) for c in centre],
-                                 "options": vars(job.options)}}
-            for segment in (None, *core.SEGMENTS):
-                name = "reconstruction" if segment is None else f"{segment}_reconstruction"
-                if name in chunk.arrays and (segment is None or job.options.segments):
-                    self._place(core.layer_name(index, segment), chunk.arrays[name][row],
-                                job, translate, segment, meta)
-            if "embedding" in chunk.arrays:
-                self.embeddings.setdefault(job.points_name, {})[index] = \
-                    np.asarray(chunk.arrays["embedding"][row])
+        if job.combined:
+            self._paste(job, chunk)
+        for layer in chunk.layers:
+            self._place(layer)
+        if "embedding" in chunk.arrays:
+            stored = self.embeddings.setdefault(job.points_name, {})
+            for row, index in enumerate(chunk.indices):
+                stored[index] = np.asarray(chunk.arrays["embedding"][row])
         now = time.perf_counter()
         self.latencies.extend([now - job.started] * len(chunk.indices))
         self.progress.setValue(self.progress.value() + len(chunk.indices))
         self.status.setText(f"{self.progress.value()} of {self.progress.maximum()} picks done")
         self._recolour()
 
-    def _place(self, name: str, volume: np.ndarray, job: Job, translate: np.ndarray,
-               segment: str | None, meta: dict) -> None:
-        limits = core.contrast_limits(volume)
-        if name in self.viewer.layers:
-            layer = self.viewer.layers[name]
-            layer.data = volume
-            layer.scale = job.scale
-            layer.translate = translate
-            layer.contrast_limits = limits
-            layer.metadata.update(meta)
+    def _place(self, layer: Image) -> None:
+        """Add a reconstruction's layer, or update the one of the same name (a pick redone)."""
+        if layer.name not in self.viewer.layers:
+            self.viewer.layers.append(layer)
             return
-        self.viewer.add_image(volume, name=name, scale=job.scale, translate=translate,
-                              colormap=COLORMAPS[segment], contrast_limits=limits,
-                              blending="additive", opacity=0.8, metadata=meta)
+        old = self.viewer.layers[layer.name]
+        old.data = layer.data
+        old.scale = layer.scale
+        old.translate = layer.translate
+        old.contrast_limits = layer.contrast_limits
+        old.metadata.update(layer.metadata)
+
+    def _paste(self, job: Job, chunk: Chunk) -> None:
+        """Combined mode: each reconstruction into one tomogram-sized layer (the larger value
+        where boxes overlap), cropped at the tomogram's edge."""
+        name = f"cryolens all picks ({job.points_name})"
+        volumes = chunk.arrays["reconstruction"]
+        layer = next((lay for lay in self.viewer.layers if lay.name == name), None)
+        if layer is None or layer.data.shape != job.shape:
+            low = float(volumes.min())
+            canvas = np.full(job.shape, low, np.float32)
+        else:
+            canvas = layer.data
+        for volume, centre in zip(volumes, chunk.centres, strict=True):
+            src, dst = [], []
+            for a in range(3):
+                start = int(centre[a]) - core.HALF
+                lo, hi = max(start, 0), min(start + core.BOX, job.shape[a])
+                dst.append(slice(lo, hi))
+                src.append(slice(lo - start, hi - start))
+            if all(s.stop > s.start for s in dst):
+                np.maximum(canvas[tuple(dst)], volume[tuple(src)], out=canvas[tuple(dst)])
+        if layer is None or layer.data is not canvas:
+            if layer is not None:
+                self.viewer.layers.remove(layer)
+            self.viewer.add_image(canvas, name=name, scale=job.scale, translate=job.translate,
+                                  colormap=COLORMAPS[None], blending="additive", opacity=0.8,
+                                  contrast_limits=core.contrast_limits(volumes),
+                                  metadata={"cryolens": {"picks": job.points_name}})
+        else:
+            layer.refresh()
 
     def _recolour(self, *_) -> None:
         layer = self._layer(self.picks.currentText(), Points)
@@ -384,8 +415,8 @@ class CryoLensWidget(QWidget):
 
 
 def _run_job(backend, job: Job):
-    """Worker thread: cut each chunk's boxes, reconstruct them, yield a :class:`Chunk` (or a
-    message, then stop, when the backend fails)."""
+    """Worker thread: cut each chunk's boxes, reconstruct them, make their layers and yield a
+    :class:`Chunk` (or a message, then stop, when the backend fails)."""
     for start in range(0, len(job.indices), job.batch_size):
         part = slice(start, start + job.batch_size)
         centres = job.centres[part]
@@ -396,4 +427,24 @@ def _run_job(backend, job: Job):
             where = getattr(backend, "url", "local engine")
             yield core.describe_error(exc, where)
             return
-        yield Chunk(job.indices[part], centres, arrays)
+        chunk = Chunk(job.indices[part], centres, arrays)
+        if not job.combined:
+            chunk.layers = list(_layers(job, chunk))
+        yield chunk
+
+
+def _layers(job: Job, chunk: Chunk):
+    """One Image layer per pick (and per segment), over its particle."""
+    for row, (index, centre) in enumerate(zip(chunk.indices, chunk.centres, strict=True)):
+        translate = core.box_translate(centre, job.scale, job.translate)
+        meta = {"cryolens": {"pick": index, "picks": job.points_name,
+                             "centre_voxel": [int(c) for c in centre],
+                             "options": vars(job.options)}}
+        for segment in (None, *core.SEGMENTS):
+            key = "reconstruction" if segment is None else f"{segment}_reconstruction"
+            if key in chunk.arrays and (segment is None or job.options.segments):
+                volume = chunk.arrays[key][row]
+                yield Image(volume, name=core.layer_name(index, segment), scale=job.scale,
+                            translate=translate, colormap=COLORMAPS[segment],
+                            contrast_limits=core.contrast_limits(volume), blending="additive",
+                            opacity=0.8, metadata=meta)
