@@ -147,3 +147,17 @@ def test_manifest_names_the_distribution_and_the_widget():
         assert forbidden.lower() not in deps.lower()
     (command,) = manifest["contributions"]["commands"]
     assert command["python_name"] == "napari_cryolens._widget:CryoLensWidget"
+
+
+def test_npe2_validates_the_manifest():
+    """``npe2 validate`` on the installed plugin (importing its widget), else on the file."""
+    pytest.importorskip("npe2", reason="npe2 (napari's plugin engine) is not installed")
+    from importlib.metadata import entry_points
+
+    installed = "napari-cryolens" in {e.name for e in entry_points(group="napari.manifest")}
+    target = (["napari-cryolens", "--imports"] if installed
+              else [str(PLUGIN / "src" / "napari_cryolens" / "napari.yaml")])
+    done = subprocess.run([sys.executable, "-m", "npe2", "validate", *target], check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "valid!" in done.stdout
