@@ -9,8 +9,8 @@ Prints:
   the viewer, p50 and p95 over ``--picks`` picks, one at a time;
   batch: a Points layer of ``--batch`` picks through "Reconstruct all" (cutting the boxes, the
   requests, adding the layers), picks/s, with a layer per pick and with "all picks in one
-  layer", against the same boxes sent by CryoLensClient as one binary stack (its default 64 a
-  request), and the ratio.
+  layer", against the same boxes sent by CryoLensClient as one binary stack (``--batch-size`` a
+  request, the better of two runs), and the ratio.
 """
 from __future__ import annotations
 
@@ -116,11 +116,14 @@ def main() -> None:
         picks = rng.uniform(0, 1, (args.batch, 3)) * (np.array(SHAPE) - 1)
         centres = core.centre_voxels(picks)
         boxes = core.cut_boxes(data, centres, core.fill_value(data))
-        with CryoLensClient(server.url) as client:
+        client_rate = 0.0
+        with CryoLensClient(server.url, batch_size=args.batch_size) as client:
             client.reconstruct(boxes[:8])  # warm
-            start = time.perf_counter()
-            client.reconstruct(boxes)
-            client_rate = args.batch / (time.perf_counter() - start)
+            for _ in range(2):  # the better of two: the machine is shared
+                start = time.perf_counter()
+                client.reconstruct(boxes, use_segmented_decoder=False,  # the widget's options
+                                   use_final_convolution=True, use_predicted_pose=False)
+                client_rate = max(client_rate, args.batch / (time.perf_counter() - start))
         for combined in (False, True):
             viewer, widget, points = setup(napari, server.url, picks, data)
             widget.batch_size.setValue(args.batch_size)

@@ -249,7 +249,11 @@ class CryoLensWidget(QWidget):
         self.progress.setValue(0)
         self._set_running(True)
         self.status.setText(f"reconstructing {len(indices)} pick(s)...")
-        backend = self.backend()
+        try:
+            backend = self.backend()
+        except ImportError as exc:
+            self._set_running(False)
+            return self._say(f"CryoLens: {exc}", error=True)
         self.worker = create_worker(_run_job, backend, job, _start_thread=False)
         self.worker.yielded.connect(self._on_chunk)
         self.worker.errored.connect(self._on_error)

@@ -131,7 +131,11 @@ class ServerBackend:
     connection between calls)."""
 
     def __init__(self, url: str = DEFAULT_URL, **client_options: Any) -> None:
-        from cryolens.client import CryoLensClient
+        try:
+            from cryolens.client import CryoLensClient
+        except ImportError as exc:
+            raise ImportError("napari-cryolens needs CryoLens's client: pip install --no-deps "
+                              "cryolens-server (numpy and httpx are already here)") from exc
 
         self.url = url
         self.client = CryoLensClient(url, **client_options)
