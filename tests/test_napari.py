@@ -304,3 +304,11 @@ def test_screenshot_of_picks_and_reconstructions_in_place(make_napari_viewer, qt
     assert picture[..., :3].std() > 10  # not a blank window
     if os.environ.get("CRYOLENS_WRITE_SCREENSHOT"):
         shutil.copyfile(tmp_path / "napari.png", REPO / "docs" / "napari.png")
+
+
+def test_check_names_the_servers_model(make_napari_viewer, qtbot, server):
+    _, widget, _, _ = viewer_with_picks(make_napari_viewer)
+    widget.url.setText(server.url)
+    widget.check_button.click()
+    qtbot.waitUntil(lambda: bool(widget.messages), timeout=WAIT_MS)
+    assert widget.messages[-1] == f"CryoLens: server {server.url}: demo"
