@@ -2,7 +2,7 @@
 #   make serve [CHECKPOINT=demo] [PORT=8023] [DEVICE=auto] [HOST=127.0.0.1]
 #   make test           the whole suite (the command CI runs; a few minutes on 2 cores)
 #   make test-quick     without the tests marked slow
-#   make install [TORCH=cpu]   only the virtual environment
+#   make install [TORCH=cpu] [NAPARI=0]   only the virtual environment (NAPARI=0: without napari)
 # PyTorch comes from PyPI unless TORCH names one of PyTorch's own package indexes: TORCH=cpu
 # (the CPU-only build, ~10x smaller on Linux) or a CUDA one such as TORCH=cu128. Tests and CI
 # never set TORCH, so they only ever contact PyPI.
@@ -17,13 +17,16 @@ TORCH ?=
 TORCH_INDEX_URL := https://download.pytorch.org/whl/$(TORCH)
 TORCH_INDEX := $(if $(TORCH),--index-url $(TORCH_INDEX_URL))
 PYTEST_ARGS ?=
+# napari, pytest-qt and ./napari-cryolens for tests/test_napari.py (~900 MB, ~2 minutes)
+NAPARI ?= 1
+NAPARI_REQS := 'napari[pyqt6]>=0.9,<0.10' pytest-qt -e ./napari-cryolens
 
 .PHONY: help install serve test test-quick bench lint
 
 help:
 	@sed -n 's/^#   //p' Makefile
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml napari-cryolens/pyproject.toml
 	@echo "==> creating $(VENV) (first use only; pip shows its progress below)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
@@ -31,6 +34,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --progress-bar on "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
 	@echo "==> installing cryolens-server and its test tools"
 	$(PY) -m pip install --progress-bar on -e '.[dev,ray]'
+	@echo "==> $(if $(filter 0,$(NAPARI)),skipping napari (NAPARI=0),installing napari and the napari-cryolens plugin)"
+	$(if $(filter 0,$(NAPARI)),,$(PY) -m pip install --progress-bar on $(NAPARI_REQS))
 	touch $@
 
 install: $(VENV)/.installed
@@ -48,4 +53,4 @@ bench: $(VENV)/.installed
 	$(PY) bench/engine.py
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/ruff check src tests bench scripts napari-cryolens

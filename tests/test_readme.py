@@ -10,6 +10,8 @@ Shell commands, by program:
   and its values checked by ``Settings``; those that are quick (``--help``, ``cryolens info``)
   run. Starting servers for real, with other values, is test_server_processes.py's job;
 - ``uvicorn``: the app it names exists and every ``CRYOLENS_*`` variable it sets is a setting;
+- ``napari``: not started (it opens a window); the plugin it documents must be installed where
+  napari is;
 - installs (``pip``, ``python3 -m venv``) and ``docker``: never run (they need the network);
   the PyTorch version they pin must be the Makefile's.
 """
@@ -181,6 +183,13 @@ def exercise(argv: list[str], env: dict[str, str], request) -> None:
         assert argv[1:] == ["run", "cryolens.server.ray:app"]
         Settings.from_env(env)
         RayOptions.from_env(env)
+    elif program == "napari":  # opens a window: check the plugin it documents is installed
+        pytest.importorskip("napari", reason="napari is not installed")
+        from importlib.metadata import entry_points
+
+        names = {e.name for e in entry_points(group="napari.manifest")}
+        if "napari-cryolens" not in names:
+            pytest.skip("napari-cryolens is not installed (pip install ./napari-cryolens)")
     elif program in NOT_RUN:
         pin = re.search(r"torch==([\d.]+)", " ".join(argv))
         if pin:

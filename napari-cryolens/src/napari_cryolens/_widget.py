@@ -1,0 +1,454 @@
+"""The dock widget: pick particles in a Points layer, see CryoLens reconstructions over them.
+
+Reconstruction runs in a napari worker thread, a chunk of picks per request; each chunk's
+layers are added on the GUI thread as it arrives. Errors become napari notifications (the
+server's own message; an unreachable server is one line, not a traceback).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from napari.layers import Image, Points
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_cryolens import core
+
+MODES = {"server": "CryoLens server", "local": "Local engine (PyTorch)"}
+POSES = {False: "identity (canonical)", True: "predicted"}
+COLORMAPS = {None: "magma", "affinity": "green", "free": "magenta"}
+
+
+@dataclass
+class Job:
+    """One run: picks to reconstruct and everything needed, captured on the GUI thread."""
+
+    indices: list[int]
+    data: object  # the tomogram array (numpy, dask or zarr)
+    fill: float
+    centres: np.ndarray  # (N, 3) voxels
+    scale: np.ndarray
+    translate: np.ndarray
+    points_name: str
+    options: core.Options
+    batch_size: int
+    combined: bool = False  # paste every pick into one tomogram-sized layer
+    shape: tuple = ()  # the tomogram's, for the combined layer
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Chunk:
+    indices: list[int]
+    centres: np.ndarray
+    arrays: dict[str, np.ndarray]
+    #: Image layers made in the worker thread (napari layers are plain models until added)
+    layers: list = field(default_factory=list)
+
+
+class CryoLensWidget(QWidget):
+    """Server URL or local engine, tomogram and picks choosers, options, and the actions."""
+
+    def __init__(self, napari_viewer, parent=None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.settings = core.Settings.load()
+        self._backend: core.ServerBackend | core.LocalBackend | None = None
+        self._backend_key: tuple | None = None
+        self.worker = None
+        self._job: Job | None = None
+        self._pending: list[int] = []
+        self._watched: Points | None = None
+        self._fills: dict[int, float] = {}
+        #: points layer name -> {pick index: embedding}
+        self.embeddings: dict[str, dict[int, np.ndarray]] = {}
+        #: seconds from each pick's request (a click, a button) to its layer, newest last
+        self.latencies: list[float] = []
+        #: messages shown to the user, newest last (also napari notifications)
+        self.messages: list[str] = []
+        self._build()
+        self.refresh_layers()
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed,
+                      napari_viewer.layers.events.moved):
+            event.connect(self.refresh_layers)
+
+    # -- layout --------------------------------------------------------------------------
+    def _build(self) -> None:
+        s = self.settings
+        self.mode = QComboBox()
+        for key, text in MODES.items():
+            self.mode.addItem(text, key)
+        self.mode.setCurrentIndex(list(MODES).index(s.mode) if s.mode in MODES else 0)
+        self.url = QLineEdit(s.url)
+        self.url.setPlaceholderText(core.DEFAULT_URL)
+        self.checkpoint = QLineEdit(s.checkpoint)
+        self.check_button = QPushButton("Check")
+        self.check_button.setToolTip("Ask the server (or load the local model) and say which")
+        url_row = QHBoxLayout()
+        url_row.addWidget(self.url)
+        url_row.addWidget(self.check_button)
+        self.tomogram = QComboBox()
+        self.picks = QComboBox()
+        self.pose = QComboBox()
+        for key, text in POSES.items():
+            self.pose.addItem(text, key)
+        self.pose.setCurrentIndex(1 if s.use_predicted_pose else 0)
+        self.segments = QCheckBox("affinity and free segments as their own layers")
+        self.segments.setChecked(s.segments)
+        self.final_convolution = QCheckBox("final convolution")
+        self.final_convolution.setChecked(s.final_convolution)
+        self.colour = QCheckBox("colour picks by embedding (2-D PCA)")
+        self.colour.setChecked(s.colour_by_embedding)
+        self.live = QCheckBox("reconstruct each pick as it is added or moved")
+        self.combined = QCheckBox("all picks in one layer (fast for many picks)")
+        self.combined.setToolTip("Paste every reconstruction into one tomogram-sized layer, "
+                                 "'cryolens all picks', instead of a layer per pick")
+        self.batch_size = QSpinBox()
+        self.batch_size.setRange(1, 256)
+        self.batch_size.setValue(s.batch_size)
+        self.selected_button = QPushButton("Reconstruct selected")
+        self.all_button = QPushButton("Reconstruct all")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setValue(0)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Run on", self.mode)
+        form.addRow("Server URL", url_row)
+        form.addRow("Checkpoint", self.checkpoint)
+        form.addRow("Tomogram", self.tomogram)
+        form.addRow("Picks", self.picks)
+        form.addRow("Pose", self.pose)
+        form.addRow("", self.segments)
+        form.addRow("", self.final_convolution)
+        form.addRow("", self.colour)
+        form.addRow("", self.live)
+        form.addRow("", self.combined)
+        form.addRow("Picks per request", self.batch_size)
+        buttons = QHBoxLayout()
+        for button in (self.selected_button, self.all_button, self.cancel_button):
+            buttons.addWidget(button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        self.mode.currentIndexChanged.connect(self._mode_changed)
+        for edit in (self.url, self.checkpoint):
+            edit.editingFinished.connect(self._save_settings)
+        for box in (self.segments, self.final_convolution, self.colour):
+            box.toggled.connect(self._save_settings)
+        self.pose.currentIndexChanged.connect(self._save_settings)
+        self.batch_size.valueChanged.connect(self._save_settings)
+        self.picks.currentIndexChanged.connect(self._watch_picks)
+        self.live.toggled.connect(self._watch_picks)
+        self.colour.toggled.connect(self._recolour)
+        self.check_button.clicked.connect(self.check)
+        self.selected_button.clicked.connect(self.reconstruct_selected)
+        self.all_button.clicked.connect(self.reconstruct_all)
+        self.cancel_button.clicked.connect(self.cancel)
+        self._mode_changed()
+
+    def _mode_changed(self, *_) -> None:
+        server = self.mode.currentData() == "server"
+        self.url.setEnabled(server)
+        self.checkpoint.setEnabled(not server)
+        self._save_settings()
+
+    def _save_settings(self, *_) -> None:
+        self.settings = core.Settings(
+            url=self.url.text().strip() or core.DEFAULT_URL, mode=self.mode.currentData(),
+            checkpoint=self.checkpoint.text().strip() or core.DEFAULT_CHECKPOINT,
+            use_predicted_pose=bool(self.pose.currentData()),
+            segments=self.segments.isChecked(),
+            final_convolution=self.final_convolution.isChecked(),
+            colour_by_embedding=self.colour.isChecked(), batch_size=self.batch_size.value())
+        self.settings.save()
+
+    def refresh_layers(self, *_) -> None:
+        """Offer the 3-D Image layers as tomograms and the 3-D Points layers as picks."""
+        for combo, kind in ((self.tomogram, Image), (self.picks, Points)):
+            current = combo.currentText()
+            names = [layer.name for layer in self.viewer.layers
+                     if isinstance(layer, kind) and layer.ndim == 3
+                     and not layer.name.startswith("cryolens ")]
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(names)
+            if current in names:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+        self._watch_picks()
+
+    # -- live picking --------------------------------------------------------------------
+    def _watch_picks(self, *_) -> None:
+        layer = self._layer(self.picks.currentText(), Points) if self.live.isChecked() else None
+        if layer is self._watched:
+            return
+        if self._watched is not None:
+            self._watched.events.data.disconnect(self._picks_changed)
+        self._watched = layer
+        if layer is not None:
+            layer.events.data.connect(self._picks_changed)
+
+    def _picks_changed(self, event) -> None:
+        action = str(getattr(event, "action", ""))
+        indices = getattr(event, "data_indices", ())
+        if action.endswith(("added", "changed")) and indices:
+            count = len(self._watched.data) if self._watched is not None else 0
+            self.reconstruct([int(i) % count for i in indices if count])
+
+    # -- actions -------------------------------------------------------------------------
+    def reconstruct_selected(self) -> None:
+        layer = self._layer(self.picks.currentText(), Points)
+        if layer is None:
+            return self._say("CryoLens: choose a Points layer of picks first", error=True)
+        selected = sorted(layer.selected_data)
+        if not selected:
+            return self._say("CryoLens: select one or more picks first (select mode, click)",
+                             error=True)
+        self.reconstruct(selected)
+
+    def reconstruct_all(self) -> None:
+        layer = self._layer(self.picks.currentText(), Points)
+        if layer is None:
+            return self._say("CryoLens: choose a Points layer of picks first", error=True)
+        self.reconstruct(list(range(len(layer.data))))
+
+    def reconstruct(self, indices: list[int]) -> None:
+        """Reconstruct these picks of the chosen Points layer (queued if a run is going on)."""
+        if self.busy:
+            self._pending.extend(i for i in indices if i not in self._pending)
+            return
+        job = self._job_for(indices)
+        if job is None:
+            return
+        from napari.qt.threading import create_worker
+
+        self._job = job
+        self.progress.setRange(0, len(indices))
+        self.progress.setValue(0)
+        self._set_running(True)
+        self.status.setText(f"reconstructing {len(indices)} pick(s)...")
+        try:
+            backend = self.backend()
+        except ImportError as exc:
+            self._set_running(False)
+            return self._say(f"CryoLens: {exc}", error=True)
+        self.worker = create_worker(_run_job, backend, job, _start_thread=False)
+        self.worker.yielded.connect(self._on_chunk)
+        self.worker.errored.connect(self._on_error)
+        self.worker.finished.connect(self._on_finished)
+        self.worker.start()
+
+    def cancel(self) -> None:
+        """Stop after the request in flight; what arrived so far stays."""
+        self._pending.clear()
+        if self.worker is not None:
+            self.worker.quit()
+            self.status.setText("cancelling...")
+
+    def check(self) -> None:
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(lambda b: b.describe(), self.backend(), _start_thread=False)
+        worker.returned.connect(lambda text: self._say(f"CryoLens: {text}"))
+        worker.errored.connect(self._on_error)
+        worker.start()
+
+    @property
+    def busy(self) -> bool:
+        return self.worker is not None
+
+    # -- helpers -------------------------------------------------------------------------
+    def backend(self) -> core.ServerBackend | core.LocalBackend:
+        """The backend the controls name (kept while they name the same one)."""
+        self._save_settings()
+        s = self.settings
+        key = (s.mode, s.url if s.mode == "server" else s.checkpoint)
+        if key != self._backend_key or self._backend is None:
+            if self._backend is not None:
+                self._backend.close()
+            self._backend = (core.ServerBackend(s.url) if s.mode == "server"
+                             else core.LocalBackend(s.checkpoint))
+            self._backend_key = key
+        return self._backend
+
+    def _layer(self, name: str, kind):
+        if name and name in self.viewer.layers and isinstance(self.viewer.layers[name], kind):
+            return self.viewer.layers[name]
+        return None
+
+    def _job_for(self, indices: list[int]) -> Job | None:
+        tomogram = self._layer(self.tomogram.currentText(), Image)
+        picks = self._layer(self.picks.currentText(), Points)
+        if tomogram is None or picks is None:
+            self._say("CryoLens: choose a 3-D tomogram (Image) and picks (Points) layer",
+                      error=True)
+            return None
+        data = tomogram.data[0] if tomogram.multiscale else tomogram.data
+        key = id(data)
+        if key not in self._fills:
+            self._fills = {key: core.fill_value(data)}
+        indices = [i for i in indices if 0 <= i < len(picks.data)]
+        voxels = core.pick_voxels(picks.data[indices], picks.scale, picks.translate,
+                                  tomogram.scale, tomogram.translate)
+        return Job(indices=indices, data=data, fill=self._fills[key],
+                   centres=core.centre_voxels(voxels), scale=np.asarray(tomogram.scale),
+                   translate=np.asarray(tomogram.translate), points_name=picks.name,
+                   options=core.Options(use_predicted_pose=bool(self.pose.currentData()),
+                                        segments=self.segments.isChecked(),
+                                        final_convolution=self.final_convolution.isChecked(),
+                                        embeddings=self.colour.isChecked()),
+                   batch_size=self.batch_size.value(), combined=self.combined.isChecked(),
+                   shape=tuple(data.shape))
+
+    def _set_running(self, running: bool) -> None:
+        self.cancel_button.setEnabled(running)
+        self.check_button.setEnabled(not running)
+
+    def _say(self, message: str, error: bool = False) -> None:
+        self.messages.append(message)
+        self.status.setText(message)
+        (show_error if error else show_info)(message)
+
+    # -- results (GUI thread) ------------------------------------------------------------
+    def _on_chunk(self, chunk: Chunk | str) -> None:
+        job = self._job
+        if isinstance(chunk, str):  # a failure the worker described
+            self._say(chunk, error=True)
+            return
+        if job is None:
+            return
+        if job.combined:
+            self._paste(job, chunk)
+        for layer in chunk.layers:
+            self._place(layer)
+        if "embedding" in chunk.arrays:
+            stored = self.embeddings.setdefault(job.points_name, {})
+            for row, index in enumerate(chunk.indices):
+                stored[index] = np.asarray(chunk.arrays["embedding"][row])
+        now = time.perf_counter()
+        self.latencies.extend([now - job.started] * len(chunk.indices))
+        self.progress.setValue(self.progress.value() + len(chunk.indices))
+        self.status.setText(f"{self.progress.value()} of {self.progress.maximum()} picks done")
+        self._recolour()
+
+    def _place(self, layer: Image) -> None:
+        """Add a reconstruction's layer, or update the one of the same name (a pick redone)."""
+        if layer.name not in self.viewer.layers:
+            self.viewer.layers.append(layer)
+            return
+        old = self.viewer.layers[layer.name]
+        old.data = layer.data
+        old.scale = layer.scale
+        old.translate = layer.translate
+        old.contrast_limits = layer.contrast_limits
+        old.metadata.update(layer.metadata)
+
+    def _paste(self, job: Job, chunk: Chunk) -> None:
+        """Combined mode: each reconstruction into one tomogram-sized layer (the larger value
+        where boxes overlap), cropped at the tomogram's edge."""
+        name = f"cryolens all picks ({job.points_name})"
+        volumes = chunk.arrays["reconstruction"]
+        layer = next((lay for lay in self.viewer.layers if lay.name == name), None)
+        if layer is None or layer.data.shape != job.shape:
+            low = float(volumes.min())
+            canvas = np.full(job.shape, low, np.float32)
+        else:
+            canvas = layer.data
+        for volume, centre in zip(volumes, chunk.centres, strict=True):
+            src, dst = [], []
+            for a in range(3):
+                start = int(centre[a]) - core.HALF
+                lo, hi = max(start, 0), min(start + core.BOX, job.shape[a])
+                dst.append(slice(lo, hi))
+                src.append(slice(lo - start, hi - start))
+            if all(s.stop > s.start for s in dst):
+                np.maximum(canvas[tuple(dst)], volume[tuple(src)], out=canvas[tuple(dst)])
+        if layer is None or layer.data is not canvas:
+            if layer is not None:
+                self.viewer.layers.remove(layer)
+            self.viewer.add_image(canvas, name=name, scale=job.scale, translate=job.translate,
+                                  colormap=COLORMAPS[None], blending="additive", opacity=0.8,
+                                  contrast_limits=core.contrast_limits(volumes),
+                                  metadata={"cryolens": {"picks": job.points_name}})
+        else:
+            layer.refresh()
+
+    def _recolour(self, *_) -> None:
+        layer = self._layer(self.picks.currentText(), Points)
+        stored = self.embeddings.get(layer.name, {}) if layer is not None else {}
+        if not self.colour.isChecked() or layer is None or len(stored) < 2:
+            return
+        known = sorted(i for i in stored if i < len(layer.data))
+        colours = np.tile([0.6, 0.6, 0.6, 1.0], (len(layer.data), 1))
+        colours[known] = core.pca_colours(np.stack([stored[i] for i in known]))
+        layer.face_color = colours
+
+    def _on_error(self, exc: BaseException) -> None:
+        where = self.settings.url if self.settings.mode == "server" else "local engine"
+        self._say(core.describe_error(exc, where), error=True)
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self._job = None
+        self._set_running(False)
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self.reconstruct(pending)
+
+
+def _run_job(backend, job: Job):
+    """Worker thread: cut each chunk's boxes, reconstruct them, make their layers and yield a
+    :class:`Chunk` (or a message, then stop, when the backend fails)."""
+    for start in range(0, len(job.indices), job.batch_size):
+        part = slice(start, start + job.batch_size)
+        centres = job.centres[part]
+        boxes = core.cut_boxes(job.data, centres, job.fill)
+        try:
+            arrays = backend.reconstruct(boxes, job.options)
+        except Exception as exc:  # noqa: BLE001 - shown to the user, not raised
+            where = getattr(backend, "url", "local engine")
+            yield core.describe_error(exc, where)
+            return
+        chunk = Chunk(job.indices[part], centres, arrays)
+        if not job.combined:
+            chunk.layers = list(_layers(job, chunk))
+        yield chunk
+
+
+def _layers(job: Job, chunk: Chunk):
+    """One Image layer per pick (and per segment), over its particle."""
+    for row, (index, centre) in enumerate(zip(chunk.indices, chunk.centres, strict=True)):
+        translate = core.box_translate(centre, job.scale, job.translate)
+        meta = {"cryolens": {"pick": index, "picks": job.points_name,
+                             "centre_voxel": [int(c) for c in centre],
+                             "options": vars(job.options)}}
+        for segment in (None, *core.SEGMENTS):
+            key = "reconstruction" if segment is None else f"{segment}_reconstruction"
+            if key in chunk.arrays and (segment is None or job.options.segments):
+                volume = chunk.arrays[key][row]
+                yield Image(volume, name=core.layer_name(index, segment), scale=job.scale,
+                            translate=translate, colormap=COLORMAPS[segment],
+                            contrast_limits=core.contrast_limits(volume), blending="additive",
+                            opacity=0.8, metadata=meta)

@@ -1,0 +1,163 @@
+"""napari-cryolens without napari: pick geometry, boxes, placement, colours and settings."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN = REPO / "napari-cryolens"
+try:
+    from napari_cryolens import core
+except ImportError:  # not installed: its source is beside the tests
+    sys.path.insert(0, str(PLUGIN / "src"))
+    from napari_cryolens import core
+
+
+def test_pick_voxels_undo_both_layers_transforms():
+    image_scale, image_translate = np.array([10.0, 8.0, 6.0]), np.array([5.0, -20.0, 30.0])
+    voxels = np.array([[3.0, 4.0, 5.0], [0.0, 0.0, 0.0]])
+    world = voxels * image_scale + image_translate
+    # the same picks in a Points layer with its own transform
+    p_scale, p_translate = np.array([2.0, 2.0, 2.0]), np.array([1.0, 1.0, 1.0])
+    points = (world - p_translate) / p_scale
+    got = core.pick_voxels(points, p_scale, p_translate, image_scale, image_translate)
+    np.testing.assert_allclose(got, voxels)
+
+
+def test_centre_voxels_round_half_up():
+    got = core.centre_voxels([[0.5, 1.49, -0.5], [2.51, 3.0, 159.4]])
+    assert got.tolist() == [[1, 1, 0], [3, 3, 159]]
+
+
+def test_boxes_are_the_tomogram_around_the_pick_padded_with_its_mean():
+    rng = np.random.default_rng(0)
+    tomo = rng.normal(size=(64, 100, 90)).astype(np.float32)
+    fill = core.fill_value(tomo)
+    assert fill == pytest.approx(float(tomo.mean(dtype=np.float64)))
+    padded = np.pad(tomo, core.HALF, constant_values=fill)
+    centres = np.array([[32, 50, 45], [0, 0, 0], [63, 99, 89], [10, 97, 3]])
+    boxes = core.cut_boxes(tomo, centres, fill)
+    assert boxes.shape == (4, 48, 48, 48) and boxes.dtype == np.float32
+    for box, (z, y, x) in zip(boxes, centres, strict=True):
+        # voxel centre - 24 + j of the tomogram is j of the box: in the padded array, + 24
+        np.testing.assert_array_equal(box, padded[z:z + 48, y:y + 48, x:x + 48])
+
+
+def test_box_translate_puts_box_voxel_over_its_tomogram_voxel():
+    scale, translate = np.array([10.0, 10.0, 10.0]), np.array([5.0, -20.0, 30.0])
+    centre = np.array([2, 5, 158])
+    t = core.box_translate(centre, scale, translate)
+    np.testing.assert_allclose(t, (centre - 24) * scale + translate)
+    # box voxel j at world j * scale + t; tomogram voxel centre - 24 + j at the same place
+    j = np.array([24, 24, 24])
+    np.testing.assert_allclose(j * scale + t, centre * scale + translate)
+
+
+def test_fill_value_of_a_large_lazy_array_is_a_sample_mean():
+    class Lazy:  # indexing only, like zarr
+        def __init__(self, data):
+            self._data, self.shape = data, data.shape
+
+        def __getitem__(self, key):
+            return self._data[key]
+
+    data = np.full((40, 40, 40), 3.0, np.float32)
+    assert core.fill_value(Lazy(data)) == pytest.approx(3.0)
+
+
+def test_contrast_limits_are_ordered_and_finite():
+    vol = np.zeros((48, 48, 48), np.float32)
+    assert core.contrast_limits(vol) == (0.0, 1.0)
+    vol[20:28, 20:28, 20:28] = 5.0
+    low, high = core.contrast_limits(vol)
+    assert low == 0.0 and high == 5.0
+
+
+def test_pca_colours_separate_clusters():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(10, 8)) + 5
+    b = rng.normal(size=(10, 8)) - 5
+    colours = core.pca_colours(np.concatenate([a, b]))
+    assert colours.shape == (20, 4) and np.all((colours >= 0) & (colours <= 1))
+    assert np.linalg.norm(colours[:10, :3].mean(0) - colours[10:, :3].mean(0)) > 0.5
+    assert core.pca_colours(a[:1]).shape == (1, 4)
+
+
+def test_layer_names():
+    assert core.layer_name(12) == "cryolens pick 12"
+    assert core.layer_name(3, "free") == "cryolens pick 3 free"
+
+
+def test_settings_round_trip_and_bad_files(tmp_path):
+    path = tmp_path / "sub" / "settings.json"
+    assert core.Settings.load(path) == core.Settings()
+    core.Settings(url="http://gpu-box:9000", mode="local", batch_size=8).save(path)
+    loaded = core.Settings.load(path)
+    assert (loaded.url, loaded.mode, loaded.batch_size) == ("http://gpu-box:9000", "local", 8)
+    path.write_text('{"url": 5, "batch_size": 4, "unknown": 1}')
+    assert core.Settings.load(path) == core.Settings(batch_size=4)
+    path.write_text("not json")
+    assert core.Settings.load(path) == core.Settings()
+
+
+def test_settings_path_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("NAPARI_CRYOLENS_SETTINGS", str(tmp_path / "s.json"))
+    assert core.settings_path() == tmp_path / "s.json"
+    monkeypatch.delenv("NAPARI_CRYOLENS_SETTINGS")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    if sys.platform.startswith("linux"):
+        assert core.settings_path() == tmp_path / "napari-cryolens" / "settings.json"
+
+
+def test_down_server_is_described_not_raised():
+    backend = core.ServerBackend("http://127.0.0.1:9", connect_timeout=2, max_retries=0)
+    with pytest.raises(Exception) as info:
+        backend.reconstruct(np.zeros((1, 48, 48, 48), np.float32), core.Options())
+    message = core.describe_error(info.value, backend.url)
+    assert message.startswith("CryoLens: could not reach the server at http://127.0.0.1:9")
+    assert "\n" not in message
+
+
+def test_plugin_imports_neither_torch_nor_the_server():
+    """The widget's modules load where only numpy, httpx and cryolens.client are."""
+    code = ("import sys; import napari_cryolens.core as c; c.ServerBackend('http://x:1'); "
+            "import cryolens.io; "
+            "bad = [m for m in ('torch', 'fastapi', 'uvicorn') if m in sys.modules]; "
+            "assert not bad, bad")
+    env_path = f"{PLUGIN / 'src'}:{REPO / 'src'}"
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": env_path},
+                   timeout=60)
+
+
+def test_manifest_names_the_distribution_and_the_widget():
+    import tomllib
+    import yaml
+
+    project = tomllib.loads((PLUGIN / "pyproject.toml").read_text())["project"]
+    manifest = yaml.safe_load((PLUGIN / "src" / "napari_cryolens" / "napari.yaml").read_text())
+    assert manifest["name"] == project["name"] == "napari-cryolens"
+    entry = project["entry-points"]["napari.manifest"]
+    assert entry == {"napari-cryolens": "napari_cryolens:napari.yaml"}
+    deps = " ".join(project["dependencies"])
+    for forbidden in ("torch", "fastapi", "uvicorn", "PyQt", "PySide", "cryolens-server"):
+        assert forbidden.lower() not in deps.lower()
+    (command,) = manifest["contributions"]["commands"]
+    assert command["python_name"] == "napari_cryolens._widget:CryoLensWidget"
+
+
+def test_npe2_validates_the_manifest():
+    """``npe2 validate`` on the installed plugin (importing its widget), else on the file."""
+    pytest.importorskip("npe2", reason="npe2 (napari's plugin engine) is not installed")
+    from importlib.metadata import entry_points
+
+    installed = "napari-cryolens" in {e.name for e in entry_points(group="napari.manifest")}
+    target = (["napari-cryolens", "--imports"] if installed
+              else [str(PLUGIN / "src" / "napari_cryolens" / "napari.yaml")])
+    done = subprocess.run([sys.executable, "-m", "npe2", "validate", *target], check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "valid!" in done.stdout
