@@ -272,11 +272,13 @@ def npz_arrays(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 async def respond(request: Request, payload: dict[str, Any]) -> Response:
+    size = sum(v.nbytes for v in payload.values() if isinstance(v, np.ndarray))
     if wants_npz(request):
         from cryolens.formats import write_npz
 
-        return NPZResponse(await run_in_threadpool(write_npz, npz_arrays(payload)))
-    return ORJSONResponse(await run_in_threadpool(codecs.dumps, payload))
+        arrays = npz_arrays(payload)
+        return NPZResponse(await bodies.off_loop(lambda: write_npz(arrays), size))
+    return ORJSONResponse(await bodies.off_loop(lambda: codecs.dumps(payload), 8 * size))
 
 
 def _add_model_routes(app: FastAPI, settings: Settings) -> None:
