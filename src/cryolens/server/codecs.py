@@ -21,7 +21,7 @@ _NUMERIC_KINDS = "fiu"  # float, signed and unsigned int: what a volume may hold
 
 
 #: Arrays larger than this are written row by row, so the writing thread yields the GIL often.
-ROW_WISE_BYTES = 4 * 1024**2
+ROW_WISE_BYTES = 256 * 1024
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 

@@ -91,6 +91,7 @@ class InferenceWorker:
         self._cond = threading.Condition()
         self._stopping = False
         self._arriving = 0
+        self._trim, self._trimmed_at = _malloc_trim(), 0.0
         self._thread: threading.Thread | None = None
 
     @property
@@ -218,6 +219,15 @@ class InferenceWorker:
             return False
         return True
 
+    def _trim_heap(self) -> None:
+        """Give freed memory back to the system, at most once a second. Bodies, volumes and
+        answers of many MB are freed from many threads; glibc keeps such memory in per-thread
+        arenas, so without this the process's RSS climbs under load and stays up."""
+        now = time.monotonic()
+        if self._trim is not None and now - self._trimmed_at >= TRIM_EVERY_S:
+            self._trim(0)
+            self._trimmed_at = now
+
     def _execute(self, jobs: list[Job]) -> None:
         started = time.monotonic()
         try:
@@ -234,8 +244,23 @@ class InferenceWorker:
                           elapsed)
         for job, result in zip(jobs, results, strict=True):
             _answer(job, result, None)
+        self._trim_heap()
         logger.debug("batch of %d jobs ran %.3f s (oldest waited %.3f s)", len(jobs), elapsed,
                      started - min(j.enqueued_at for j in jobs))
+
+
+#: Seconds between two returns of freed heap memory to the system (see ``_trim_heap``).
+TRIM_EVERY_S = 1.0
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None elsewhere (musl, macOS, Windows)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _answer(job: Job, result: Any, exc: BaseException | None) -> None:
