@@ -146,12 +146,13 @@ def test_client_leaving_mid_upload_is_counted_not_logged_as_an_error(server):
 def test_queued_request_whose_client_left_is_never_run(server):
     """Hold the worker with a big batch, queue a request on a raw socket, close it: the job is
     dropped (counted as disconnected) and the model never sees a 'features' particle."""
-    batch = np.random.default_rng(1).standard_normal((48, 48, 48, 48)).astype(np.float32)
+    batch = np.random.default_rng(1).standard_normal((256, 48, 48, 48)).astype(np.float32)
     npy = _npy(batch)
     done: list[int] = []
     holder = threading.Thread(target=lambda: done.append(requests.post(
-        server.url + "/batch_process?return_embeddings=false", data=npy,
-        headers={"Content-Type": "application/x-npy"}, timeout=120).status_code))
+        server.url + "/batch_process?return_embeddings=false", data=npy, timeout=120,
+        headers={"Content-Type": "application/x-npy", "Accept": "application/x-npz"}
+    ).status_code))
     dropped = metric(server, "cryolens_dropped_jobs_total", reason="disconnected")
     holder.start()
     deadline = time.monotonic() + 30
@@ -164,8 +165,9 @@ def test_queued_request_whose_client_left_is_never_run(server):
     sock = connect(server)
     sock.sendall(b"POST /extract_features HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
                  b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    time.sleep(0.5)  # parsed and queued behind the batch
-    assert holder.is_alive(), "the batch finished too soon to hold the worker"
+    while metric(server, "cryolens_queue_depth") < 1:  # parsed and queued behind the batch
+        assert holder.is_alive(), "the batch finished too soon to hold the worker"
+        time.sleep(0.02)
     sock.close()
     holder.join(120)
     assert done == [200]

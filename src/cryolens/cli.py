@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         return _serve(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    # force: each call (tests call main in-process) logs to the stderr of its own time
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s",
+                        force=True)
     try:
         return args.run(args)
     except (Exception, KeyboardInterrupt) as exc:
