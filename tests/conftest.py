@@ -37,3 +37,15 @@ def parity_engine():
     from cryolens.engine import Engine
 
     return Engine.from_checkpoint(str(PARITY_CKPT), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real server process on a small random model (fast to load), one per test module that
+    asks for it; modules that need another model or settings define their own ``server``."""
+    from server_helpers import small_model_file, start_cli_server
+
+    model = small_model_file(tmp_path_factory.mktemp("model") / "small.safetensors")
+    proc = start_cli_server(model)
+    yield proc
+    proc.stop()

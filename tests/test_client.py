@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from server_helpers import free_port, small_model_file, start_cli_server
+from server_helpers import free_port
 
 from cryolens import formats
 from cryolens.client import (
@@ -34,13 +34,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 REQUEST_ID = r"[0-9a-f]{32}"
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model = small_model_file(tmp_path_factory.mktemp("client") / "small.safetensors")
-    proc = start_cli_server(model)
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import requests
-from server_helpers import small_model_file, start_cli_server
 
 from cryolens import formats
 
@@ -13,13 +12,6 @@ NPY = {"Content-Type": "application/x-npy"}
 NPZ = {"Accept": "application/x-npz"}
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # batching across requests may change the last bits
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model = small_model_file(tmp_path_factory.mktemp("model") / "small.safetensors")
-    proc = start_cli_server(model)
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")

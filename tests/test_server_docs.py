@@ -8,20 +8,12 @@ import subprocess
 
 import pytest
 import requests
-from server_helpers import small_model_file, start_cli_server
 
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(name)), None)
 #: Seconds of page time Chromium lets scripts run before dumping the DOM.
 VIRTUAL_TIME_MS = 10000
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model = small_model_file(tmp_path_factory.mktemp("model") / "small.safetensors")
-    proc = start_cli_server(model)
-    yield proc
-    proc.stop()
 
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
