@@ -52,6 +52,7 @@ def dump_dom(url: str, profile) -> str:
     return done.stdout
 
 
+@pytest.mark.slow  # a real browser
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 @pytest.mark.parametrize("page, rendered", [
     ("/docs", r'class="opblock-summary-path"[^>]*data-path="/extract_features"'),
