@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import spread_model
 
 from cryolens.engine import Engine, zscore
 from cryolens.errors import DeviceError, InputError
@@ -16,12 +17,7 @@ SMALL = CryoLensConfig(latent_dims=8, affinity_dims=6, n_affinity=40, n_free=10)
 
 @pytest.fixture(scope="module")
 def engine():
-    torch.manual_seed(0)
-    model = CryoLensVAE(SMALL)
-    with torch.no_grad():  # O(1) latents, so splats spread over the box as in a trained model
-        model.mu.weight.mul_(40)
-        model.pose.weight.mul_(40)
-    return Engine(model, device="cpu")
+    return Engine(spread_model(), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -7,24 +7,18 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import spread_model
 
 from cryolens.engine import Engine, zscore, zscore_tensor
 from cryolens.errors import InputError
-from cryolens.model import CryoLensConfig, CryoLensVAE
 
-SMALL = CryoLensConfig(latent_dims=8, affinity_dims=6, n_affinity=40, n_free=10)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (bench/gpu_check.sh runs these there)")
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    model = CryoLensVAE(SMALL)
-    with torch.no_grad():  # O(1) latents, so splats spread over the box as in a trained model
-        model.mu.weight.mul_(40)
-        model.pose.weight.mul_(40)
-    return model
+    return spread_model()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -32,15 +31,3 @@ def wants_npz(request: Request) -> bool:
     accept = request.headers.get("accept", "")
     return any(part.split(";", 1)[0].strip().lower() == formats.NPZ_MEDIA_TYPE
                for part in accept.split(","))
-
-
-def flatten(payload: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    """A JSON payload as flat arrays for ``.npz``: nested objects become ``outer_inner``
-    names, unless the inner dict says otherwise with its own keys; lists become arrays."""
-    out: dict[str, np.ndarray] = {}
-    for key, value in payload.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}_"))
-        elif value is not None:
-            out[f"{prefix}{key}"] = np.asarray(value)
-    return out
