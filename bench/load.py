@@ -7,7 +7,9 @@ Run: python bench/load.py [--url http://host:port] [--checkpoint demo] [--second
 Without --url it starts its own server (CPU, the given checkpoint) and stops it at the end.
 Prints errors by status, p50/p99 latency per endpoint and format, /health p99 and its worst,
 and the server's resident memory (``process_resident_memory_bytes`` from /metrics) after the
-warm-up, at the end of the load and ``--settle`` seconds later, with the load average.
+warm-up, every 10 s, at the end of the load and ``--settle`` seconds later, with the load
+average. The /health probe runs in a process of its own, as a monitor would: in the clients'
+process it would wait for their GIL and time the load generator, not the server.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 import argparse
+import multiprocessing
 import os
 import re
 import threading
@@ -76,7 +79,6 @@ def run(url: str, seconds: float, clients: int, settle: float) -> None:
     timed_from, end = t0 + min(WARM_UP_S, seconds / 4), t0 + seconds
     latencies: dict[str, list[float]] = defaultdict(list)
     statuses: Counter[tuple[str, int | str]] = Counter()
-    health: list[float] = []
     lock = threading.Lock()
 
     def client(seed: int) -> None:
@@ -98,33 +100,28 @@ def run(url: str, seconds: float, clients: int, settle: float) -> None:
                     if status == 200:
                         latencies[name].append(elapsed)
 
-    def prober() -> None:
-        session = requests.Session()
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                ok = session.get(url + "/health", timeout=10).status_code == 200
-            except requests.RequestException:
-                ok = False
-            elapsed = time.monotonic() - started
-            if started >= timed_from:
-                with lock:
-                    health.append(elapsed if ok else float("inf"))
-            time.sleep(max(0.0, HEALTH_EVERY_S - elapsed))
-
     load_before = os.getloadavg()
+    receiving, sending = multiprocessing.get_context("spawn").Pipe(duplex=False)
+    probe = multiprocessing.get_context("spawn").Process(
+        target=probe_health, args=(url, timed_from, end, sending), daemon=True)
+    probe.start()
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    threads.append(threading.Thread(target=prober, daemon=True))
     for thread in threads:
         thread.start()
     time.sleep(max(0.0, timed_from - time.monotonic()))
     rss_warm = rss_mib(url)
+    timeline = [rss_warm]
+    while time.monotonic() < end - 10:
+        time.sleep(10)
+        timeline.append(rss_mib(url))
     time.sleep(max(0.0, end - time.monotonic()))
     rss_end = rss_mib(url)
     load_end = os.getloadavg()
     stop.set()
+    health = receiving.recv()
     for thread in threads:
         thread.join(130)
+    probe.join(10)
     time.sleep(settle)
     rss_settled = rss_mib(url)
 
@@ -149,8 +146,27 @@ def run(url: str, seconds: float, clients: int, settle: float) -> None:
     print(f"/health: {len(health)} probes, {len(health) - len(finite)} failed, "
           f"p50 {percentile(finite, 50):.1f} ms, p99 {percentile(finite, 99):.1f} ms, "
           f"worst {max(finite, default=float('nan')) * 1000:.1f} ms")
-    print(f"RSS: after warm-up {rss_warm:.0f} MiB, at the end {rss_end:.0f} MiB, "
-          f"{settle:g} s later {rss_settled:.0f} MiB")
+    print(f"RSS: after warm-up {rss_warm:.0f} MiB, at the end {rss_end:.0f} MiB "
+          f"({rss_end / rss_warm - 1:+.1%}), {settle:g} s later {rss_settled:.0f} MiB")
+    print("RSS every 10 s from the warm-up (MiB):", " ".join(f"{v:.0f}" for v in timeline))
+
+
+def probe_health(url: str, start_at: float, stop_at: float, results) -> None:
+    """/health every 100 ms from ``start_at`` to ``stop_at`` (``time.monotonic()``, one clock
+    for all processes here); sends the latencies (inf for a failure) through ``results``."""
+    session = requests.Session()
+    health: list[float] = []
+    while time.monotonic() < stop_at:
+        started = time.monotonic()
+        try:
+            ok = session.get(url + "/health", timeout=10).status_code == 200
+        except requests.RequestException:
+            ok = False
+        elapsed = time.monotonic() - started
+        if started >= start_at:
+            health.append(elapsed if ok else float("inf"))
+        time.sleep(max(0.0, HEALTH_EVERY_S - elapsed))
+    results.send(health)
 
 
 def _load(values: tuple[float, float, float]) -> str:

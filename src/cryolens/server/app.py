@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -56,11 +57,14 @@ def create_app(settings: Settings | None = None, *, engine=None) -> FastAPI:
             batch_wait_s=settings.batch_wait_ms / 1000, timeout_s=settings.request_timeout_s,
             retry_after_s=settings.retry_after_s, warm_up=engine is None, events=metrics)
         app.state.worker = worker
+        app.state.codec_pool = ThreadPoolExecutor(settings.codec_threads,
+                                                  thread_name_prefix="cryolens-codec")
         worker.start(on_failure=startup_failed(settings))
         try:
             yield
         finally:
             worker.stop(timeout=settings.drain_timeout_s)
+            app.state.codec_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title=SERVICE_NAME, version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, default_response_class=ORJSONResponse,

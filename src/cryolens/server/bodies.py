@@ -7,6 +7,8 @@ file field holding either. Everything is parsed on a worker thread, never on the
 """
 from __future__ import annotations
 
+import asyncio
+import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -14,7 +16,6 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from cryolens import formats
@@ -38,12 +39,15 @@ def size_of(request: Request) -> int:
     return int(length) if length.isdigit() else INLINE_BYTES
 
 
-async def off_loop(work: Callable[[], T], size: int) -> T:
-    """``work()`` on a worker thread, or right here when it handles fewer than
+async def off_loop(request: Request, work: Callable[[], T], size: int | None = None) -> T:
+    """``work()`` on the app's codec threads (``app.state.codec_pool``, in the request's
+    context so log lines keep its id), or right here when ``size`` says it handles fewer than
     :data:`INLINE_BYTES` (it then blocks the loop for well under a millisecond)."""
-    if size < INLINE_BYTES:
+    if size is not None and size < INLINE_BYTES:
         return work()
-    return await run_in_threadpool(work)
+    pool = getattr(request.app.state, "codec_pool", None)
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(pool, context.run, work)
 
 
 @dataclass
@@ -93,7 +97,7 @@ async def read_volumes(request: Request, model: type[BaseModel], field: str, *,
                           codecs.volume(_required(payload, field), field, box, text)[None],
                           False)
 
-        return await run_in_threadpool(parse_json)
+        return await off_loop(request, parse_json)
     options = validate_options(model, dict(request.query_params), "query")
     read = await binary_reader(request)
 
@@ -102,7 +106,7 @@ async def read_volumes(request: Request, model: type[BaseModel], field: str, *,
         volumes, stacked = checked_stack(sent.data, "body", box, max_volumes)
         return Parsed(options, volumes, stacked or batch, sent.voxel_size)
 
-    return await off_loop(parse_binary, size_of(request))
+    return await off_loop(request, parse_binary, size_of(request))
 
 
 async def binary_reader(request: Request) -> Callable[[], formats.Volumes]:

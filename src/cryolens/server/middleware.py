@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -58,6 +59,10 @@ class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Ids are 32 hex digits like a UUID's: a random per-process half and a counter (a
+        # uuid4 per request is a getrandom call: 3 % of the event loop's time under load).
+        self._id_prefix = secrets.token_hex(8)
+        self._ids = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,7 +70,7 @@ class RequestContextMiddleware:
             return
         sent = dict(scope["headers"]).get(REQUEST_ID_HEADER.lower().encode(), b"").decode(
             "latin1")
-        rid = sent if _CLIENT_ID.fullmatch(sent) else uuid.uuid4().hex
+        rid = sent if _CLIENT_ID.fullmatch(sent) else f"{self._id_prefix}{next(self._ids):016x}"
         token = request_id.set(rid)
         scope.setdefault("state", {})["request_id"] = rid
         tracked = TrackedSend(send, [(REQUEST_ID_HEADER.encode(), rid.encode())])

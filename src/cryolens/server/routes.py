@@ -10,10 +10,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from cryolens import __version__, operations
+from cryolens import __version__, formats, operations
 from cryolens.errors import InputError, NotReady
 from cryolens.operations import Operation, Result
 from cryolens.server import bodies, codecs, schemas
@@ -274,11 +273,9 @@ def npz_arrays(payload: dict[str, Any]) -> dict[str, Any]:
 async def respond(request: Request, payload: dict[str, Any]) -> Response:
     size = sum(v.nbytes for v in payload.values() if isinstance(v, np.ndarray))
     if wants_npz(request):
-        from cryolens.formats import write_npz
-
         arrays = npz_arrays(payload)
-        return NPZResponse(await bodies.off_loop(lambda: write_npz(arrays), size))
-    return ORJSONResponse(await bodies.off_loop(lambda: codecs.dumps(payload), 8 * size))
+        return NPZResponse(await bodies.off_loop(request, lambda: formats.npz_parts(arrays), size))
+    return ORJSONResponse(await bodies.off_loop(request, lambda: codecs.dumps(payload), 8 * size))
 
 
 def _add_model_routes(app: FastAPI, settings: Settings) -> None:
@@ -352,6 +349,7 @@ def _add_statistics_routes(app: FastAPI, settings: Settings) -> None:
              summary="Mean, std, min, max and shape of a small volume",
              responses={**_ERRORS, 400: {"model": schemas.ErrorResponse}})
     async def statistics_get(
+        request: Request,
         volume: str | None = Query(None, description="URL-encoded JSON array of numbers, any "
                                    "shape. Large volumes: POST /statistics."),
         volume_data: str | None = Query(None, description="Alias of `volume`."),
@@ -361,7 +359,7 @@ def _add_statistics_routes(app: FastAPI, settings: Settings) -> None:
             raise InputError("query parameter volume (or volume_data) is required",
                              field="volume")
         value = codecs.loads_json(text.encode(), field)
-        return ORJSONResponse(await run_in_threadpool(_statistics, value, field))
+        return ORJSONResponse(await bodies.off_loop(request, lambda: _statistics(value, field)))
 
     @app.post("/statistics", response_model=schemas.StatisticsResponse,
               summary="Statistics of a volume sent as JSON, .npy or MRC",
@@ -382,6 +380,7 @@ def _add_statistics_routes(app: FastAPI, settings: Settings) -> None:
                     raise InputError(f"{field} is required", field=field)
                 return _statistics(payload[field], field)
 
-            return ORJSONResponse(await run_in_threadpool(run))
+            return ORJSONResponse(await bodies.off_loop(request, run))
         read = await bodies.binary_reader(request)
-        return ORJSONResponse(await run_in_threadpool(lambda: _statistics(read().data, "body")))
+        return ORJSONResponse(await bodies.off_loop(
+            request, lambda: _statistics(read().data, "body")))

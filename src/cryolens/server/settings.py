@@ -60,6 +60,9 @@ DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_MS = 10
 #: Seconds a request may wait for the model (queue and load) before it is answered 504.
 DEFAULT_REQUEST_TIMEOUT_S = 60
+#: Threads that parse large bodies and write large answers (parsing JSON holds the GIL:
+#: more threads only queue for it, and delay the event loop's turn).
+DEFAULT_CODEC_THREADS = 1
 #: Bytes of request bodies being read and parsed at once, all requests together.
 DEFAULT_MAX_PARSE_BYTES = 512 * 1024**2
 #: Seconds a request waits for room in that parse budget before it is answered 503.
@@ -158,6 +161,10 @@ class Settings:
     request_timeout_s: int = field(default=DEFAULT_REQUEST_TIMEOUT_S, metadata={
         "help": "seconds a request may wait for the model (queue, loading) before it is "
                 "answered 504 and not run"})
+    codec_threads: int = field(default=DEFAULT_CODEC_THREADS, metadata={
+        "help": "threads that parse request bodies and write answers over 1 MiB (JSON "
+                "parsing holds Python's GIL: more threads delay /health without adding "
+                "throughput)"})
     # -- shared-node hygiene ----------------------------------------------------------------
     max_parse_bytes: int = field(default=DEFAULT_MAX_PARSE_BYTES, metadata={
         "help": "request-body bytes read and parsed at once, all requests together; beyond it "
@@ -190,7 +197,7 @@ class Settings:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, "
                              f"got {self.log_level!r}") from None
         for name in ("port", "max_body_bytes", "max_volumes", "queue_size", "retry_after_s",
-                     "max_batch_size", "request_timeout_s", "max_parse_bytes",
+                     "max_batch_size", "request_timeout_s", "codec_threads", "max_parse_bytes",
                      "body_timeout_s", "header_timeout_s", "keep_alive_s", "max_connections",
                      "max_header_bytes", "drain_timeout_s"):
             if getattr(self, name) <= 0:
