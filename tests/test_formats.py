@@ -57,6 +57,24 @@ def test_npz_is_a_valid_zip_that_numpy_reads_exactly():
             assert np.array_equal(loaded[name], value)
 
 
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_read_npz_reads_numpys_own_archives(save):
+    buffer = io.BytesIO()
+    save(buffer, **ARRAYS)
+    back = formats.read_npz(buffer.getvalue())
+    for name, value in ARRAYS.items():
+        value = np.asarray(value)
+        assert back[name].dtype == value.dtype and back[name].shape == value.shape
+        assert np.array_equal(back[name], value) and back[name].flags.writeable
+
+
+def test_read_npz_refuses_a_corrupt_member():
+    body = bytearray(formats.write_npz({"embedding": ARRAYS["embedding"]}))
+    body[len(body) // 2] ^= 0xFF  # a bit flipped inside the array data
+    with pytest.raises(MalformedBody, match="'embedding.npy' is truncated or corrupt"):
+        formats.read_npz(bytes(body))
+
+
 def test_npz_parts_share_the_array_data_and_join_to_the_file():
     big = np.random.default_rng(0).standard_normal((4, 48, 48, 48)).astype(np.float32)
     parts = formats.npz_parts({"reconstructions": big})

@@ -254,9 +254,53 @@ def write_npz(arrays: dict[str, np.ndarray | float | int]) -> bytes:
     return b"".join(npz_parts(arrays))
 
 
-def read_npz(body: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(body), allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+def read_npz(body: bytes | memoryview) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz``, by name. A stored (uncompressed) archive, what the server
+    writes, is read straight from its central directory (each array copied once, CRC checked);
+    anything else (compressed, zip64, odd members) goes through ``np.load``."""
+    try:
+        return _read_stored_npz(memoryview(body))
+    except _NotPlain:
+        with np.load(io.BytesIO(bytes(body)), allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+
+
+class _NotPlain(Exception):
+    """An archive the direct reader leaves to ``np.load``."""
+
+
+def _read_stored_npz(view: memoryview) -> dict[str, np.ndarray]:
+    end = len(view) - _END.size
+    if end < 0 or int.from_bytes(view[end:end + 4], "little") != 0x06054B50:
+        raise _NotPlain  # a trailing comment or zip64: the slow path finds the record
+    *_, count, _, size, start, _ = _END.unpack_from(view, end)
+    out: dict[str, np.ndarray] = {}
+    at = start
+    for _ in range(count):
+        if at + _CENTRAL.size > end:
+            raise _NotPlain
+        fields = _CENTRAL.unpack_from(view, at)
+        method, crc, stored, plain, name_len, extra_len, comment_len = (
+            fields[4], fields[7], fields[8], fields[9], fields[10], fields[11], fields[12])
+        local_at = fields[16]
+        name = bytes(view[at + _CENTRAL.size:at + _CENTRAL.size + name_len])
+        at += _CENTRAL.size + name_len + extra_len + comment_len
+        if method != 0 or stored != plain or not name.endswith(b".npy"):
+            raise _NotPlain
+        if local_at + _LOCAL.size > len(view):
+            raise _NotPlain
+        local = _LOCAL.unpack_from(view, local_at)
+        data_at = local_at + _LOCAL.size + local[9] + local[10]
+        member = view[data_at:data_at + stored]
+        if len(member) != stored or zlib.crc32(member) != crc:
+            raise MalformedBody(f".npz member {name.decode('utf-8', 'replace')!r} is truncated "
+                                "or corrupt (its size or CRC does not match)", field="body")
+        try:
+            array = read_npy(member, "body").data
+        except (MalformedBody, InputError):  # booleans, say: numpy's reader decides
+            raise _NotPlain from None
+        out[name[:-4].decode("utf-8")] = array.copy()  # aligned, writable, owns its data
+    return out
 
 
 def write_mrc(path, volume: np.ndarray, voxel_size: float | tuple[float, float, float] = 10.0,
