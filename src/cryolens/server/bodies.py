@@ -83,19 +83,10 @@ async def read_volumes(request: Request, model: type[BaseModel], field: str, *,
         body = await request.body()
 
         def parse_json() -> Parsed:
-            # no 'true'/'false' anywhere: the volumes need no boolean check of their own
-            text = b"" if b"true" not in body and b"false" not in body else None
-            if batch:
-                payload = codecs.loads_with_split_array(body, field, max_volumes)
-                options = validate_options(model, payload, "body")
-                volumes = codecs.volumes(_required(payload, field), field, box, max_volumes,
-                                         text)
-                return Parsed(options, volumes, True)
-            payload = codecs.loads_object(body)
-            options = validate_options(model, payload, "body")
-            return Parsed(options,
-                          codecs.volume(_required(payload, field), field, box, text)[None],
-                          False)
+            options, volumes = codecs.read_json_volumes(
+                body, field, box, max_volumes,
+                lambda payload: validate_options(model, payload, "body"), batch=batch)
+            return Parsed(options, volumes, batch)
 
         return await off_loop(request, parse_json)
     options = validate_options(model, dict(request.query_params), "query")
@@ -158,9 +149,3 @@ async def _multipart_file(request: Request) -> bytes:
         return await files[0].read()
     finally:
         await form.close()
-
-
-def _required(payload: dict[str, Any], field: str) -> Any:
-    if field not in payload:
-        raise InputError(f"{field} is required", field=field)
-    return payload[field]

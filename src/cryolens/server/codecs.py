@@ -7,13 +7,15 @@ float32) so that the engine only ever sees well-formed ``float32`` arrays. No St
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
 
-from cryolens.errors import InputError, MalformedBody, PayloadTooLarge
+from cryolens.errors import CryoLensError, InputError, MalformedBody, PayloadTooLarge
 
+T = TypeVar("T")
 #: Longest piece of a parser message that goes back to the client.
 MAX_MESSAGE_CHARS = 200
 JSON_MEDIA_TYPE = "application/json"
@@ -78,6 +80,39 @@ def loads_object(body: bytes) -> dict[str, Any]:
     return value
 
 
+def read_json_volumes(body: bytes, field: str, box: tuple[int, ...], max_volumes: int,
+                      options: Callable[[dict[str, Any]], T], *, batch: bool = False
+                      ) -> tuple[T, np.ndarray]:
+    """A JSON request body -> (``options(payload)``, its volumes as (N, *box) float32).
+
+    ``field`` holds one volume, or with ``batch`` a list of them. ``options`` sees the payload
+    (without the volumes parsed) before any volume is read, so a wrong option is named first.
+    Bodies of :data:`PLANE_WISE_BYTES` or more are parsed a volume and a plane at a time; when
+    that finds a mistake in a body under :data:`SPLIT_THRESHOLD_BYTES`, the body is parsed
+    again whole, so the client hears of it exactly as for a small body.
+    """
+    # no 'true'/'false' anywhere: the volumes need no boolean check of their own
+    text = b"" if b"true" not in body and b"false" not in body else None
+
+    def read(payload: dict[str, Any]) -> tuple[T, np.ndarray]:
+        chosen = options(payload)
+        if field not in payload:
+            raise InputError(f"{field} is required", field=field)
+        if batch:
+            return chosen, volumes(payload[field], field, box, max_volumes, text)
+        return chosen, volume(payload[field], field, box, text)[None]
+
+    if len(body) >= PLANE_WISE_BYTES:
+        try:
+            if batch:
+                return read(loads_with_split_array(body, field, max_volumes))
+            return read(loads_with_raw_field(body, field, box[0]))
+        except CryoLensError:
+            if batch and len(body) >= SPLIT_THRESHOLD_BYTES:
+                raise
+    return read(loads_object(body))
+
+
 def loads_with_split_array(body: bytes, field: str, max_volumes: int) -> dict[str, Any]:
     """Like :func:`loads_object`, but a large body's top-level array ``field`` comes back as a
     list of raw JSON slices (views into ``body``, no copies), one per volume, parsed later one
@@ -86,18 +121,33 @@ def loads_with_split_array(body: bytes, field: str, max_volumes: int) -> dict[st
     One ``orjson.loads`` of a 150 MB batch holds the GIL for ~1 s and turns every number into a
     32-byte Python float (an empty list costs 56 bytes for its 3 bytes of JSON); element by
     element, the parsing thread yields every few ms and holds one volume of Python objects at a
-    time. Bodies under :data:`SPLIT_THRESHOLD_BYTES` take the plain path. Large bodies never do:
-    :func:`_split_top_level_array` decides from a chunked scan, whose extra memory is a few
+    time. Bodies under :data:`PLANE_WISE_BYTES` take the plain path (and
+    :func:`read_json_volumes` re-reads one under :data:`SPLIT_THRESHOLD_BYTES` whole when this
+    path finds a mistake in it). Large bodies never do: :func:`_split_top_level_array` decides from a chunked scan, whose extra memory is a few
     chunks plus two ``max_volumes + 1`` index arrays, and refuses more than ``max_volumes``
     volumes before any per-volume object exists.
     """
-    if len(body) >= SPLIT_THRESHOLD_BYTES:
+    if len(body) >= PLANE_WISE_BYTES:
         return _split_top_level_array(body, field, max_volumes)
+    return loads_object(body)
+
+
+def loads_with_raw_field(body: bytes, field: str, planes: int) -> dict[str, Any]:
+    """Like :func:`loads_object`, but in a body of :data:`PLANE_WISE_BYTES` or more the value
+    of ``field`` (one volume of ``planes`` planes) comes back unparsed, as a
+    :class:`_RawJSON` that :func:`volume` reads a plane at a time. A body this path cannot
+    read raises; :func:`read_json_volumes` then parses it whole, which names the mistake."""
+    if len(body) >= PLANE_WISE_BYTES:
+        return _split_top_level_array(body, field, planes, whole=True)
     return loads_object(body)
 
 
 #: Bodies at least this large have their volume array parsed element by element.
 SPLIT_THRESHOLD_BYTES = 8 * 1024**2
+#: JSON volumes at least this large are parsed a plane at a time: one ``orjson.loads`` of a
+#: 1.2 MB particle holds the GIL ~9 ms and building its array ~6 ms more, the event loop
+#: (``/health`` included) waiting meanwhile; a plane is ~0.3 ms.
+PLANE_WISE_BYTES = 256 * 1024
 #: Bytes of a large body scanned per numpy pass (temporaries: ~25 bytes per scanned byte in
 #: the worst case, a body made only of brackets).
 SCAN_CHUNK_BYTES = 1024**2
@@ -112,7 +162,8 @@ _QUOTE, _BACKSLASH = ord('"'), ord("\\")
 _LSQ, _RSQ, _LCURLY, _RCURLY = ord("["), ord("]"), ord("{"), ord("}")
 
 
-def _split_top_level_array(body: bytes, field: str, max_volumes: int) -> dict[str, Any]:
+def _split_top_level_array(body: bytes, field: str, max_volumes: int, whole: bool = False
+                           ) -> dict[str, Any]:
     if body.find(b"\\") >= 0:
         # escapes make quote counting unsound; a big volume batch never needs them
         raise MalformedBody(f"body: a JSON body of {SPLIT_THRESHOLD_BYTES} bytes or more may "
@@ -141,9 +192,12 @@ def _split_top_level_array(body: bytes, field: str, max_volumes: int) -> dict[st
     payload = loads_object(rest)
     if scan.array is None:
         return payload
+    view = memoryview(body)
+    if whole:
+        payload[field] = _RawJSON(view[scan.array:scan.close + 1])
+        return payload
     starts = scan.starts[:scan.count].tolist()
     ends = scan.ends[:scan.count].tolist()
-    view = memoryview(body)
     edges = [scan.array + 1, *[e + 1 for e in ends]]
     for i, (a, b) in enumerate(zip(edges, [*starts, scan.close], strict=True)):
         _check_gap(view[a:b], field, i, i == 0, i == len(starts))
@@ -337,6 +391,8 @@ def _has_boolean(value: Any, text: bytes | memoryview | None) -> bool:
 def volume(value: Any, field: str, box: tuple[int, ...],
            text: bytes | memoryview | None = None) -> np.ndarray:
     """One particle: a nested list of exactly ``box`` shape -> ``box`` float32 array."""
+    if isinstance(value, _RawJSON):
+        return volume_from_json(value.text, field, box)
     expected = f"a {'x'.join(map(str, box))} nested list of numbers, shape {_shape_text(box)}"
     array = numeric_array(value, field, expected, text=text)
     if array.shape != box:
@@ -362,11 +418,65 @@ def volumes(value: Any, field: str, box: tuple[int, ...], max_volumes: int,
     out = None
     for i, item in enumerate(value):
         name = f"{field}[{i}]"
-        if isinstance(item, _RawJSON):  # one volume of Python floats at a time
-            one = volume(loads_json(item.text, name), name, box, item.text)
+        if isinstance(item, _RawJSON):  # one plane of Python floats at a time
+            one = volume_from_json(item.text, name, box)
         else:
             one = volume(item, name, box, text)
         if out is None:
             out = np.empty((len(value), *box), np.float32)
         out[i] = one
     return out
+
+
+def volume_from_json(text: memoryview, field: str, box: tuple[int, ...]) -> np.ndarray:
+    """One particle from its JSON text, a plane at a time (the parsing thread then yields the
+    GIL between planes, and holds one plane of Python floats at once). Whatever is not a plain
+    array of ``box[0]`` arrays of numbers goes through :func:`volume` whole, which names the
+    problem exactly as for a small body; the numbers are the same either way."""
+    def whole() -> np.ndarray:
+        return volume(loads_json(bytes(text), field), field, box, text)
+
+    raw = bytes(text)
+    planes = _element_slices(raw)
+    if planes is None or len(planes) != box[0] or b"t" in raw or b"f" in raw:
+        return whole()  # numbers never hold a 't' or an 'f': that is a boolean
+    out = np.empty(box, np.float32)
+    for i, (start, end) in enumerate(planes):
+        try:
+            plane = np.array(orjson.loads(raw[start:end + 1]))
+        except (orjson.JSONDecodeError, ValueError, TypeError, OverflowError):
+            return whole()
+        if plane.shape != box[1:] or plane.dtype.kind not in _NUMERIC_KINDS:
+            return whole()
+        with np.errstate(over="ignore", invalid="ignore"):
+            out[i] = plane  # float64 or int64 to float32, as numeric_array's astype
+    if not np.isfinite(out).all():
+        return whole()
+    return out
+
+
+def _element_slices(raw: bytes) -> list[tuple[int, int]] | None:
+    """(first, last) byte of each element of a JSON array of arrays holding no strings or
+    objects, when the text is exactly that (elements separated by commas, JSON whitespace
+    around); else None."""
+    data = np.frombuffer(raw, np.uint8)
+    if (data == _QUOTE).any() or (data == _LCURLY).any():
+        return None
+    brackets = np.flatnonzero((data == _LSQ) | (data == _RSQ))
+    if len(brackets) < 2:
+        return None
+    step = np.where(data[brackets] == _LSQ, 1, -1)
+    depth = np.cumsum(step)
+    if depth.min() < 0 or depth[-1] != 0 or (depth[:-1] == 0).any() or step[0] != 1:
+        return None
+    opens = brackets[(step == 1) & (depth == 2)].tolist()
+    closes = brackets[(step == -1) & (depth == 1)].tolist()
+    first, last = int(brackets[0]), int(brackets[-1])
+    if raw[:first].strip(JSON_WHITESPACE) or raw[last + 1:].strip(JSON_WHITESPACE):
+        return None
+    gaps = zip([first, *closes], [*opens, last], strict=True)
+    for i, (after, before) in enumerate(gaps):
+        separator = b"" if i in (0, len(opens)) else b","
+        if raw[after + 1:before].strip(JSON_WHITESPACE) != separator:
+            return None
+    return list(zip(opens, closes, strict=True))

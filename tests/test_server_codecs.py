@@ -1,0 +1,121 @@
+"""Large JSON volumes are parsed a plane at a time (so the parsing thread yields the GIL to the
+event loop): same numbers as one ``orjson.loads``, and for every kind of bad volume the same
+status and message a small body gets."""
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from cryolens.errors import CryoLensError
+from cryolens.server import codecs
+
+BOX = (48, 48, 48)
+
+
+def body_text(volumes: np.ndarray, field: str) -> bytes:
+    return orjson.dumps({field: volumes, "use_segmented_decoder": False},
+                        option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def plain_single(body: bytes):
+    payload = codecs.loads_object(body)
+    return codecs.volume(payload["input_volume"], "input_volume", BOX)[None]
+
+
+def parse_single(body: bytes):
+    assert len(body) >= codecs.PLANE_WISE_BYTES
+    return codecs.read_json_volumes(body, "input_volume", BOX, 1, lambda payload: None)[1]
+
+
+def plain_batch(body: bytes):
+    payload = codecs.loads_object(body)
+    return codecs.volumes(payload["input_volumes"], "input_volumes", BOX, 16)
+
+
+def parse_batch(body: bytes):
+    return codecs.read_json_volumes(body, "input_volumes", BOX, 16, lambda payload: None,
+                                    batch=True)[1]
+
+
+def outcome(parse, body: bytes):
+    try:
+        return parse(body)
+    except CryoLensError as exc:
+        return type(exc).__name__, getattr(exc, "field", None), str(exc)
+
+
+@pytest.fixture(scope="module")
+def volume():
+    # values with few digits, so that each one below is one easy-to-find token
+    return np.round(np.random.default_rng(4).standard_normal(BOX), 2).astype(np.float32) + 5
+
+
+def test_planewise_numbers_equal_one_parse(volume, monkeypatch):
+    body = body_text(volume, "input_volume")
+    parsed, plain = [], codecs.loads_object
+    monkeypatch.setattr(codecs, "loads_object", lambda text: parsed.append(len(text)) or
+                        plain(text))
+    parse_single(body)
+    assert max(parsed) < 100  # only the options went through one orjson.loads
+    monkeypatch.undo()
+    options = []
+    codecs.read_json_volumes(body, "input_volume", BOX, 1, options.append)
+    assert options[0]["use_segmented_decoder"] is False
+    assert np.array_equal(parse_single(body), plain_single(body))
+    assert np.array_equal(parse_single(body)[0], volume)
+    ints = orjson.dumps({"input_volume": np.arange(48**3).reshape(BOX).tolist()})
+    assert np.array_equal(parse_single(ints), plain_single(ints))
+    batch = body_text(np.stack([volume, -volume, volume * 3]), "input_volumes")
+    assert np.array_equal(parse_batch(batch), plain_batch(batch))
+
+
+def replace(old: bytes, new: bytes):
+    return lambda text: text.replace(old, new, 1)
+
+
+def drop_last_value_of_first_row(text: bytes) -> bytes:
+    end = text.index(b"]")
+    return text[:text.rindex(b",", 0, end)] + text[end:]
+
+
+# each makes a different mistake in the (first) volume of a body
+MISTAKES = {
+    "boolean": replace(b"5.", b"true, 5."),  # also one value too many in that row
+    "only a boolean": replace(b"[5.", b"[true,5."),
+    "null": replace(b"5.", b"null,5."),
+    "string": replace(b"5.", b'"5",5.'),
+    "object": replace(b"5.", b"{},5."),
+    "beyond float32": replace(b"5.", b"1e39,5."),
+    "huge integer": replace(b"5.", b"1" + b"0" * 400 + b",5."),
+    "nested deeper": replace(b"5.", b"[5],5."),
+    "short row": drop_last_value_of_first_row,
+    "missing comma": replace(b"]],[[", b"]] [["),
+    "trailing comma": replace(b"]]]", b"]],]"),
+    "extra plane": replace(b"]]]", b"]],[[1]]]"),
+    "not a number": replace(b"5.", b"5.."),
+    "unclosed": replace(b"]]]", b"]]"),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_a_mistake_in_a_large_volume_is_named_as_in_a_small_body(volume, mistake):
+    make = MISTAKES[mistake]
+    body = body_text(volume, "input_volume")
+    wrong = make(body)
+    assert wrong != body
+    got = outcome(parse_single, wrong)
+    assert isinstance(got, tuple), f"{mistake}: accepted"
+    assert got == outcome(plain_single, wrong)
+    batch = body_text(np.stack([volume, volume]), "input_volumes")
+    at = batch.index(b"]]],[[[") + 4  # the mistake goes into the second volume
+    wrong = batch[:at] + make(batch[at:])
+    got = outcome(parse_batch, wrong)
+    assert isinstance(got, tuple) and got == outcome(plain_batch, wrong)
+
+
+def test_missing_plane_and_wrong_plane_count(volume):
+    for volumes in (volume[:47], np.concatenate([volume, volume[:1]])):
+        body = body_text(volumes, "input_volume")
+        got = outcome(parse_single, body)
+        assert got == outcome(plain_single, body) and "shape (48, 48, 48)" in got[2]
