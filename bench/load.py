@@ -1,15 +1,16 @@
-"""Sustained mixed load on a server, as on a shared node: 16 clients for 60 s by default, mixed
-endpoints and formats (JSON and .npy), with /health probed every 100 ms throughout.
+"""Sustained mixed load on a server, as on a shared node: 16 clients for 60 s by default (after a
+15 s warm-up), mixed endpoints and formats (JSON and .npy), /health probed every 100 ms.
 
 Run: python bench/load.py [--url http://host:port] [--checkpoint demo] [--seconds 60]
-     [--clients 16] [--settle 30]
+     [--warm-up 15] [--clients 16] [--settle 30]
 
 Without --url it starts its own server (CPU, the given checkpoint) and stops it at the end.
 Prints errors by status, p50/p99 latency per endpoint and format, /health p99 and its worst,
 and the server's resident memory (``process_resident_memory_bytes`` from /metrics) after the
-warm-up, every 10 s, at the end of the load and ``--settle`` seconds later, with the load
-average. The /health probe runs in a process of its own, as a monitor would: in the clients'
-process it would wait for their GIL and time the load generator, not the server.
+warm-up and at the end of the load (medians of one reading a second over 10 s) and
+``--settle`` seconds later, with the load average. The /health probe runs in a process of its
+own, as a monitor would: in the clients' process it would wait for their GIL and time the load
+generator, not the server.
 """
 from __future__ import annotations
 
@@ -39,9 +40,14 @@ from cryolens import formats
 
 JSON = {"Content-Type": "application/json"}
 NPY = {"Content-Type": formats.NPY_MEDIA_TYPE}
-#: The first seconds of load are not timed (the server and its caches settle).
-WARM_UP_S = 5.0
+#: The first seconds of load are not timed: the server's caches, thread pools and malloc arenas
+#: fill (RSS climbs for ~15 s under this mix, then swings around a level).
+WARM_UP_S = 15.0
 HEALTH_EVERY_S = 0.1
+#: RSS is read this often during the load; the figures compare the medians of the first and the
+#: last RSS_WINDOW_S (a single reading swings with the requests in flight at that instant).
+RSS_EVERY_S = 1.0
+RSS_WINDOW_S = 10.0
 
 
 def requests_mix(rng: np.random.Generator) -> list[tuple[str, str, bytes, dict[str, str]]]:
@@ -73,10 +79,10 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000 if values else float("nan")
 
 
-def run(url: str, seconds: float, clients: int, settle: float) -> None:
+def run(url: str, seconds: float, clients: int, settle: float, warm_up: float) -> None:
     stop = threading.Event()
     t0 = time.monotonic()
-    timed_from, end = t0 + min(WARM_UP_S, seconds / 4), t0 + seconds
+    timed_from, end = t0 + warm_up, t0 + warm_up + seconds
     latencies: dict[str, list[float]] = defaultdict(list)
     statuses: Counter[tuple[str, int | str]] = Counter()
     lock = threading.Lock()
@@ -109,13 +115,10 @@ def run(url: str, seconds: float, clients: int, settle: float) -> None:
     for thread in threads:
         thread.start()
     time.sleep(max(0.0, timed_from - time.monotonic()))
-    rss_warm = rss_mib(url)
-    timeline = [rss_warm]
-    while time.monotonic() < end - 10:
-        time.sleep(10)
-        timeline.append(rss_mib(url))
-    time.sleep(max(0.0, end - time.monotonic()))
-    rss_end = rss_mib(url)
+    rss: list[tuple[float, float]] = []  # (seconds after the warm-up, MiB), one a second
+    while time.monotonic() < end:
+        rss.append((time.monotonic() - timed_from, rss_mib(url)))
+        time.sleep(max(0.0, min(RSS_EVERY_S, end - time.monotonic())))
     load_end = os.getloadavg()
     stop.set()
     health = receiving.recv()
@@ -124,9 +127,12 @@ def run(url: str, seconds: float, clients: int, settle: float) -> None:
     probe.join(10)
     time.sleep(settle)
     rss_settled = rss_mib(url)
+    window = min(RSS_WINDOW_S, (end - timed_from) / 3)
+    rss_warm = float(np.median([v for t, v in rss if t < window]))
+    rss_end = float(np.median([v for t, v in rss if t >= end - timed_from - window]))
 
     timed = end - timed_from
-    print(f"{clients} clients for {seconds:g} s ({timed:.0f} s timed after warm-up) "
+    print(f"{clients} clients for {timed:.0f} s after a {warm_up:g} s warm-up "
           f"against {url}")
     print(f"load average (1, 5, 15 min): before {_load(load_before)}, at the end "
           f"{_load(load_end)} on {os.cpu_count()} CPUs")
@@ -146,9 +152,13 @@ def run(url: str, seconds: float, clients: int, settle: float) -> None:
     print(f"/health: {len(health)} probes, {len(health) - len(finite)} failed, "
           f"p50 {percentile(finite, 50):.1f} ms, p99 {percentile(finite, 99):.1f} ms, "
           f"worst {max(finite, default=float('nan')) * 1000:.1f} ms")
-    print(f"RSS: after warm-up {rss_warm:.0f} MiB, at the end {rss_end:.0f} MiB "
-          f"({rss_end / rss_warm - 1:+.1%}), {settle:g} s later {rss_settled:.0f} MiB")
-    print("RSS every 10 s from the warm-up (MiB):", " ".join(f"{v:.0f}" for v in timeline))
+    values = [v for _, v in rss]
+    print(f"RSS (median of the readings, one a second, in the first and the last {window:.0f} s "
+          f"of the timed load): after warm-up {rss_warm:.0f} MiB, at the end {rss_end:.0f} MiB "
+          f"({rss_end / rss_warm - 1:+.1%}), {settle:g} s later {rss_settled:.0f} MiB; "
+          f"single readings {min(values):.0f}-{max(values):.0f} MiB")
+    print("RSS every 10 s from the warm-up (MiB):",
+          " ".join(f"{v:.0f}" for v in values[::int(10 / RSS_EVERY_S)]))
 
 
 def probe_health(url: str, start_at: float, stop_at: float, results) -> None:
@@ -185,14 +195,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server (default: start one here)")
     parser.add_argument("--checkpoint", default="demo", help="for the server started here")
-    parser.add_argument("--seconds", type=float, default=60.0, help="load duration")
+    parser.add_argument("--seconds", type=float, default=60.0,
+                        help="timed load duration, after the warm-up")
+    parser.add_argument("--warm-up", type=float, default=WARM_UP_S,
+                        help=f"seconds of load before timing starts (default: {WARM_UP_S:g})")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--settle", type=float, default=30.0,
                         help="seconds after the load before the last RSS reading")
     args = parser.parse_args()
     server = None if args.url else start_server(args.checkpoint)
     try:
-        run(args.url or server.url, args.seconds, args.clients, args.settle)
+        run(args.url or server.url, args.seconds, args.clients, args.settle, args.warm_up)
     finally:
         if server is not None:
             server.stop()

@@ -92,6 +92,7 @@ class InferenceWorker:
         self._stopping = False
         self._arriving = 0
         self._trim, self._trimmed_at = _malloc_trim(), 0.0
+        self._untrimmed = False  # a batch ran since the last trim
         self._thread: threading.Thread | None = None
 
     @property
@@ -169,7 +170,10 @@ class InferenceWorker:
             jobs = self._take()
             if jobs is None:
                 return
-            self._execute(jobs)
+            if jobs:
+                self._execute(jobs)
+            else:  # idle since the last batch: what its requests freed goes back now
+                self._trim_heap(at_once=True)
 
     def _warm_up(self) -> None:
         """One pass of each operation, so the first request does not pay for lazy set-up."""
@@ -180,11 +184,14 @@ class InferenceWorker:
 
     def _take(self) -> list[Job] | None:
         """The oldest live job and every waiting job of the same operation, up to
-        ``max_batch`` particles, waiting up to ``batch_wait_s`` for requests still arriving."""
+        ``max_batch`` particles, waiting up to ``batch_wait_s`` for requests still arriving;
+        an empty list after :data:`TRIM_EVERY_S` idle when the heap needs a trim; None once
+        stopping."""
         with self._cond:
             while True:
                 while not self._jobs and not self._stopping:
-                    self._cond.wait()
+                    if not self._cond.wait(TRIM_EVERY_S) and self._untrimmed:
+                        return []
                 if self._stopping:
                     return None
                 first = self._jobs.popleft()
@@ -219,14 +226,15 @@ class InferenceWorker:
             return False
         return True
 
-    def _trim_heap(self) -> None:
-        """Give freed memory back to the system, at most once a second. Bodies, volumes and
-        answers of many MB are freed from many threads; glibc keeps such memory in per-thread
-        arenas, so without this the process's RSS climbs under load and stays up."""
+    def _trim_heap(self, at_once: bool = False) -> None:
+        """Give freed memory back to the system: at most once a second while batches run, and
+        ``at_once`` when the worker has been idle a second since the last batch. Bodies,
+        volumes and answers of many MB are freed from many threads; glibc keeps such memory in
+        per-thread arenas, so without this the process's RSS climbs under load and stays up."""
         now = time.monotonic()
-        if self._trim is not None and now - self._trimmed_at >= TRIM_EVERY_S:
+        if self._trim is not None and (at_once or now - self._trimmed_at >= TRIM_EVERY_S):
             self._trim(0)
-            self._trimmed_at = now
+            self._trimmed_at, self._untrimmed = now, False
 
     def _execute(self, jobs: list[Job]) -> None:
         started = time.monotonic()
@@ -244,6 +252,7 @@ class InferenceWorker:
                           elapsed)
         for job, result in zip(jobs, results, strict=True):
             _answer(job, result, None)
+        self._untrimmed = True
         self._trim_heap()
         logger.debug("batch of %d jobs ran %.3f s (oldest waited %.3f s)", len(jobs), elapsed,
                      started - min(j.enqueued_at for j in jobs))
