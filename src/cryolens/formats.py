@@ -273,7 +273,7 @@ def _read_stored_npz(view: memoryview) -> dict[str, np.ndarray]:
     end = len(view) - _END.size
     if end < 0 or int.from_bytes(view[end:end + 4], "little") != 0x06054B50:
         raise _NotPlain  # a trailing comment or zip64: the slow path finds the record
-    *_, count, _, size, start, _ = _END.unpack_from(view, end)
+    *_, count, _, _, start, _ = _END.unpack_from(view, end)
     out: dict[str, np.ndarray] = {}
     at = start
     for _ in range(count):
@@ -285,7 +285,8 @@ def _read_stored_npz(view: memoryview) -> dict[str, np.ndarray]:
         local_at = fields[16]
         name = bytes(view[at + _CENTRAL.size:at + _CENTRAL.size + name_len])
         at += _CENTRAL.size + name_len + extra_len + comment_len
-        if method != 0 or stored != plain or not name.endswith(b".npy"):
+        if method != 0 or stored != plain or not name.endswith(b".npy") or \
+                0xFFFF_FFFF in (stored, local_at):  # compressed, or zip64 sizes
             raise _NotPlain
         if local_at + _LOCAL.size > len(view):
             raise _NotPlain
