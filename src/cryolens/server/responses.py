@@ -6,7 +6,6 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
 
 from cryolens import formats
 from cryolens.server import codecs
@@ -22,27 +21,11 @@ class ORJSONResponse(JSONResponse):
         return codecs.dumps(content)
 
 
-#: An ``.npz`` smaller than this is sent in one piece (each piece is a socket write).
-ONE_PIECE_BYTES = 1024**2
-
-
 class NPZResponse(Response):
-    """An ``.npz`` answer sent as the pieces :func:`cryolens.formats.npz_parts` made: a large
-    one goes to the socket from the arrays themselves, never copied into one body."""
+    """An ``.npz`` answer (bytes, as ASGI wants: Ray Serve pickles each message, and a view
+    of the arrays would not survive that)."""
 
     media_type = formats.NPZ_MEDIA_TYPE
-
-    def __init__(self, parts: list[bytes | memoryview]) -> None:
-        size = sum(len(p) for p in parts)
-        self.parts = parts if size >= ONE_PIECE_BYTES else [b"".join(parts)]
-        super().__init__(headers={"content-length": str(size)})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
-        for part in self.parts[:-1]:
-            await send({"type": "http.response.body", "body": part, "more_body": True})
-        await send({"type": "http.response.body", "body": self.parts[-1]})
 
 
 def wants_npz(request: Request) -> bool:

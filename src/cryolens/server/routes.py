@@ -274,7 +274,7 @@ async def respond(request: Request, payload: dict[str, Any]) -> Response:
     size = sum(v.nbytes for v in payload.values() if isinstance(v, np.ndarray))
     if wants_npz(request):
         arrays = npz_arrays(payload)
-        return NPZResponse(await bodies.off_loop(request, lambda: formats.npz_parts(arrays), size))
+        return NPZResponse(await bodies.off_loop(request, lambda: formats.write_npz(arrays), size))
     return ORJSONResponse(await bodies.off_loop(request, lambda: codecs.dumps(payload), 8 * size))
 
 
