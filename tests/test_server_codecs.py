@@ -119,3 +119,17 @@ def test_missing_plane_and_wrong_plane_count(volume):
         body = body_text(volumes, "input_volume")
         got = outcome(parse_single, body)
         assert got == outcome(plain_single, body) and "shape (48, 48, 48)" in got[2]
+
+
+def test_answers_written_row_by_row_are_orjsons_bytes(volume):
+    """Big arrays (nested ones too, and views orjson cannot write natively) go out a row at a
+    time, and the bytes are exactly one orjson.dumps of the whole answer."""
+    payload = {"reconstruction": volume, "segmented_outputs": {"affinity": -volume,
+                                                               "free": volume.T},
+               "embedding": volume[0, 0, :40], "input_shape": [48, 48, 48], "n_volumes": 1,
+               "empty": {}}
+    whole = orjson.dumps(payload, default=np.ascontiguousarray,
+                         option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+    assert codecs.dumps(payload) == whole
+    batch = {"reconstructions": np.stack([volume, volume]), "n_volumes": 2}
+    assert codecs.dumps(batch) == orjson.dumps(batch, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -28,18 +28,37 @@ _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
 def dumps(content: Any) -> bytes:
-    """JSON bytes; a top-level dict's big arrays go out one row at a time (same bytes)."""
-    if not isinstance(content, dict) or not any(_row_wise(v) for v in content.values()):
+    """JSON bytes, exactly ``orjson.dumps``'s; the big arrays of a dict (nested dicts too) are
+    written a row (of a 2-D array: a plane of a volume) at a time, so the writing thread yields
+    the GIL between rows, and the pieces are joined once."""
+    if not isinstance(content, dict) or not _has_row_wise(content):
         return orjson.dumps(content, default=_default, option=_OPTIONS)
-    parts = []
-    for key, value in content.items():
-        if _row_wise(value):
-            text = b"[" + b",".join(orjson.dumps(row, default=_default, option=_OPTIONS)
-                                    for row in value) + b"]"
-        else:
-            text = orjson.dumps(value, default=_default, option=_OPTIONS)
-        parts.append(orjson.dumps(str(key)) + b":" + text)
-    return b"{" + b",".join(parts) + b"}"
+    parts: list[bytes] = []
+    _write(content, parts)
+    return b"".join(parts)
+
+
+def _has_row_wise(content: dict) -> bool:
+    return any(_row_wise(v) or (isinstance(v, dict) and _has_row_wise(v))
+               for v in content.values())
+
+
+def _write(value: Any, parts: list[bytes]) -> None:
+    if isinstance(value, dict):
+        parts.append(b"{")
+        for i, (key, item) in enumerate(value.items()):
+            parts.append(b"," if i else b"")
+            parts.append(orjson.dumps(str(key)) + b":")
+            _write(item, parts)
+        parts.append(b"}")
+    elif _row_wise(value):
+        parts.append(b"[")
+        for i, row in enumerate(value):
+            parts.append(b"," if i else b"")
+            _write(row, parts)
+        parts.append(b"]")
+    else:
+        parts.append(orjson.dumps(value, default=_default, option=_OPTIONS))
 
 
 def _row_wise(value: Any) -> bool:
