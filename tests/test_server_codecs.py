@@ -114,6 +114,25 @@ def test_a_mistake_in_a_large_volume_is_named_as_in_a_small_body(volume, mistake
     assert isinstance(got, tuple) and got == outcome(plain_batch, wrong)
 
 
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_a_mistake_in_a_huge_batch_is_named_per_volume(volume, mistake, monkeypatch):
+    """Past SPLIT_THRESHOLD_BYTES a batch is never parsed whole: the volume at fault is named
+    as if it had been parsed alone, plane-wise or not."""
+    monkeypatch.setattr(codecs, "SPLIT_THRESHOLD_BYTES", codecs.PLANE_WISE_BYTES)
+    batch = body_text(np.stack([volume, volume]), "input_volumes")
+    at = batch.index(b"]]],[[[") + 4
+    wrong = batch[:at] + MISTAKES[mistake](batch[at:])
+    got = outcome(parse_batch, wrong)
+    assert isinstance(got, tuple), f"{mistake}: accepted"
+    second = wrong[at:wrong.rindex(b"]") ].rstrip()  # the second volume's own text
+    if got[1] == "input_volumes[1]":  # a volume's mistake: as that volume parsed alone
+        alone = outcome(lambda text: codecs.volume(codecs.loads_json(text, got[1]), got[1],
+                                                   BOX, text), second)
+        assert got == alone
+    else:  # the batch itself is broken JSON (a missing comma, a stray bracket)
+        assert got[0] == "MalformedBody" and got[1] == "body"
+
+
 def test_missing_plane_and_wrong_plane_count(volume):
     for volumes in (volume[:47], np.concatenate([volume, volume[:1]])):
         body = body_text(volumes, "input_volume")

@@ -142,9 +142,9 @@ def loads_with_split_array(body: bytes, field: str, max_volumes: int) -> dict[st
     element, the parsing thread yields every few ms and holds one volume of Python objects at a
     time. Bodies under :data:`PLANE_WISE_BYTES` take the plain path (and
     :func:`read_json_volumes` re-reads one under :data:`SPLIT_THRESHOLD_BYTES` whole when this
-    path finds a mistake in it). Large bodies never do: :func:`_split_top_level_array` decides from a chunked scan, whose extra memory is a few
-    chunks plus two ``max_volumes + 1`` index arrays, and refuses more than ``max_volumes``
-    volumes before any per-volume object exists.
+    path finds a mistake in it). Large bodies never do: :func:`_split_top_level_array` decides
+    from a chunked scan, whose extra memory is a few chunks plus two ``max_volumes + 1`` index
+    arrays, and refuses more than ``max_volumes`` volumes before any per-volume object exists.
     """
     if len(body) >= PLANE_WISE_BYTES:
         return _split_top_level_array(body, field, max_volumes)
@@ -452,21 +452,22 @@ def volume_from_json(text: memoryview, field: str, box: tuple[int, ...]) -> np.n
     GIL between planes, and holds one plane of Python floats at once). Whatever is not a plain
     array of ``box[0]`` arrays of numbers goes through :func:`volume` whole, which names the
     problem exactly as for a small body; the numbers are the same either way."""
-    def whole() -> np.ndarray:
-        return volume(loads_json(bytes(text), field), field, box, text)
-
     raw = bytes(text)
+
+    def whole() -> np.ndarray:
+        return volume(loads_json(raw, field), field, box, raw)
+
     planes = _element_slices(raw)
     if planes is None or len(planes) != box[0] or b"t" in raw or b"f" in raw:
         return whole()  # numbers never hold a 't' or an 'f': that is a boolean
     out = np.empty(box, np.float32)
     for i, (start, end) in enumerate(planes):
-        text = raw[start:end + 1]
+        piece = raw[start:end + 1]
         # a plane with a fraction or an exponent anywhere is float64 in numpy's own reading
         # too; saying so up front makes np.array 40 % faster (a null becomes NaN: see below)
-        floats = b"." in text or b"e" in text or b"E" in text
+        floats = b"." in piece or b"e" in piece or b"E" in piece
         try:
-            plane = np.array(orjson.loads(text), dtype=np.float64 if floats else None)
+            plane = np.array(orjson.loads(piece), dtype=np.float64 if floats else None)
         except (orjson.JSONDecodeError, ValueError, TypeError, OverflowError):
             return whole()
         if plane.shape != box[1:] or plane.dtype.kind not in _NUMERIC_KINDS:
