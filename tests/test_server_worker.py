@@ -205,3 +205,20 @@ def test_a_lone_request_never_waits_for_company(engine, volumes):
         took = time.monotonic() - started
     assert [a.status_code for a in answers] == [200] * 3
     assert took < 15  # three waits of 20 s would be 60 s
+
+
+def test_freed_memory_is_returned_once_the_worker_falls_idle(engine, volumes):
+    """A trim at most once a second while batches run, and one a second after the last batch
+    (what its requests freed after it ran goes back too); none while idle after that."""
+    app = create_app(Settings(), engine=engine)
+    with TestClient(app) as client:
+        worker = client.app.state.worker
+        trims: list[float] = []
+        worker._trim = lambda pad: trims.append(time.monotonic())
+        assert post_features(client, volumes[0]).status_code == 200
+        assert post_features(client, volumes[1]).status_code == 200
+        answered = time.monotonic()
+        time.sleep(3.5)  # one idle trim, then none
+    assert 2 <= len(trims) <= 3, trims  # the first batch's, maybe the second's, the idle one
+    assert trims[-1] - answered >= 0.5  # the idle trim, a second after the last batch
+    assert sum(t > answered for t in trims) == 1

@@ -92,7 +92,7 @@ class InferenceWorker:
         self._stopping = False
         self._arriving = 0
         self._trim, self._trimmed_at = _malloc_trim(), 0.0
-        self._untrimmed = False  # a batch ran since the last trim
+        self._idle_trim_due = False  # a batch ran since the worker last fell idle
         self._thread: threading.Thread | None = None
 
     @property
@@ -172,8 +172,9 @@ class InferenceWorker:
                 return
             if jobs:
                 self._execute(jobs)
-            else:  # idle since the last batch: what its requests freed goes back now
+            else:  # idle a second since the last batch: what its requests freed goes back
                 self._trim_heap(at_once=True)
+                self._idle_trim_due = False
 
     def _warm_up(self) -> None:
         """One pass of each operation, so the first request does not pay for lazy set-up."""
@@ -185,12 +186,12 @@ class InferenceWorker:
     def _take(self) -> list[Job] | None:
         """The oldest live job and every waiting job of the same operation, up to
         ``max_batch`` particles, waiting up to ``batch_wait_s`` for requests still arriving;
-        an empty list after :data:`TRIM_EVERY_S` idle when the heap needs a trim; None once
-        stopping."""
+        an empty list once idle for :data:`TRIM_EVERY_S` after a batch (time for a trim); None
+        once stopping."""
         with self._cond:
             while True:
                 while not self._jobs and not self._stopping:
-                    if not self._cond.wait(TRIM_EVERY_S) and self._untrimmed:
+                    if not self._cond.wait(TRIM_EVERY_S) and self._idle_trim_due:
                         return []
                 if self._stopping:
                     return None
@@ -234,7 +235,7 @@ class InferenceWorker:
         now = time.monotonic()
         if self._trim is not None and (at_once or now - self._trimmed_at >= TRIM_EVERY_S):
             self._trim(0)
-            self._trimmed_at, self._untrimmed = now, False
+            self._trimmed_at = now
 
     def _execute(self, jobs: list[Job]) -> None:
         started = time.monotonic()
@@ -252,7 +253,7 @@ class InferenceWorker:
                           elapsed)
         for job, result in zip(jobs, results, strict=True):
             _answer(job, result, None)
-        self._untrimmed = True
+        self._idle_trim_due = True
         self._trim_heap()
         logger.debug("batch of %d jobs ran %.3f s (oldest waited %.3f s)", len(jobs), elapsed,
                      started - min(j.enqueued_at for j in jobs))
