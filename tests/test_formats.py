@@ -22,6 +22,8 @@ ARRAYS = {
     "strided": np.arange(24, dtype=np.float32).reshape(2, 3, 4)[:, ::2],
     "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
     "größe": np.ones((1, 2, 1, 1), np.uint8),
+    "complex": np.array([1 + 2j, -0.5j], np.complex64),
+    "text": np.array(["ab", "c"]),
 }
 
 
@@ -36,7 +38,7 @@ def test_write_npy_is_numpys_file_and_reads_back(name):
     array = np.asarray(ARRAYS[name])
     body = formats.write_npy(array)
     assert body == numpy_save(array)
-    if array.dtype.kind == "b":  # volumes are numbers: booleans are a client mistake
+    if array.dtype.kind in "bcU":  # volumes are real numbers: anything else is a mistake
         with pytest.raises(formats.InputError, match="real numbers"):
             formats.read_npy(body)
         return

@@ -233,7 +233,7 @@ def npz_parts(arrays: dict[str, np.ndarray | float | int]) -> list[bytes | memor
     for name, array in members.items():
         encoded = name.encode("utf-8")
         header = npy_header(array)
-        data = memoryview(array.reshape(-1)).cast("B") if array.size else b""
+        data = memoryview(array.reshape(-1).view(np.uint8))  # any dtype, as raw bytes
         crc = zlib.crc32(data, zlib.crc32(header))
         size = len(header) + len(data)
         flags = 0x800 if not encoded.isascii() else 0  # bit 11: the name is UTF-8
