@@ -21,7 +21,8 @@ def _train(args: argparse.Namespace) -> int:
     from cryolens.train import TrainSettings, train
 
     names = {f.name for f in fields(TrainSettings)}
-    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    settings = TrainSettings(**given)
     final = train(settings, resume=not args.fresh, progress=not args.quiet)
     print(f"final checkpoint: {final}")
     return 0
@@ -69,7 +70,8 @@ def add_train_parser(sub, common: argparse.ArgumentParser) -> None:
 
     d = TrainSettings()
     t = sub.add_parser(
-        "train", parents=[common], help="train a model on simulated particles, or fine-tune on yours",
+        "train", parents=[common],
+        help="train a model on simulated particles, or fine-tune on yours",
         description="Train a CryoLens model on simulated particles, or fine-tune one on your own "
                     "particles (--data).\nRe-running the same command resumes from the last "
                     "checkpoint in --out-dir.",

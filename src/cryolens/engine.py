@@ -314,7 +314,8 @@ class Engine:
         return torch.from_numpy(array).to(self.device)
 
     # -- running a batch --------------------------------------------------------------------
-    def _run(self, volumes, n_render: int, n_outputs: int, step) -> tuple[dict, torch.device | None]:
+    def _run(self, volumes, n_render: int, n_outputs: int, step
+             ) -> tuple[dict, torch.device | None]:
         """Run ``step(normalised, mean, std) -> {name: (n, ...) tensor}`` over every chunk.
 
         Returns the outputs, whole-batch, as numpy arrays (numpy input) or as tensors on the

@@ -44,7 +44,8 @@ def gaussian_blur(volumes: np.ndarray, sigma: float) -> np.ndarray:
     size = volumes.shape[-1]
     k = np.fft.fftfreq(size)
     kernel_1d = np.exp(-2 * (np.pi * sigma * k) ** 2)
-    kernel = kernel_1d[:, None, None] * kernel_1d[None, :, None] * kernel_1d[None, None, : size // 2 + 1]
+    kernel = (kernel_1d[:, None, None] * kernel_1d[None, :, None]
+              * kernel_1d[None, None, : size // 2 + 1])
     spectrum = np.fft.rfftn(volumes, axes=(1, 2, 3)) * kernel
     return np.fft.irfftn(spectrum, s=volumes.shape[1:], axes=(1, 2, 3)).astype(np.float32)
 
@@ -87,11 +88,14 @@ def evaluate(engine: Engine, *, snrs=(5.0, 1.0), per_structure: int = 20, seed: 
 
 
 def format_table(reports: list[SnrReport]) -> str:
-    lines = ["| SNR | particles | reconstruction r (mean) | min | blurred input r | 1-NN acc | 1-NN acc (affinity) |",
+    header = ("| SNR | particles | reconstruction r (mean) | min | blurred input r | 1-NN acc "
+              "| 1-NN acc (affinity) |")
+    lines = [header,
              "|---|---|---|---|---|---|---|"]
     for r in reports:
         lines.append(f"| {r.snr:g} | {r.n_particles} | {r.reconstruction_correlation:.3f} | "
-                     f"{r.reconstruction_correlation_min:.3f} | {r.blurred_input_correlation:.3f} | "
+                     f"{r.reconstruction_correlation_min:.3f} | "
+                     f"{r.blurred_input_correlation:.3f} | "
                      f"{100 * r.nn_accuracy:.1f} % | {100 * r.nn_accuracy_affinity:.1f} % |")
     return "\n".join(lines)
 

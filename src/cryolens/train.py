@@ -101,8 +101,9 @@ class SimulatedStream(torch.utils.data.IterableDataset):
         max_angle = None
         if step < s.curriculum_steps:
             max_angle = s.start_angle + (180.0 - s.start_angle) * step / s.curriculum_steps
-        sim = ParticleSimulator(self.structures(), snr=snr, max_angle=max_angle, tilt_range=s.tilt_range,
-                                max_shift=s.max_shift, seed=int(rng.integers(2**63)))
+        sim = ParticleSimulator(self.structures(), snr=snr, max_angle=max_angle,
+                                tilt_range=s.tilt_range, max_shift=s.max_shift,
+                                seed=int(rng.integers(2**63)))
         b = sim.sample(s.batch_size)
         return {
             "particles": torch.from_numpy(b.particles),
@@ -225,7 +226,8 @@ class PoseReference:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def loss(self, predicted: torch.Tensor, true: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, predicted: torch.Tensor, true: torch.Tensor, labels: torch.Tensor
+             ) -> torch.Tensor:
         """predicted, true: (B, 3, 3) rotations; labels: (B,) structure indices."""
         x, w = self.points[labels], self.weights[labels]
         a = x @ predicted.transpose(1, 2)  # rows (R x_i)^T
@@ -235,7 +237,8 @@ class PoseReference:
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """(B, len(POSE_SCALES)) overlap integrals of two weighted point clouds as Gaussian densities."""
+    """(B, len(POSE_SCALES)) overlap integrals of two weighted point clouds as Gaussian
+    densities."""
     d2 = ((a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :]
           - 2 * a @ b.transpose(1, 2)).clamp_min(0)
     pair = wa[:, :, None] * wb[:, None, :]

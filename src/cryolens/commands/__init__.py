@@ -1,8 +1,8 @@
 """Console sub-commands for people with their own particles: ``embed``, ``reconstruct``,
 ``show``, ``map`` and ``info``.
 
-Each module has ``add_parser(subparsers, common)`` and ``run(args) -> int``; :func:`register` adds them
-all to the ``cryolens`` parser (``cryolens.cli``).
+Each module has ``add_parser(subparsers, common)`` and ``run(args) -> int``; :func:`register`
+adds them all to the ``cryolens`` parser (``cryolens.cli``).
 """
 from __future__ import annotations
 

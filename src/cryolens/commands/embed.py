@@ -59,8 +59,9 @@ STATE = "state.json"
 
 
 def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
-    p = subparsers.add_parser("embed", parents=[common], help="embed your particles: one row per particle (Parquet or HDF5)",
-        description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "embed", parents=[common], description=__doc__.split("\n\n")[0],
+        help="embed your particles: one row per particle (Parquet or HDF5)")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help=SOURCES_HELP)
     p.add_argument("-o", "--output", required=True,
                    help="embeddings.parquet (plain numeric columns) or embeddings.h5 (CryoLens's "

@@ -8,8 +8,9 @@ import json
 
 
 def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
-    p = subparsers.add_parser("info", parents=[common], help="list named checkpoints, or describe one",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "info", parents=[common], description=__doc__.split("\n\n")[0],
+        help="list named checkpoints, or describe one")
     p.add_argument("checkpoint", nargs="?", default=None,
                    help="a name (demo, v001), URL or file (default: list the named ones)")
     p.add_argument("--json", action="store_true", help="print JSON (default: text)")

@@ -11,8 +11,9 @@ from cryolens.errors import InputError
 
 
 def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
-    p = subparsers.add_parser("map", parents=[common], help="a 2-D map (PCA, UMAP) of embeddings from `embed`",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "map", parents=[common], description=__doc__.split("\n\n")[0],
+        help="a 2-D map (PCA, UMAP) of embeddings from `embed`")
     p.add_argument("embeddings", help="a Parquet file written by `cryolens embed`")
     p.add_argument("-o", "--output", default="map.png",
                    help="PNG file to write (default: %(default)s)")

@@ -21,8 +21,9 @@ MRC_OUT = (".mrc", ".map")
 
 
 def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
-    p = subparsers.add_parser("reconstruct", parents=[common], help="reconstruct your particles as MRC files",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "reconstruct", parents=[common], description=__doc__.split("\n\n")[0],
+        help="reconstruct your particles as MRC files")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help=SOURCES_HELP)
     p.add_argument("-o", "--output", required=True,
                    help="out.mrc for one particle, or a folder (one <name>.mrc per particle) "

@@ -17,8 +17,9 @@ COLUMNS = ("input", "reconstruction", "affinity part", "free part")
 
 
 def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
-    p = subparsers.add_parser("show", parents=[common], help="a PNG of particles beside their reconstructions",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "show", parents=[common], description=__doc__.split("\n\n")[0],
+        help="a PNG of particles beside their reconstructions")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help=SOURCES_HELP)
     p.add_argument("-o", "--output", default="slices.png",
                    help="PNG file to write (default: %(default)s)")

@@ -76,7 +76,8 @@ def is_json_content_type(content_type: str | None) -> bool:
     if not content_type:
         return False
     media = content_type.split(";", 1)[0].strip().lower()
-    return media == JSON_MEDIA_TYPE or (media.startswith("application/") and media.endswith("+json"))
+    return media == JSON_MEDIA_TYPE or (media.startswith("application/")
+                                         and media.endswith("+json"))
 
 
 def loads_json(text: bytes, field: str = "body") -> Any:

@@ -2,8 +2,10 @@
 
 Each field of :class:`Settings` is one setting, declared once. From the field the server gets
 
-- the environment variable ``CRYOLENS_<FIELD NAME IN CAPITALS>`` (read by :meth:`Settings.from_env`),
-- the command-line flag ``--<field-name-with-dashes>`` of ``cryolens-server`` and ``cryolens serve``,
+- the environment variable ``CRYOLENS_<FIELD NAME IN CAPITALS>`` (read by
+  :meth:`Settings.from_env`),
+- the command-line flag ``--<field-name-with-dashes>`` of ``cryolens-server`` and
+  ``cryolens serve``,
 - the flag's help text, followed by the default in effect.
 
 To add a setting, add a field with a default and a ``metadata`` dict::
