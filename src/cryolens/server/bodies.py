@@ -33,10 +33,10 @@ READABLE = (codecs.JSON_MEDIA_TYPE, formats.NPY_MEDIA_TYPE, formats.MRC_MEDIA_TY
 INLINE_BYTES = 1024**2
 
 
-def size_of(request: Request) -> int:
-    """The request's declared body size (a missing or odd Content-Length counts as large)."""
+def declared_size(request: Request, unknown: int) -> int:
+    """The request's ``Content-Length``, or ``unknown`` when it sends none (or an odd one)."""
     length = request.headers.get("content-length", "")
-    return int(length) if length.isdigit() else INLINE_BYTES
+    return int(length) if length.isdigit() else unknown
 
 
 async def off_loop(request: Request, work: Callable[[], T], size: int | None = None) -> T:
@@ -97,7 +97,8 @@ async def read_volumes(request: Request, model: type[BaseModel], field: str, *,
         volumes, stacked = checked_stack(sent.data, "body", box, max_volumes)
         return Parsed(options, volumes, stacked or batch, sent.voxel_size)
 
-    return await off_loop(request, parse_binary, size_of(request))
+    # a body of unknown size counts as large: parsed off the event loop
+    return await off_loop(request, parse_binary, declared_size(request, unknown=INLINE_BYTES))
 
 
 async def binary_reader(request: Request) -> Callable[[], formats.Volumes]:

@@ -72,8 +72,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 def parse_room(request: Request, max_body_bytes: int):
     """Reserve this request's body in the server-wide parse budget (503 when it stays full):
     its Content-Length, or the body limit when it declares none."""
-    length = request.headers.get("content-length", "")
-    size = int(length) if length.isdigit() else max_body_bytes
+    size = bodies.declared_size(request, unknown=max_body_bytes)
     return request.app.state.parse_budget.reserve(size)
 
 
