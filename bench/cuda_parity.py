@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+import _path  # noqa: F401 - before any third-party import: see bench/_path.py
 import numpy as np
 import torch
 
@@ -53,4 +54,7 @@ def main(checkpoint: str, golden_path: str, device: str = "cuda") -> int:
 
 
 if __name__ == "__main__":
+    if not 3 <= len(sys.argv) <= 4 or sys.argv[1] in ("-h", "--help"):
+        sys.exit(f"usage: python {sys.argv[0]} CHECKPOINT GOLDEN.npz [DEVICE]\n\n"
+                 f"{__doc__.splitlines()[0]}")
     sys.exit(main(*sys.argv[1:4]))

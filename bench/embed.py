@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _path  # noqa: F401 - before any third-party import: see bench/_path.py
 import numpy as np
 import torch
 

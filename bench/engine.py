@@ -17,6 +17,7 @@ import resource
 import sys
 import time
 
+import _path  # noqa: F401 - before any third-party import: see bench/_path.py
 import numpy as np
 import torch
 

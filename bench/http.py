@@ -13,21 +13,17 @@ Prints, each with its fraction of the in-process engine's rate at the same batch
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# This file's name shadows the standard library's ``http`` package for anything imported while
-# it runs as a script (requests imports http.client): take its folder off the path first.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
 import argparse
 import importlib.util
 import io
 import os
 import statistics
+import sys
 import threading
 import time
+from pathlib import Path
 
+import _path  # noqa: F401 - before any third-party import: see bench/_path.py
 import numpy as np
 import orjson
 import requests

@@ -6,15 +6,10 @@ embedding as JSON. Dynamic batching on: max_batch_size 32, batch_timeout 10 ms.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# bench/http.py would shadow the standard library's ``http``: take this folder off the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
 import argparse
 import io
 
+import _path  # noqa: F401 - before any third-party import: see bench/_path.py
 import litserve as ls
 import numpy as np
 

@@ -14,21 +14,17 @@ generator, not the server.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# bench/http.py, next to this file, would shadow the standard ``http`` package (requests needs
-# http.client): drop this folder from the import path before anything else is imported.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
 import argparse
 import multiprocessing
 import os
 import re
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
+from pathlib import Path
 
+import _path  # noqa: F401 - before any third-party import: see bench/_path.py
 import numpy as np
 import orjson
 import requests

@@ -14,20 +14,16 @@ Prints:
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# This file's name shadows the napari package for anything imported while it runs as a
-# script: take its folder off the path first.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
 import argparse
 import os
 import shutil
 import statistics
 import subprocess
+import sys
 import time
+from pathlib import Path
 
+import _path  # noqa: F401 - before any third-party import: see bench/_path.py
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]

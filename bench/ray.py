@@ -20,23 +20,19 @@ stopped. Prints the load average, since the machine may be shared.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# bench/http.py, next to this file, would shadow the standard ``http`` package (requests needs
-# http.client), and this file would shadow ``ray``: drop this folder from the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
 import argparse
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
+import _path  # noqa: F401 - before any third-party import: see bench/_path.py
 import numpy as np
 import requests
 

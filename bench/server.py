@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+import _path  # noqa: F401 - before any third-party import: see bench/_path.py
 import numpy as np
 import requests
 

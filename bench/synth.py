@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import _path  # noqa: F401 - before any third-party import: see bench/_path.py
+
 from cryolens.synth import ParticleSimulator, load_structures
 
 
