@@ -214,7 +214,7 @@ def test_freed_memory_is_returned_once_the_worker_falls_idle(engine, volumes):
     with TestClient(app) as client:
         worker = client.app.state.worker
         trims: list[float] = []
-        worker._trim = lambda pad: trims.append(time.monotonic())
+        worker._trim = lambda: trims.append(time.monotonic())
         assert post_features(client, volumes[0]).status_code == 200
         assert post_features(client, volumes[1]).status_code == 200
         answered = time.monotonic()

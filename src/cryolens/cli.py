@@ -14,6 +14,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from cryolens import heap
 from cryolens.cliutil import ArgumentParser, fail
 
 
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         return _serve(argv[1:])
     args = build_parser().parse_args(argv)
+    heap.tune()  # the engine's batches without page faults (cryolens/heap.py)
     # force: each call (tests call main in-process) logs to the stderr of its own time
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s",
                         force=True)

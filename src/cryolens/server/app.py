@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from cryolens import __version__
+from cryolens import __version__, heap
 from cryolens.errors import CryoLensError
 from cryolens.server import docs, handlers, routes
 from cryolens.server.budget import ParseBudget
@@ -51,6 +51,9 @@ def create_app(settings: Settings | None = None, *, engine=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         configure_logging(settings.log_level)
+        if heap.tune():  # batches of big arrays without page faults (cryolens/heap.py)
+            logger.debug("glibc heap thresholds set: mmap %d, trim %d bytes",
+                         heap.MMAP_THRESHOLD, heap.TRIM_THRESHOLD)
         worker = InferenceWorker(
             (lambda: engine) if engine is not None else (lambda: load_engine(settings)),
             queue_size=settings.queue_size, max_batch=settings.max_batch_size,

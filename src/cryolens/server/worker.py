@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from cryolens import heap
 from cryolens.errors import Busy, InferenceTimeout
 from cryolens.operations import Operation, Result, run_batched
 
@@ -91,7 +92,7 @@ class InferenceWorker:
         self._cond = threading.Condition()
         self._stopping = False
         self._arriving = 0
-        self._trim, self._trimmed_at = _malloc_trim(), 0.0
+        self._trim, self._trimmed_at = heap.trim, 0.0
         self._idle_trim_due = False  # a batch ran since the worker last fell idle
         self._thread: threading.Thread | None = None
 
@@ -233,8 +234,8 @@ class InferenceWorker:
         volumes and answers of many MB are freed from many threads; glibc keeps such memory in
         per-thread arenas, so without this the process's RSS climbs under load and stays up."""
         now = time.monotonic()
-        if self._trim is not None and (at_once or now - self._trimmed_at >= TRIM_EVERY_S):
-            self._trim(0)
+        if at_once or now - self._trimmed_at >= TRIM_EVERY_S:
+            self._trim()
             self._trimmed_at = now
 
     def _execute(self, jobs: list[Job]) -> None:
@@ -261,16 +262,6 @@ class InferenceWorker:
 
 #: Seconds between two returns of freed heap memory to the system (see ``_trim_heap``).
 TRIM_EVERY_S = 1.0
-
-
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None elsewhere (musl, macOS, Windows)."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 def _answer(job: Job, result: Any, exc: BaseException | None) -> None:
