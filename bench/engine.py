@@ -2,7 +2,7 @@
 
 Run: python bench/engine.py [--device cpu|cuda] [--checkpoint PATH] [--batches 1 8 32 128]
          [--input numpy|tensor] [--max-chunk N] [--memory-budget BYTES] [--compare OLD.py]
-Prints a numpy float32 matmul rate first, as this machine's yardstick. ``--input tensor`` hands
+Prints a numpy float32 matmul rate last, as this machine's yardstick. ``--input tensor`` hands
 the engine torch tensors already on its device (no host round trip). On CUDA it also profiles
 one reconstruct call per batch: the share of its wall time the GPU was busy (union of kernel
 and copy intervals, torch.profiler) and the host<->device copy rate. ``--compare OLD.py``
@@ -21,6 +21,7 @@ import _path  # noqa: F401 - before any third-party import: see bench/_path.py
 import numpy as np
 import torch
 
+from cryolens import heap
 from cryolens.engine import Engine
 from cryolens.model import CryoLensVAE
 
@@ -103,10 +104,13 @@ def main(argv=None) -> None:
     parser.add_argument("--compare", default=None, metavar="OLD.py")
     parser.add_argument("--rounds", type=int, default=3, help="alternations with --compare")
     parser.add_argument("--no-segments", action="store_true")
+    parser.add_argument("--default-heap", action="store_true",
+                        help="leave glibc's malloc thresholds as they are (no cryolens.heap.tune)")
     args = parser.parse_args(argv)
+    tuned = False if args.default_heap else heap.tune()
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, python {sys.version.split()[0]}")
-    print(f"numpy float32 matmul: {matmul_gflops():.0f} GFLOP/s")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, python {sys.version.split()[0]}, "
+          f"heap {'tuned' if tuned else 'glibc defaults'}")
     if args.checkpoint:
         from cryolens.checkpoints import load_model
 
@@ -155,6 +159,9 @@ def main(argv=None) -> None:
                 print(f"       reconstruct profile failed: {type(exc).__name__}: {exc}")
     if cuda:
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 1024**2:.0f} MB")
+    # Last: its 16 MiB arrays, once freed, raise glibc's own thresholds for the rest of the
+    # process, which would hide what --default-heap is there to show.
+    print(f"numpy float32 matmul (the machine's yardstick): {matmul_gflops():.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import urllib3
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from server_helpers import ServerProcess, free_port
 
-from cryolens import formats
+from cryolens import formats, heap
 
 NPY = {"Content-Type": "application/x-npy", "Accept": "application/x-npz"}
 LITSERVE_APP = Path(__file__).with_name("litserve_app.py")
@@ -234,6 +234,7 @@ def main(argv=None) -> None:
                         help="requests per latency measurement (default: 40)")
     parser.add_argument("--no-litserve", action="store_true", help="skip the LitServe run")
     args = parser.parse_args(argv)
+    heap.tune()  # as the server and the cryolens command do: the ceiling on equal terms
 
     volumes = np.random.default_rng(0).standard_normal((128, 48, 48, 48)).astype(np.float32)
     print(f"bench/http.py: checkpoint {args.checkpoint}, device {args.device}, "

@@ -20,9 +20,11 @@ class FeaturesAPI(ls.LitAPI):
         self.checkpoint, self.engine_device = checkpoint, device
 
     def setup(self, device) -> None:
+        from cryolens import heap
         from cryolens.engine import Engine
         from cryolens.operations import Operation
 
+        heap.tune()  # in LitServe's worker process, as our server does in its own
         self.engine = Engine.from_checkpoint(self.checkpoint, device=self.engine_device)
         self.operation = Operation("features")
 
