@@ -2,15 +2,16 @@
 to give freed memory back.
 
 By default glibc serves every block over a threshold with its own ``mmap`` and unmaps it when
-freed; the threshold starts at 128 KiB and rises with what is freed, while a heap's free top is
-returned to the system past twice that. A batch of particles allocates and frees tens of MB a
-call (volumes, z-scored copies, convolution activations), so the same memory is unmapped and
-faulted in again page by page on every call: ~300 page faults per particle, half of the
-engine's time for embeddings on a 2-core CPU (``bench/engine.py --default-heap`` shows it).
-:func:`tune` fixes the thresholds where that stops: blocks up to 32 MiB (the most glibc
-allows) come from the heap, and a heap keeps up to 64 MiB of free top; what is freed beyond
-that still goes back, and :func:`trim` returns the rest when the caller chooses (the server
-does so once a second while it works and when it falls idle).
+freed; the threshold starts at 128 KiB and rises with the largest block freed, and a heap's free
+top goes back to the system past twice that. A batch of particles allocates and frees tens of
+MB a call (volumes, z-scored copies, convolution activations), so depending on what the process
+freed before, the same memory can be given back and faulted in again page by page on every
+call. The server fell into that: 1.7-2.0 million page faults in 10 s of 16 clients, 40 % of its
+CPU time in the kernel, half the requests per second it serves with the heap tuned.
+:func:`tune` fixes the thresholds where that stops: blocks up to 32 MiB (the most glibc allows)
+come from the heap, and a heap keeps up to 64 MiB of free top; what is freed beyond that still
+goes back, and :func:`trim` returns the rest when the caller chooses (the server does so once a
+second while it works and when it falls idle).
 
 Both are process-wide, so nothing here runs at import: the server calls :func:`tune` when it
 starts, as does the ``cryolens`` command; a library user calls it at the start of a script.
