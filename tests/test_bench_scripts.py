@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,41 @@ def test_bench_script_starts(script):
                           capture_output=True, text=True, timeout=120)
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "usage" in (done.stdout + done.stderr).lower(), (done.stdout, done.stderr)
+
+
+def test_litserve_app_serves_the_engines_embeddings(tmp_path):
+    """bench/http.py's LitServe comparison: LitServe spawns its worker from the script, which
+    must find its modules (bench/_path.py), and the worker runs the same engine as ours."""
+    pytest.importorskip("litserve", reason="LitServe is an optional bench dependency")
+    import io
+
+    import numpy as np
+    import requests
+    from server_helpers import ServerProcess, free_port
+
+    from cryolens.engine import Engine
+
+    port = free_port()
+    server = ServerProcess([sys.executable, "bench/litserve_app.py", "--port", str(port)], port,
+                           cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(server.url + "/health", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert server.process.poll() is None, server.output()[-3000:]
+            assert time.monotonic() < deadline, server.output()[-3000:]
+            time.sleep(0.5)
+        volume = np.random.default_rng(3).standard_normal((48, 48, 48)).astype(np.float32)
+        buffer = io.BytesIO()
+        np.save(buffer, volume)
+        answer = requests.post(server.url + "/predict", timeout=60,
+                               files={"file": ("particle.npy", buffer.getvalue())})
+        assert answer.status_code == 200, answer.text
+        expected = Engine.from_checkpoint("demo").features(volume[None]).embedding[0]
+        np.testing.assert_allclose(answer.json()["embedding"], expected, rtol=1e-5, atol=1e-6)
+    finally:
+        server.stop()
