@@ -178,6 +178,31 @@ def test_queued_request_whose_client_left_is_never_run(server):
     assert metric(server, "cryolens_particles_total", operation="features") == 0
 
 
+def test_client_that_left_while_its_batch_ran_is_counted_and_gets_nothing(server):
+    """The job has started when the client goes: it runs to the end (the model cannot be
+    stopped mid-batch), nothing is written, and the disconnect is counted as one while the
+    request waited for the model."""
+    npy = _npy(np.random.default_rng(2).standard_normal((256, 48, 48, 48)).astype(np.float32))
+    before = metric(server, "cryolens_client_disconnects_total", stage="waiting")
+    batches = metric(server, "cryolens_batch_particles_count", operation="reconstruct")
+    sock = connect(server)
+    sock.sendall(b"POST /batch_process HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy"
+                 b"\r\nContent-Length: " + str(len(npy)).encode() + b"\r\n\r\n" + npy)
+    deadline = time.monotonic() + 30
+    while metric(server, "cryolens_requests_in_flight") < 2:  # this /metrics and the batch
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.5)  # read and parsed (~0.1 s) and running (256 reconstructions: > 1 s)
+    sock.close()
+    deadline = time.monotonic() + 60
+    while metric(server, "cryolens_batch_particles_count", operation="reconstruct") == batches:
+        assert time.monotonic() < deadline, "the batch did not run"
+        time.sleep(0.1)
+    assert metric(server, "cryolens_client_disconnects_total", stage="waiting") == before + 1
+    log = server.output()
+    assert "internal error" not in log and "Traceback" not in log
+
+
 def _npy(array: np.ndarray) -> bytes:
     from cryolens.formats import write_npy
 
