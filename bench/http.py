@@ -28,7 +28,6 @@ from pathlib import Path
 import _path  # noqa: F401 - before any third-party import: see bench/_path.py
 import numpy as np
 import orjson
-import requests
 import urllib3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -209,16 +208,7 @@ def bench_litserve(checkpoint: str, device: str, volumes: np.ndarray, seconds: f
     proc = ServerProcess([sys.executable, str(LITSERVE_APP), "--port", str(port),
                           "--checkpoint", checkpoint, "--device", device], port)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(proc.url + "/health", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"LitServe did not start:\n{proc.output()[-2000:]}")
-            time.sleep(0.5)
+        proc.wait_healthy(120, path="/health")
         buffer = io.BytesIO()
         np.save(buffer, volumes[0])
         body = buffer.getvalue()

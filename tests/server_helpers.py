@@ -39,15 +39,17 @@ class ServerProcess:
     def output(self) -> str:
         return Path(self._log.name).read_text(errors="replace")
 
-    def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> ServerProcess:
-        """Wait until the server answers /ready (model loaded and warmed up)."""
+    def wait_healthy(self, timeout: float = START_TIMEOUT_S, path: str = "/ready"
+                     ) -> ServerProcess:
+        """Wait until the server answers ``path`` with 200 (ours: /ready, the model loaded and
+        warmed up; other servers: their own health check)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n"
                                    f"{self.output()[-3000:]}")
             try:
-                if requests.get(self.url + "/ready", timeout=1).status_code == 200:
+                if requests.get(self.url + path, timeout=1).status_code == 200:
                     return self
             except requests.RequestException:
                 pass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -45,16 +44,7 @@ def test_litserve_app_serves_the_engines_embeddings(tmp_path):
     server = ServerProcess([sys.executable, "bench/litserve_app.py", "--port", str(port)], port,
                            cwd=ROOT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(server.url + "/health", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert server.process.poll() is None, server.output()[-3000:]
-            assert time.monotonic() < deadline, server.output()[-3000:]
-            time.sleep(0.5)
+        server.wait_healthy(120, path="/health")
         volume = np.random.default_rng(3).standard_normal((48, 48, 48)).astype(np.float32)
         buffer = io.BytesIO()
         np.save(buffer, volume)
