@@ -43,8 +43,9 @@ def _body_doc(model: type, binary: bool = True) -> dict[str, Any]:
 
 
 class ClientGone(Exception):
-    """The client disconnected before its answer was sent: while its job ``waiting`` (then the
-    job is cancelled, and a queued job never runs) or once it had run (``answer``)."""
+    """The client disconnected before its answer was sent: while its job was waiting or
+    running (``stage`` "waiting": the job is cancelled, so a queued one never runs) or by the
+    time it had run ("answer")."""
 
     def __init__(self, stage: str) -> None:
         super().__init__(stage)
@@ -54,8 +55,8 @@ class ClientGone(Exception):
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """``await work``, watching the connection meanwhile: :class:`ClientGone` when the client
     goes away first (``work`` is then cancelled) or had gone when it finished. Call only once
-    the body has been read. The watch replaces a final ``request.is_disconnected()``, which
-    cost an anyio cancel scope per request."""
+    the body has been read. (Cheaper than asking ``request.is_disconnected()`` afterwards: that
+    is an anyio cancel scope per request.)"""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
