@@ -118,7 +118,8 @@ for chunk in 128 512; do
     --batches 2048 --min-time 1 --no-segments --max-chunk "$chunk" --memory-budget $((16 * 1024**3))
 done
 if [ -f bench/http.py ]; then
-  step "server over loopback" 80 "$PY" bench/http.py --device "$device"
+  step "server over loopback" 80 "$PY" bench/http.py --device "$device" --seconds 2 --count 10 \
+    --no-litserve
 else
   echo "== server over loopback: bench/http.py not present, skipped"
 fi
