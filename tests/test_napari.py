@@ -227,7 +227,10 @@ def test_batch_can_be_cancelled(make_napari_viewer, qtbot, server):
     widget.cancel_button.click()
     qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
     done = sum(layer.name.startswith("cryolens pick ") for layer in viewer.layers)
-    assert 0 < done < 120
+    # The worker fetches at most two chunks (of 4) ahead of what the viewer has shown, so the
+    # run stops within a few chunks of the click, however slow the viewer or fast the server.
+    print(f"picks done before the cancel took: {done}")
+    assert 0 < done <= 4 * 6
     assert widget.progress.value() == done
 
 

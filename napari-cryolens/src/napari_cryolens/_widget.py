@@ -6,6 +6,7 @@ server's own message; an unreachable server is one line, not a traceback).
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -49,6 +50,15 @@ class Job:
     combined: bool = False  # paste every pick into one tomogram-sized layer
     shape: tuple = ()  # the tomogram's, for the combined layer
     started: float = field(default_factory=time.perf_counter)
+    #: Chunks the worker may fetch ahead of what the viewer has shown: released as each chunk
+    #: is shown, so a slow viewer (hundreds of layers, a busy machine) holds the worker back
+    #: and Cancel stops within a request or two, not after every answer has arrived.
+    ahead: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(AHEAD))
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+#: How many chunks the worker fetches before the viewer has shown the first of them.
+AHEAD = 2
 
 
 @dataclass
@@ -263,6 +273,8 @@ class CryoLensWidget(QWidget):
     def cancel(self) -> None:
         """Stop after the request in flight; what arrived so far stays."""
         self._pending.clear()
+        if self._job is not None:
+            self._job.cancelled.set()
         if self.worker is not None:
             self.worker.quit()
             self.status.setText("cancelling...")
@@ -352,6 +364,7 @@ class CryoLensWidget(QWidget):
         self.progress.setValue(self.progress.value() + len(chunk.indices))
         self.status.setText(f"{self.progress.value()} of {self.progress.maximum()} picks done")
         self._recolour()
+        job.ahead.release()  # shown: the worker may fetch one more
 
     def _place(self, layer: Image) -> None:
         """Add a reconstruction's layer, or update the one of the same name (a pick redone)."""
@@ -420,8 +433,14 @@ class CryoLensWidget(QWidget):
 
 def _run_job(backend, job: Job):
     """Worker thread: cut each chunk's boxes, reconstruct them, make their layers and yield a
-    :class:`Chunk` (or a message, then stop, when the backend fails)."""
+    :class:`Chunk` (or a message, then stop, when the backend fails). At most :data:`AHEAD`
+    chunks ahead of the viewer; none once the run is cancelled."""
     for start in range(0, len(job.indices), job.batch_size):
+        while not job.ahead.acquire(timeout=0.1):
+            if job.cancelled.is_set():
+                return
+        if job.cancelled.is_set():
+            return
         part = slice(start, start + job.batch_size)
         centres = job.centres[part]
         boxes = core.cut_boxes(job.data, centres, job.fill)
