@@ -109,8 +109,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     tuned = False if args.default_heap else heap.tune()
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, python {sys.version.split()[0]}, "
-          f"heap {'tuned' if tuned else 'glibc defaults'}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"python {sys.version.split()[0]}, heap {'tuned' if tuned else 'glibc defaults'}")
     if args.checkpoint:
         from cryolens.checkpoints import load_model
 

@@ -351,20 +351,22 @@ class CryoLensWidget(QWidget):
             return
         if job is None:
             return
-        if job.combined:
-            self._paste(job, chunk)
-        for layer in chunk.layers:
-            self._place(layer)
-        if "embedding" in chunk.arrays:
-            stored = self.embeddings.setdefault(job.points_name, {})
-            for row, index in enumerate(chunk.indices):
-                stored[index] = np.asarray(chunk.arrays["embedding"][row])
-        now = time.perf_counter()
-        self.latencies.extend([now - job.started] * len(chunk.indices))
-        self.progress.setValue(self.progress.value() + len(chunk.indices))
-        self.status.setText(f"{self.progress.value()} of {self.progress.maximum()} picks done")
-        self._recolour()
-        job.ahead.release()  # shown: the worker may fetch one more
+        try:
+            if job.combined:
+                self._paste(job, chunk)
+            for layer in chunk.layers:
+                self._place(layer)
+            if "embedding" in chunk.arrays:
+                stored = self.embeddings.setdefault(job.points_name, {})
+                for row, index in enumerate(chunk.indices):
+                    stored[index] = np.asarray(chunk.arrays["embedding"][row])
+            now = time.perf_counter()
+            self.latencies.extend([now - job.started] * len(chunk.indices))
+            self.progress.setValue(self.progress.value() + len(chunk.indices))
+            self.status.setText(f"{self.progress.value()} of {self.progress.maximum()} picks done")
+            self._recolour()
+        finally:
+            job.ahead.release()  # shown (or failed): the worker may fetch one more
 
     def _place(self, layer: Image) -> None:
         """Add a reconstruction's layer, or update the one of the same name (a pick redone)."""
