@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cryolens import heap
 from cryolens.errors import InputError
 from cryolens.io import CopickOptions, ParticleRecord, ParticleSet, ReadOptions
 
@@ -131,6 +132,7 @@ class Embedder:
         from cryolens.engine import Engine
 
         torch.set_num_threads(threads)
+        heap.tune()  # the actor's process runs nothing but batches (cryolens/heap.py)
         self.compute = engine_compute(Engine.from_checkpoint(checkpoint, device=device))
 
     def __call__(self, batch: dict) -> dict:
