@@ -437,11 +437,7 @@ def volumes(value: Any, field: str, box: tuple[int, ...], max_volumes: int,
                               f"accepted per request", field=field)
     out = None
     for i, item in enumerate(value):
-        name = f"{field}[{i}]"
-        if isinstance(item, _RawJSON):  # one plane of Python floats at a time
-            one = volume_from_json(item.text, name, box)
-        else:
-            one = volume(item, name, box, text)
+        one = volume(item, f"{field}[{i}]", box, text)  # raw JSON: a plane at a time
         if out is None:
             out = np.empty((len(value), *box), np.float32)
         out[i] = one
