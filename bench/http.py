@@ -7,8 +7,9 @@ Prints, each with its fraction of the in-process engine's rate at the same batch
   engine in-process (the ceiling): reconstruct at 1, 32 and 128, features at 1 and 16;
   single /reconstruct with the documented defaults (segments on), JSON and binary: p50, p95;
   binary /batch_process (reconstruct) of 32 and 128 particles: particles/s;
-  binary single-volume /extract_features from 1 and 16 concurrent clients: requests/s;
-  the same 16-client load against LitServe (dynamic batching: max_batch_size 32,
+  binary single-volume /extract_features from 1 and 16 concurrent clients: requests/s, the
+  two taking turns over --rounds rounds, with 16 clients as a multiple of one;
+  the same load against LitServe (dynamic batching: max_batch_size 32,
   batch_timeout 10 ms, .npy in a multipart field), if ``litserve`` is installed.
 """
 from __future__ import annotations
@@ -90,26 +91,62 @@ def latencies(fn, count: int) -> tuple[float, float]:
 
 
 def concurrent_rate(make_call, clients: int, seconds: float) -> tuple[float, int]:
-    """Requests per second of ``clients`` threads, each calling its own ``make_call()``."""
-    stop = time.perf_counter() + seconds
+    """Requests per second of ``clients`` threads, each calling its own ``make_call()``; the
+    clock starts once every thread has connected and sent one request (not counted)."""
     counts, errors = [0] * clients, [0] * clients
+    clock: dict[str, float] = {}
+
+    def start_clock() -> None:  # run by the last thread to reach the barrier
+        clock["start"] = time.perf_counter()
+        clock["stop"] = clock["start"] + seconds
+
+    ready = threading.Barrier(clients, action=start_clock)
 
     def loop(i: int) -> None:
         call = make_call()
-        call()  # warm-up, not counted
-        while time.perf_counter() < stop:
+        try:
+            call()  # warm-up: connects
+        finally:  # even if it failed, so that the others do not wait for this thread
+            ready.wait(timeout=120)
+        while time.perf_counter() < clock["stop"]:
             if call():
                 counts[i] += 1
             else:
                 errors[i] += 1
 
     threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
-    start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return sum(counts) / (time.perf_counter() - start), sum(errors)
+    return sum(counts) / (time.perf_counter() - clock["start"]), sum(errors)
+
+
+def alternating_rates(make_call, seconds: float, rounds: int) -> dict:
+    """Requests per second of 1 and of 16 concurrent clients, measured in turn over ``rounds``
+    rounds (``seconds`` in all for each): this machine's speed drifts by tens of percent from
+    one minute to the next, and the 16-client figure is judged against the 1-client one, so
+    the two are taken side by side rather than minutes apart. Errors count in the result's
+    ``errors`` entry."""
+    out: dict = {1: [], 16: [], "errors": 0}
+    for _ in range(rounds):
+        for clients in (1, 16):
+            measured, errors = concurrent_rate(make_call, clients, seconds / rounds)
+            out[clients].append(measured)
+            out["errors"] += errors
+    return out
+
+
+def client_rows(label: str, rates: dict) -> None:
+    """Rows for :func:`alternating_rates`: the medians, and the 16-client figure as a multiple
+    of one client's (the median of the rounds' own ratios)."""
+    one, many = statistics.median(rates[1]), statistics.median(rates[16])
+    ratio = statistics.median(b / a for a, b in zip(rates[1], rates[16], strict=True))
+    errors = f" ({rates['errors']} errors)" if rates["errors"] else ""
+    line(f"{label}, 1 client: requests/s", f"{one:.1f}{errors}",
+         "features@1", one)
+    line(f"{label}, 16 clients: requests/s", f"{many:.1f} ({ratio:.2f}x 1)",
+         "features@16", many)
 
 
 def engine_rates(checkpoint: str, device: str, volumes: np.ndarray, seconds: float
@@ -148,7 +185,8 @@ def print_rows(engine: dict[str, float]) -> None:
     ROWS.clear()
 
 
-def bench_server(url: str, volumes: np.ndarray, seconds: float, count: int) -> None:
+def bench_server(url: str, volumes: np.ndarray, seconds: float, count: int, rounds: int
+                 ) -> None:
     one = volumes[0]
     # The client's own JSON work is kept small, as a client that cares would: the body is
     # encoded once (it is the same particle each time), and answers are decoded with orjson
@@ -184,12 +222,8 @@ def bench_server(url: str, volumes: np.ndarray, seconds: float, count: int) -> N
         measured = rate(batch, n, seconds)
         line(f"binary /batch_process of {n}: particles/s", f"{measured:.1f}",
              f"reconstruct@{min(n, 128)}", measured)
-    for clients in (1, 16):
-        measured, errors = concurrent_rate(lambda: _features_call(url, one_npy), clients,
-                                           seconds)
-        line(f"binary /extract_features, {clients} clients: requests/s",
-             f"{measured:.1f}" + (f" ({errors} errors)" if errors else ""),
-             "features@16" if clients > 1 else "features@1", measured)
+    rates = alternating_rates(lambda: _features_call(url, one_npy), seconds, rounds)
+    client_rows("binary /extract_features", rates)
 
 
 def _features_call(url: str, body: bytes):
@@ -205,7 +239,8 @@ def _features_call(url: str, body: bytes):
     return call
 
 
-def bench_litserve(checkpoint: str, device: str, volumes: np.ndarray, seconds: float) -> None:
+def bench_litserve(checkpoint: str, device: str, volumes: np.ndarray, seconds: float,
+                   rounds: int) -> None:
     port = free_port()
     proc = ServerProcess([sys.executable, str(LITSERVE_APP), "--port", str(port),
                           "--checkpoint", checkpoint, "--device", device], port)
@@ -227,11 +262,7 @@ def bench_litserve(checkpoint: str, device: str, volumes: np.ndarray, seconds: f
 
             return call
 
-        for clients in (1, 16):
-            measured, errors = concurrent_rate(make_call, clients, seconds)
-            line(f"LitServe batched /predict, {clients} clients: requests/s",
-                 f"{measured:.1f}" + (f" ({errors} errors)" if errors else ""),
-                 "features@16" if clients > 1 else "features@1", measured)
+        client_rows("LitServe batched /predict", alternating_rates(make_call, seconds, rounds))
     finally:
         proc.stop()
 
@@ -244,6 +275,8 @@ def main(argv=None) -> None:
                         help="duration of each throughput measurement (default: 8)")
     parser.add_argument("--count", type=int, default=40,
                         help="requests per latency measurement (default: 40)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="rounds in which 1 and 16 clients take turns (default: 4)")
     parser.add_argument("--no-litserve", action="store_true", help="skip the LitServe run")
     args = parser.parse_args(argv)
     heap.tune()  # as the server and the cryolens command do: the ceiling on equal terms
@@ -262,7 +295,7 @@ def main(argv=None) -> None:
     try:
         proc.wait_healthy(120)
         line("cryolens server (uvicorn, one process):", "")
-        bench_server(proc.url, volumes, args.seconds, args.count)
+        bench_server(proc.url, volumes, args.seconds, args.count, args.rounds)
     finally:
         proc.stop()
     if args.no_litserve:
@@ -271,7 +304,7 @@ def main(argv=None) -> None:
         line("LitServe: not installed (pip install litserve), skipped", "")
     else:
         line("LitServe wrapping the same engine:", "")
-        bench_litserve(args.checkpoint, args.device, volumes, args.seconds)
+        bench_litserve(args.checkpoint, args.device, volumes, args.seconds, args.rounds)
     after = engine_rates(args.checkpoint, args.device, volumes, args.seconds)
     engine = {name: max(before[name], after[name]) for name in before}
     print("engine in-process (the ceiling; before / after the servers ran):")
