@@ -1,12 +1,14 @@
 """The server against the engine it wraps, in one run on the same volumes: how much of the engine's
 rate reaches an HTTP client, per format, and against LitServe wrapping the same engine.
 
-Run: python bench/http.py [--checkpoint demo] [--device cpu] [--seconds 8] [--no-litserve]
+Run: python bench/http.py [--checkpoint demo] [--device cpu] [--seconds 8] [--rounds 4]
+                          [--no-litserve]
 
 Prints, each with its fraction of the in-process engine's rate at the same batch size:
   engine in-process (the ceiling): reconstruct at 1, 32 and 128, features at 1 and 16;
   single /reconstruct with the documented defaults (segments on), JSON and binary: p50, p95;
-  binary /batch_process (reconstruct) of 32 and 128 particles: particles/s;
+  binary /batch_process (reconstruct) of 32 and 128 particles: particles/s, taking turns
+  with the in-process engine over --rounds rounds;
   binary single-volume /extract_features from 1 and 16 concurrent clients: requests/s, the
   two taking turns over --rounds rounds, with 16 clients as a multiple of one;
   the same load against LitServe (dynamic batching: max_batch_size 32,
@@ -149,16 +151,13 @@ def client_rows(label: str, rates: dict) -> None:
          "features@16", many)
 
 
-def engine_rates(checkpoint: str, device: str, volumes: np.ndarray, seconds: float
-                 ) -> dict[str, float]:
-    from cryolens.engine import Engine
+def engine_rates(engine, volumes: np.ndarray, seconds: float) -> dict[str, float]:
     from cryolens.operations import Operation, run
 
-    engine = Engine.from_checkpoint(checkpoint, device=device)
-    rec, feats = Operation("reconstruct"), Operation("features")
+    feats = Operation("features")
     out = {}
     for n in (1, 32, 128):
-        out[f"reconstruct@{n}"] = rate(lambda n=n: run(engine, rec, volumes[:n]), n, seconds)
+        out[f"reconstruct@{n}"] = rate(reconstruct_call(engine, volumes[:n]), n, seconds)
     for n in (1, 16):
         out[f"features@{n}"] = rate(lambda n=n: run(engine, feats, volumes[:n]), n, seconds)
     out["reconstruct-segments@1"] = rate(
@@ -166,27 +165,53 @@ def engine_rates(checkpoint: str, device: str, volumes: np.ndarray, seconds: flo
     return out
 
 
-ROWS: list[tuple[str, str, str | None, float | None]] = []
+def reconstruct_call(engine, volumes: np.ndarray):
+    from cryolens.operations import Operation, run
+
+    operation = Operation("reconstruct")
+    return lambda: run(engine, operation, volumes)
 
 
-def line(name: str, value: str, ceiling: str | None = None, measured: float | None = None
-         ) -> None:
-    """A result row; ``ceiling`` names the engine rate it is compared with when printed."""
-    ROWS.append((name, value, ceiling, measured))
+def paired_rate(server_call, engine_call, n: int, seconds: float, rounds: int
+                ) -> tuple[float, float]:
+    """The server's rate of ``n`` particles per call and its share of the in-process engine's,
+    the two measured in turn over ``rounds`` rounds (``seconds`` in all for each) so that
+    both see the machine at the same speed: (median rate, median of the rounds' shares)."""
+    rates, shares = [], []
+    for _ in range(rounds):
+        ceiling = rate(engine_call, n, seconds / rounds)
+        rates.append(rate(server_call, n, seconds / rounds))
+        shares.append(rates[-1] / ceiling)
+    return statistics.median(rates), statistics.median(shares)
+
+
+ROWS: list[tuple[str, str, str | None, float | None, float | None]] = []
+
+
+def line(name: str, value: str, ceiling: str | None = None, measured: float | None = None,
+         share: float | None = None) -> None:
+    """A result row; ``ceiling`` names the engine rate it is compared with when printed, or
+    ``share`` is that fraction, measured beside the engine (:func:`paired_rate`)."""
+    ROWS.append((name, value, ceiling, measured, share))
 
 
 def print_rows(engine: dict[str, float]) -> None:
-    for name, value, ceiling, measured in ROWS:
+    for name, value, ceiling, measured, share in ROWS:
         if name.endswith(":") and not value:
             print(name)
             continue
-        share = f"  ({measured / engine[ceiling]:5.1%} of the engine)" if ceiling else ""
-        print(f"  {name:<52} {value:>18}{share}")
+        if share is not None:
+            note = f"  ({share:5.1%} of the engine, taking turns with it)"
+        elif ceiling:
+            note = f"  ({measured / engine[ceiling]:5.1%} of the engine)"
+        else:
+            note = ""
+        print(f"  {name:<52} {value:>18}{note}")
     ROWS.clear()
 
 
-def bench_server(url: str, volumes: np.ndarray, seconds: float, count: int, rounds: int
-                 ) -> None:
+def bench_server(url: str, engine, volumes: np.ndarray, seconds: float, count: int,
+                 rounds: int) -> None:
     one = volumes[0]
     # The client's own JSON work is kept small, as a client that cares would: the body is
     # encoded once (it is the same particle each time), and answers are decoded with orjson
@@ -219,9 +244,9 @@ def bench_server(url: str, volumes: np.ndarray, seconds: float, count: int, roun
             assert response.status == 200, response.data[:500]
             return formats.read_npz(response.data)
 
-        measured = rate(batch, n, seconds)
-        line(f"binary /batch_process of {n}: particles/s", f"{measured:.1f}",
-             f"reconstruct@{min(n, 128)}", measured)
+        measured, share = paired_rate(batch, reconstruct_call(engine, volumes[:n]), n,
+                                      seconds, rounds)
+        line(f"binary /batch_process of {n}: particles/s", f"{measured:.1f}", share=share)
     rates = alternating_rates(lambda: _features_call(url, one_npy), seconds, rounds)
     client_rows("binary /extract_features", rates)
 
@@ -276,7 +301,8 @@ def main(argv=None) -> None:
     parser.add_argument("--count", type=int, default=40,
                         help="requests per latency measurement (default: 40)")
     parser.add_argument("--rounds", type=int, default=4,
-                        help="rounds in which 1 and 16 clients take turns (default: 4)")
+                        help="rounds in which 1 and 16 clients take turns, and /batch_process "
+                             "with the engine (default: 4)")
     parser.add_argument("--no-litserve", action="store_true", help="skip the LitServe run")
     args = parser.parse_args(argv)
     heap.tune()  # as the server and the cryolens command do: the ceiling on equal terms
@@ -285,8 +311,12 @@ def main(argv=None) -> None:
     print(f"bench/http.py: checkpoint {args.checkpoint}, device {args.device}, "
           f"{os.cpu_count()} CPUs")
     # The ceiling is measured before and after the servers run and the better of the two is
-    # used, so a machine that gets busier or quieter mid-run does not flatter the servers.
-    before = engine_rates(args.checkpoint, args.device, volumes, args.seconds)
+    # used, so a machine that gets busier or quieter mid-run does not flatter the servers;
+    # /batch_process takes turns with the engine instead (paired_rate).
+    from cryolens.engine import Engine
+
+    engine = Engine.from_checkpoint(args.checkpoint, device=args.device)
+    before = engine_rates(engine, volumes, args.seconds)
     port = free_port()
     proc = ServerProcess([sys.executable, "-m", "cryolens.server.minimal_cryolens_server",
                           "--checkpoint", args.checkpoint, "--device", args.device,
@@ -295,7 +325,7 @@ def main(argv=None) -> None:
     try:
         proc.wait_healthy(120)
         line("cryolens server (uvicorn, one process):", "")
-        bench_server(proc.url, volumes, args.seconds, args.count, args.rounds)
+        bench_server(proc.url, engine, volumes, args.seconds, args.count, args.rounds)
     finally:
         proc.stop()
     if args.no_litserve:
@@ -305,7 +335,7 @@ def main(argv=None) -> None:
     else:
         line("LitServe wrapping the same engine:", "")
         bench_litserve(args.checkpoint, args.device, volumes, args.seconds, args.rounds)
-    after = engine_rates(args.checkpoint, args.device, volumes, args.seconds)
+    after = engine_rates(engine, volumes, args.seconds)
     engine = {name: max(before[name], after[name]) for name in before}
     print("engine in-process (the ceiling; before / after the servers ran):")
     for name in engine:
