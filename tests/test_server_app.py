@@ -82,7 +82,8 @@ def test_settings_from_environment_round_trip():
 
 
 @pytest.mark.parametrize("env", [{"CRYOLENS_PORT": "x"}, {"CRYOLENS_DEVICE": "tpu"},
-                                 {"CRYOLENS_MAX_VOLUMES": "0"}])
+                                 {"CRYOLENS_MAX_VOLUMES": "0"}, {"CRYOLENS_MODEL_NICE": "20"},
+                                 {"CRYOLENS_MODEL_NICE": "-1"}])
 def test_bad_environment_settings_are_refused(env):
     with pytest.raises(ValueError):
         Settings.from_env(env)

@@ -3,7 +3,9 @@ numbers they give alone, deadlines answer 504 without running, a failure inside 
 only the request at fault, /ready follows the model's loading, /metrics counts what was sent."""
 from __future__ import annotations
 
+import os
 import re
+import sys
 import threading
 import time
 import warnings
@@ -222,3 +224,26 @@ def test_freed_memory_is_returned_once_the_worker_falls_idle(engine, volumes):
     assert 2 <= len(trims) <= 3, trims  # the first batch's, maybe the second's, the idle one
     assert trims[-1] - answered >= 0.5  # the idle trim, a second after the last batch
     assert sum(t > answered for t in trims) == 1
+
+
+def _nice(tid: int) -> int:
+    stat = open(f"/proc/self/task/{tid}/stat").read()  # noqa: SIM115 - read at once
+    return int(stat[stat.rindex(")") + 2:].split()[16])  # field 19: nice
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+@pytest.mark.parametrize("steps", [3, 0])
+def test_the_model_threads_run_below_the_event_loop(engine, volumes, steps):
+    """The worker thread, and the OpenMP threads PyTorch starts from it for its first parallel
+    operation, run ``model_nice`` steps below the thread that started the server."""
+    base = _nice(threading.get_native_id())
+    before = set(os.listdir("/proc/self/task"))
+    with TestClient(create_app(Settings(model_nice=steps), engine=engine)) as client:
+        assert post_features(client, volumes[0]).status_code == 200  # runs PyTorch there
+        worker = client.app.state.worker._thread.native_id
+        new = {int(t) for t in set(os.listdir("/proc/self/task")) - before}
+        lowered = {t for t in new if _nice(t) == min(19, base + steps)}
+        assert worker in lowered
+        if steps and torch.get_num_threads() > 1:
+            assert len(lowered) >= 2, (worker, {t: _nice(t) for t in new})  # and its team
+        assert _nice(threading.get_native_id()) == base

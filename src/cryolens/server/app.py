@@ -58,7 +58,8 @@ def create_app(settings: Settings | None = None, *, engine=None) -> FastAPI:
             (lambda: engine) if engine is not None else (lambda: load_engine(settings)),
             queue_size=settings.queue_size, max_batch=settings.max_batch_size,
             batch_wait_s=settings.batch_wait_ms / 1000, timeout_s=settings.request_timeout_s,
-            retry_after_s=settings.retry_after_s, warm_up=engine is None, events=metrics)
+            retry_after_s=settings.retry_after_s, warm_up=engine is None, events=metrics,
+            nice=settings.model_nice)
         app.state.worker = worker
         app.state.codec_pool = ThreadPoolExecutor(settings.codec_threads,
                                                   thread_name_prefix="cryolens-codec")

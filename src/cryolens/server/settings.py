@@ -60,6 +60,10 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_BATCH_SIZE = 32
 #: Most milliseconds a batch waits for requests still being read (none arriving: no wait).
 DEFAULT_BATCH_WAIT_MS = 10
+#: Scheduling steps (nice) the model's threads run below the event loop (Linux): under load
+#: the loop, which holds the GIL while it reads requests and writes answers, is then not
+#: preempted by them. On 2 cores, 16 clients against 0: 10 gave +3-36 % (5 runs), 5 and 19 less.
+DEFAULT_MODEL_NICE = 10
 #: Seconds a request may wait for the model (queue and load) before it is answered 504.
 DEFAULT_REQUEST_TIMEOUT_S = 60
 #: Threads that parse large bodies and write large answers (parsing JSON holds the GIL:
@@ -160,6 +164,10 @@ class Settings:
     batch_wait_ms: int = field(default=DEFAULT_BATCH_WAIT_MS, metadata={
         "help": "most milliseconds a batch waits for requests whose bodies are still being "
                 "read (with none arriving it runs at once; 0: only what is already queued)"})
+    model_nice: int = field(default=DEFAULT_MODEL_NICE, metadata={
+        "help": "scheduling steps (nice, 0-19) the model's threads run below the event loop, "
+                "so that under load they do not preempt it while it holds Python's GIL "
+                "(Linux; 0: same priority)"})
     request_timeout_s: int = field(default=DEFAULT_REQUEST_TIMEOUT_S, metadata={
         "help": "seconds a request may wait for the model (queue, loading) before it is "
                 "answered 504 and not run"})
@@ -208,6 +216,8 @@ class Settings:
             raise ValueError(f"parse_wait_s must be 0 or more, got {self.parse_wait_s}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be 0 or more, got {self.batch_wait_ms}")
+        if not 0 <= self.model_nice <= 19:
+            raise ValueError(f"model_nice must be from 0 to 19, got {self.model_nice}")
 
     @property
     def cors_origins(self) -> list[str]:

@@ -12,12 +12,15 @@ runs them as one engine call and splits the results. A full queue raises
 
 The thread also loads the model (``load()``) and warms it up before it takes the first job, so
 the server answers ``/health`` at once and ``/ready`` when the model is ready; requests sent
-while it loads simply wait in the queue.
+while it loads simply wait in the queue. It runs ``nice`` steps below the event loop, and so do
+the threads PyTorch starts from it (see :func:`lower_priority`).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import threading
 import time
 from collections import deque
@@ -76,7 +79,8 @@ class InferenceWorker:
 
     def __init__(self, load: Callable[[], Engine], *, queue_size: int, max_batch: int,
                  batch_wait_s: float, timeout_s: float, retry_after_s: int = 5,
-                 warm_up: bool = True, events: WorkerEvents | None = None) -> None:
+                 warm_up: bool = True, events: WorkerEvents | None = None, nice: int = 0
+                 ) -> None:
         self._load = load
         self.queue_size = queue_size
         self.max_batch = max_batch
@@ -84,6 +88,7 @@ class InferenceWorker:
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
         self.warm_up = warm_up
+        self.nice = nice
         self.events = events or _NoEvents()
         self.engine: Engine | None = None
         self.ready = threading.Event()
@@ -158,6 +163,9 @@ class InferenceWorker:
 
     # -- worker thread ----------------------------------------------------------------------
     def _main(self, on_failure: Callable[[BaseException], None]) -> None:
+        # First, so that the threads PyTorch starts from this one (OpenMP's team, created at
+        # its first parallel operation) inherit the lower priority.
+        lower_priority(self.nice)
         try:
             self.engine = self._load()
             if self.warm_up:
@@ -262,6 +270,22 @@ class InferenceWorker:
 
 #: Seconds between two returns of freed heap memory to the system (see ``_trim_heap``).
 TRIM_EVERY_S = 1.0
+
+
+def lower_priority(steps: int) -> None:
+    """Run the calling thread ``steps`` nice levels lower (at most 19), on Linux, where the
+    nice value is per thread and threads started from it inherit it. Anywhere else, or if
+    the system refuses, it stays as it was (a warning says so)."""
+    if steps <= 0:
+        return
+    if not sys.platform.startswith("linux"):  # elsewhere PRIO_PROCESS takes a process id
+        logger.debug("model_nice: thread priorities are only set on Linux")
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
+    except OSError as exc:
+        logger.warning("could not lower the inference thread's priority: %s", exc)
 
 
 def _answer(job: Job, result: Any, exc: BaseException | None) -> None:
