@@ -62,7 +62,7 @@ DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_MS = 10
 #: Scheduling steps (nice) the model's threads run below the event loop (Linux): under load
 #: the loop, which holds the GIL while it reads requests and writes answers, is then not
-#: preempted by them. On 2 cores, 16 clients against 0: 10 gave +3-36 % (5 runs), 5 and 19 less.
+#: preempted by them. On 2 cores, 16 clients against 0: 10 gave +3-30 % (4 runs), 5 and 19 less.
 DEFAULT_MODEL_NICE = 10
 #: Seconds a request may wait for the model (queue and load) before it is answered 504.
 DEFAULT_REQUEST_TIMEOUT_S = 60
