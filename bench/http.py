@@ -336,11 +336,11 @@ def main(argv=None) -> None:
         line("LitServe wrapping the same engine:", "")
         bench_litserve(args.checkpoint, args.device, volumes, args.seconds, args.rounds)
     after = engine_rates(engine, volumes, args.seconds)
-    engine = {name: max(before[name], after[name]) for name in before}
+    ceiling = {name: max(before[name], after[name]) for name in before}
     print("engine in-process (the ceiling; before / after the servers ran):")
-    for name in engine:
+    for name in ceiling:
         print(f"  {name:<52} {before[name]:>8.1f} / {after[name]:.1f} /s")
-    print_rows(engine)
+    print_rows(ceiling)
 
 if __name__ == "__main__":
     main()

@@ -274,8 +274,8 @@ TRIM_EVERY_S = 1.0
 
 def lower_priority(steps: int) -> None:
     """Run the calling thread ``steps`` nice levels lower (at most 19), on Linux, where the
-    nice value is per thread and threads started from it inherit it. Anywhere else, or if
-    the system refuses, it stays as it was (a warning says so)."""
+    nice value is per thread and threads started from it inherit it. Anywhere else it stays
+    as it was; if the system refuses, too, with a warning."""
     if steps <= 0:
         return
     if not sys.platform.startswith("linux"):  # elsewhere PRIO_PROCESS takes a process id
