@@ -10,6 +10,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,7 +228,7 @@ def test_freed_memory_is_returned_once_the_worker_falls_idle(engine, volumes):
 
 
 def _nice(tid: int) -> int:
-    stat = open(f"/proc/self/task/{tid}/stat").read()  # noqa: SIM115 - read at once
+    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
     return int(stat[stat.rindex(")") + 2:].split()[16])  # field 19: nice
 
 
