@@ -21,6 +21,7 @@ from cryolens import __version__, heap
 from cryolens.errors import CryoLensError
 from cryolens.server import docs, handlers, routes
 from cryolens.server.budget import ParseBudget
+from cryolens.server.lane import ModelLane
 from cryolens.server.metrics import Metrics
 from cryolens.server.middleware import (
     BodyLimitMiddleware,
@@ -79,6 +80,11 @@ def create_app(settings: Settings | None = None, *, engine=None) -> FastAPI:
     app.state.parse_budget = ParseBudget(settings.max_parse_bytes, settings.parse_wait_s,
                                          on_refusal=metrics.busy_parse.inc)
     handlers.install(app, settings.retry_after_s)
+    docs.add_routes(app)
+    model_paths = routes.add_routes(app, settings)
+    # innermost first: the lane runs inside every middleware below, as the routes do
+    app.add_middleware(ModelLane, paths=model_paths, routes=app.router.routes,
+                       exception_handlers=app.exception_handlers)
     app.add_middleware(ErrorMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        timeout_s=settings.body_timeout_s)
@@ -87,8 +93,6 @@ def create_app(settings: Settings | None = None, *, engine=None) -> FastAPI:
                            allow_credentials=False, allow_methods=["*"], allow_headers=["*"],
                            expose_headers=["X-Request-ID", "Retry-After"])
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
-    docs.add_routes(app)
-    routes.add_routes(app, settings)
     return app
 
 

@@ -112,10 +112,12 @@ async def loaded_engine(request: Request, timeout_s: float):
     return engine_of(request)
 
 
-def add_routes(app: FastAPI, settings: Settings) -> None:
+def add_routes(app: FastAPI, settings: Settings) -> tuple[str, ...]:
+    """Every route; returns the paths of those that run the model (see :mod:`.lane`)."""
     _add_info_routes(app, settings)
-    _add_model_routes(app, settings)
+    model_paths = _add_model_routes(app, settings)
     _add_statistics_routes(app, settings)
+    return model_paths
 
 
 # -- server information -------------------------------------------------------------------
@@ -291,7 +293,9 @@ async def respond(request: Request, payload: dict[str, Any]) -> Response:
     return ORJSONResponse(await bodies.off_loop(request, lambda: codecs.dumps(payload), 8 * size))
 
 
-def _add_model_routes(app: FastAPI, settings: Settings) -> None:
+def _add_model_routes(app: FastAPI, settings: Settings) -> tuple[str, ...]:
+    paths: list[str] = []
+
     def endpoint(path: str, *, request_model: type, options: type, field: str, batch: bool,
                  operation, payload, response_model: type, summary: str) -> None:
         async def handler(request: Request) -> Response:
@@ -314,6 +318,7 @@ def _add_model_routes(app: FastAPI, settings: Settings) -> None:
         app.add_api_route(path, handler, methods=["POST"], response_model=response_model,
                           summary=summary, responses=_VOLUME_ERRORS,
                           openapi_extra=_body_doc(request_model), name=path.strip("/"))
+        paths.append(path)
 
     endpoint("/reconstruct", request_model=schemas.ReconstructRequest,
              options=schemas.ReconstructOptions, field="input_volume", batch=False,
@@ -337,6 +342,7 @@ def _add_model_routes(app: FastAPI, settings: Settings) -> None:
              options=schemas.BatchOptions, field="input_volumes", batch=True,
              operation=batch_operation, payload=batch_payload,
              response_model=schemas.BatchResponse, summary="Process many volumes in batches")
+    return tuple(paths)
 
 
 # -- statistics -------------------------------------------------------------------------------
