@@ -10,6 +10,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Awaitable
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -115,10 +116,7 @@ class BodyLimitMiddleware:
             if complete or self.timeout_s is None:
                 message = await receive()
             else:
-                try:
-                    message = await asyncio.wait_for(receive(), self.timeout_s)
-                except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
-                    raise BodyTimeout from None
+                message = await _within(receive(), self.timeout_s)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
@@ -147,6 +145,31 @@ class BodyLimitMiddleware:
             {"detail": f"request body is larger than the limit of {self.max_bytes} bytes",
              "field": "body"}, status_code=413, headers={"Connection": "close"})
         await response(scope, receive, send)
+
+
+async def _within(awaitable: Awaitable[Message], timeout_s: float) -> Message:
+    """``await awaitable`` in the calling task, :class:`BodyTimeout` after ``timeout_s``.
+    A timer that cancels the task, not ``asyncio.wait_for``: that wraps each body chunk in a
+    task of its own (~15 us against ~2 us, several chunks per request)."""
+    task = asyncio.current_task()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout_s, expire)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if not expired:  # cancelled from elsewhere (shutdown, a client gone): not ours
+            raise
+        if hasattr(task, "uncancel"):  # Python >= 3.11: this cancellation is handled
+            task.uncancel()
+        raise BodyTimeout from None
+    finally:
+        timer.cancel()
 
 
 class ErrorMiddleware:
