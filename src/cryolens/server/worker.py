@@ -260,8 +260,7 @@ class InferenceWorker:
         elapsed = time.monotonic() - started
         self.events.batch(jobs[0].operation, len(jobs), sum(len(j.volumes) for j in jobs),
                           elapsed)
-        for job, result in zip(jobs, results, strict=True):
-            _answer(job, result, None)
+        _answer_all(jobs, results)
         self._idle_trim_due = True
         self._trim_heap()
         logger.debug("batch of %d jobs ran %.3f s (oldest waited %.3f s)", len(jobs), elapsed,
@@ -293,6 +292,24 @@ def _answer(job: Job, result: Any, exc: BaseException | None) -> None:
         job.loop.call_soon_threadsafe(_resolve, job.future, result, exc)
     except RuntimeError:  # the event loop closed while the job ran (shutdown)
         pass
+
+
+def _answer_all(jobs: list[Job], results: list[Any]) -> None:
+    """Every job's result, with one call into each event loop: a call per job wakes the loop
+    and takes the GIL from it once per job."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any]]] = {}
+    for job, result in zip(jobs, results, strict=True):
+        by_loop.setdefault(job.loop, []).append((job.future, result))
+    for loop, answers in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve_all, answers)
+        except RuntimeError:  # the event loop closed while the jobs ran (shutdown)
+            pass
+
+
+def _resolve_all(answers: list[tuple[asyncio.Future, Any]]) -> None:
+    for future, result in answers:
+        _resolve(future, result, None)
 
 
 def _resolve(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
