@@ -4,8 +4,8 @@ machinery.
 The model routes take the raw :class:`~starlette.requests.Request` and parse their bodies
 themselves, so FastAPI has nothing to validate for them; its route machinery (the router's
 matching, ``request_response``, the exception and exit-stack middlewares) still cost the event
-loop ~0.5 ms per request, as much as the rest of a single-volume request together, and under
-many clients the event loop is what caps requests per second (``docs/benchmarks.md``).
+loop 0.15-0.25 ms of the ~1.3 ms it spent on a single-volume ``.npy`` request under 16 clients,
+and the event loop's time is what the model waits for then (``docs/benchmarks.md``).
 :class:`ModelLane` sits inside our own middlewares (request id, metrics, CORS, body limit, the
 last-resort 500), so they apply unchanged, and calls the very handlers the FastAPI routes hold:
 one handler per endpoint, and FastAPI keeps them only for the OpenAPI schema, the docs, and
