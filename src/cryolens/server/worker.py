@@ -288,10 +288,7 @@ def lower_priority(steps: int) -> None:
 
 
 def _answer(job: Job, result: Any, exc: BaseException | None) -> None:
-    try:
-        job.loop.call_soon_threadsafe(_resolve, job.future, result, exc)
-    except RuntimeError:  # the event loop closed while the job ran (shutdown)
-        pass
+    _call_soon(job.loop, _resolve, job.future, result, exc)
 
 
 def _answer_all(jobs: list[Job], results: list[Any]) -> None:
@@ -301,10 +298,14 @@ def _answer_all(jobs: list[Job], results: list[Any]) -> None:
     for job, result in zip(jobs, results, strict=True):
         by_loop.setdefault(job.loop, []).append((job.future, result))
     for loop, answers in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_resolve_all, answers)
-        except RuntimeError:  # the event loop closed while the jobs ran (shutdown)
-            pass
+        _call_soon(loop, _resolve_all, answers)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the event loop closed while the jobs ran (shutdown)
+        pass
 
 
 def _resolve_all(answers: list[tuple[asyncio.Future, Any]]) -> None:
