@@ -41,8 +41,9 @@ class ParseBudget:
         finally:
             self.used -= size
             if self._waiting:
-                async with self._condition():
-                    self._condition().notify_all()
+                cond = self._condition()
+                async with cond:
+                    cond.notify_all()
 
     async def _wait_for_room(self, size: int) -> None:
         """Returns once ``size`` more bytes fit (the caller counts them before it awaits
