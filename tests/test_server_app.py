@@ -28,8 +28,10 @@ class FakeEngine:
 
     def __init__(self, fail: bool = False, block: threading.Event | None = None) -> None:
         self.fail, self.block = fail, block
+        self.entered = threading.Event()
 
     def features(self, volumes):
+        self.entered.set()
         if self.block is not None:
             self.block.wait(10)
         if self.fail:
@@ -52,14 +54,21 @@ def test_unexpected_error_is_a_bare_500_with_request_id():
 
 def test_full_queue_answers_503_with_retry_after():
     gate = threading.Event()
-    app = create_app(Settings(queue_size=1, retry_after_s=7), engine=FakeEngine(block=gate))
+    engine = FakeEngine(block=gate)
+    app = create_app(Settings(queue_size=1, retry_after_s=7), engine=engine)
     with TestClient(app) as client:
         results = []
         threads = [threading.Thread(target=lambda: results.append(
             client.post("/extract_features", json=body()))) for _ in range(2)]
-        for thread in threads:  # one runs (blocked), one waits in the queue
-            thread.start()
-            time.sleep(0.5)
+        # one runs (blocked), one waits in the queue: each awaited, not a fixed sleep, as a
+        # busy machine can take longer than that to parse a JSON volume
+        threads[0].start()
+        assert engine.entered.wait(30)
+        threads[1].start()
+        deadline = time.monotonic() + 30
+        while app.state.worker.pending < 1:
+            assert time.monotonic() < deadline, "the second request never reached the queue"
+            time.sleep(0.02)
         busy = client.post("/extract_features", json=body())
         gate.set()
         for thread in threads:
