@@ -2,12 +2,16 @@
 
 Run: python bench/engine.py [--device cpu|cuda] [--checkpoint PATH] [--batches 1 8 32 128]
          [--input numpy|tensor] [--max-chunk N] [--memory-budget BYTES] [--compare OLD.py]
+         [--variant cudnn-benchmark|channels-last|compile] [--kernels N]
 Prints a numpy float32 matmul rate last, as this machine's yardstick. ``--input tensor`` hands
 the engine torch tensors already on its device (no host round trip). On CUDA it also profiles
 one reconstruct call per batch: the share of its wall time the GPU was busy (union of kernel
 and copy intervals, torch.profiler) and the host<->device copy rate. ``--compare OLD.py``
 loads another engine module (e.g. ``git show e55c00d:src/cryolens/engine.py > /tmp/old.py``)
 and measures both, alternating, on the same model and data: "new" is src/cryolens/engine.py.
+``--variant`` tries a change the engine does not make (yet) on "new": cuDNN's autotuner, the
+encoder in channels-last layout, or torch.compile of the encoder and decoder stages; ``--kernels
+N`` lists the profile's N most expensive CUDA kernels (where the GPU's time goes).
 """
 from __future__ import annotations
 
@@ -70,8 +74,38 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def gpu_profile(fn, volumes, bytes_moved: int) -> str:
-    """One call under torch.profiler: GPU busy share of wall time, and copy GB/s."""
+VARIANTS = ("cudnn-benchmark", "channels-last", "compile")
+
+
+def apply_variant(engine, variant: str) -> None:
+    """Change ``engine`` in place for one experiment of the GPU check (issue #13)."""
+    if variant == "cudnn-benchmark":  # autotuned convolution algorithms for each input shape
+        torch.backends.cudnn.benchmark = True
+    elif variant == "channels-last":  # NDHWC encoder weights, so cuDNN picks NDHWC kernels
+        engine.model.encoder.to(memory_format=torch.channels_last_3d)
+    elif variant == "compile":  # each stage the engine calls, fused where inductor can
+        model, decoder = engine.model, engine.model.decoder
+        model.encode = torch.compile(model.encode, dynamic=False)
+        for stage in ("splats", "render", "final_convolution"):
+            setattr(decoder, stage, torch.compile(getattr(decoder, stage), dynamic=False))
+
+
+def top_kernels(events, count: int) -> list[str]:
+    """The ``count`` CUDA kernels (and copies) with the most device time, one line each."""
+    totals: dict[str, list[float]] = {}
+    for event in events:
+        entry = totals.setdefault(event.name, [0.0, 0])
+        entry[0] += event.time_range.end - event.time_range.start
+        entry[1] += 1
+    whole = sum(t for t, _ in totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
+    return [f"{100 * t / whole:5.1f}% {t / 1e3:8.2f} ms {n:>5}x  {name[:110]}"
+            for name, (t, n) in ranked]
+
+
+def gpu_profile(fn, volumes, bytes_moved: int, kernels: int = 0) -> str:
+    """One call under torch.profiler: GPU busy share of wall time, copy GB/s, and optionally
+    the ``kernels`` most expensive device kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     fn(volumes)
@@ -86,9 +120,10 @@ def gpu_profile(fn, volumes, bytes_moved: int) -> str:
     copies = [(e.time_range.start, e.time_range.end) for e in device if "memcpy" in e.name.lower()]
     copy_us = _union_us(copies)
     copy_rate = f"{bytes_moved / copy_us / 1e3:.1f} GB/s while copying" if copy_us else "no copies"
-    return (f"GPU busy {100 * busy / wall_us:.0f}% of {wall_us / 1e3:.1f} ms wall "
-            f"({len(device)} device events); host<->device {bytes_moved / 1e9:.2f} GB, "
-            f"{copy_rate}, {bytes_moved / wall_us / 1e3:.1f} GB/s over the call")
+    summary = (f"GPU busy {100 * busy / wall_us:.0f}% of {wall_us / 1e3:.1f} ms wall "
+               f"({len(device)} device events); host<->device {bytes_moved / 1e9:.2f} GB, "
+               f"{copy_rate}, {bytes_moved / wall_us / 1e3:.1f} GB/s over the call")
+    return "\n         ".join([summary, *top_kernels(device, kernels)])
 
 
 def main(argv=None) -> None:
@@ -104,6 +139,10 @@ def main(argv=None) -> None:
     parser.add_argument("--compare", default=None, metavar="OLD.py")
     parser.add_argument("--rounds", type=int, default=3, help="alternations with --compare")
     parser.add_argument("--no-segments", action="store_true")
+    parser.add_argument("--variant", choices=VARIANTS, default=None,
+                        help="an experiment applied to the engine under test (see above)")
+    parser.add_argument("--kernels", type=int, default=0, metavar="N",
+                        help="on CUDA: list the N kernels with the most device time")
     parser.add_argument("--default-heap", action="store_true",
                         help="leave glibc's malloc thresholds as they are (no cryolens.heap.tune)")
     args = parser.parse_args(argv)
@@ -123,6 +162,8 @@ def main(argv=None) -> None:
     if args.exact_zscore:
         options["exact_zscore"] = True
     engines = {"new": Engine(model, device=args.device, **options)}
+    if args.variant:
+        apply_variant(engines["new"], args.variant)
     if args.compare:
         engines["old"] = load_engine_class(args.compare)(model, device=args.device, **options)
     engine = engines["new"]
@@ -131,7 +172,8 @@ def main(argv=None) -> None:
     cfg = engine.config
     print(f"model: latent {cfg.latent_dims}, splats {cfg.n_affinity}+{cfg.n_free}, box {cfg.box_size}, "
           f"device {engine.device}, input {args.input}, max_chunk {engine.max_chunk}, "
-          f"memory_budget {engine.memory_budget / 1024**2:.0f} MiB, exact_zscore {engine.exact_zscore}")
+          f"memory_budget {engine.memory_budget / 1024**2:.0f} MiB, exact_zscore {engine.exact_zscore}, "
+          f"variant {args.variant or 'none'}")
     print(f"{'engine':>6} {'batch':>5} {'features/s':>11} {'reconstruct/s':>14} "
           f"{'recon+segments/s':>17} {'peak RSS MB':>12}")
     rng = np.random.default_rng(0)
@@ -153,7 +195,7 @@ def main(argv=None) -> None:
         if cuda:
             moved = 0 if args.input == "tensor" else 2 * volumes.nbytes
             try:
-                print(f"       reconstruct profile: {gpu_profile(engine.reconstruct, volumes, moved)}",
+                print(f"       reconstruct profile: {gpu_profile(engine.reconstruct, volumes, moved, args.kernels)}",
                       flush=True)
             except Exception as exc:  # noqa: BLE001 - a profiler quirk must not cost the figures
                 print(f"       reconstruct profile failed: {type(exc).__name__}: {exc}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The engine's GPU check (issue #13): CUDA tests, CUDA parity on the golden fixtures (exact and
 # device z-score), bench/engine.py --device cuda at batch 1-2048 (throughput, GPU busy share,
-# host<->device GB/s; e55c00d's engine alongside for before/after), and the HTTP bench if present.
+# host<->device GB/s, the costliest kernels; e55c00d's engine alongside for before/after), the
+# HTTP bench, then experiments (cuDNN autotuner, channels-last, torch.compile) and chunk sizes.
 # Everything is bounded by one deadline: under 8 minutes (CHECK_SECONDS, default 450).
 #
 # Prepare once where ../shared/parity exists (writes .gpu/, about 40 MB, untracked; the device
@@ -59,9 +60,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PY" -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())"
 [ -f .gpu/parity.safetensors ] || echo "no .gpu/: run 'bash bench/gpu_check.sh --prepare' first"
 
-step "tests (CUDA ones run here)" 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_engine_tensors.py
+step "tests: the CUDA ones" 60 "$PY" -m pytest -q -p no:cacheprovider -k cuda \
+  tests/test_engine_tensors.py
 
-step "parity: exact z-score (all inputs) and device z-score (constant input apart)" 100 \
+step "parity: exact z-score (all inputs) and device z-score (constant input apart)" 80 \
   "$PY" - "$device" <<'PYEOF'
 import sys
 
@@ -110,17 +112,21 @@ PYEOF
 old=()
 [ -f .gpu/engine_e55c00d.py ] && old=(--compare .gpu/engine_e55c00d.py --rounds 1)
 step "bench: numpy in/out, new and e55c00d" 170 "$PY" bench/engine.py --device "$device" \
-  --batches 1 32 128 512 2048 --min-time 1 "${old[@]}"
-step "bench: tensors already on the device" 70 "$PY" bench/engine.py --device "$device" \
-  --input tensor --batches 32 512 2048 --min-time 1
+  --batches 1 32 128 512 2048 --min-time 1 --kernels 6 "${old[@]}"
+step "bench: tensors already on the device, where the GPU's time goes" 70 "$PY" bench/engine.py \
+  --device "$device" --input tensor --batches 32 512 2048 --min-time 1 --kernels 15
+step "server over loopback" 80 "$PY" bench/http.py --device "$device" --seconds 2 --count 10 \
+  --no-litserve
+# Experiments the engine does not make: each against the tensor figures above (same batch).
+for variant in cudnn-benchmark channels-last compile; do
+  most=40
+  [ "$variant" = compile ] && most=120
+  step "experiment: $variant, tensors at batch 2048" "$most" "$PY" bench/engine.py \
+    --device "$device" --input tensor --batches 2048 --min-time 1 --no-segments \
+    --variant "$variant" --kernels 8
+done
 for chunk in 128 512; do
-  step "bench: max_chunk $chunk at batch 2048" 45 "$PY" bench/engine.py --device "$device" \
+  step "bench: max_chunk $chunk at batch 2048" 40 "$PY" bench/engine.py --device "$device" \
     --batches 2048 --min-time 1 --no-segments --max-chunk "$chunk" --memory-budget $((16 * 1024**3))
 done
-if [ -f bench/http.py ]; then
-  step "server over loopback" 80 "$PY" bench/http.py --device "$device" --seconds 2 --count 10 \
-    --no-litserve
-else
-  echo "== server over loopback: bench/http.py not present, skipped"
-fi
 echo "== done in $((SECONDS - deadline + ${CHECK_SECONDS:-450}))s"

@@ -77,3 +77,41 @@ def test_http_bench_measures_every_row():
         assert "% of the engine" in out.split(row, 1)[1].splitlines()[0], out
     assert "errors" not in out, out
     assert "x 1)" in out, out  # the 16-client row says what multiple of one client it is
+
+
+@pytest.mark.parametrize("variant", ["cudnn-benchmark", "channels-last"])
+def test_engine_bench_variant_runs(variant):
+    """The GPU check's experiments (bench/gpu_check.sh) must not fail there for a flag's sake:
+    each runs here on the CPU at its shortest and says which variant it measured. (compile is
+    left out: ~1 minute of inductor on this CPU.)"""
+    done = subprocess.run(
+        [sys.executable, "bench/engine.py", "--batches", "1", "--min-time", "0", "--no-segments",
+         "--variant", variant], check=False, cwd=ROOT, capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"variant {variant}" in done.stdout, done.stdout
+    row = next(line.split() for line in done.stdout.splitlines() if line.split()[:2] == ["new", "1"])
+    assert float(row[2]) > 0 and float(row[3]) > 0, done.stdout
+
+
+def test_top_kernels_ranks_profiled_events():
+    """bench/engine.py's kernel table, fed real profiler events (CPU ones here; CUDA on a GPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from engine import top_kernels
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    a = torch.randn(256, 256)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            a @ a
+        torch.exp(a)
+    lines = top_kernels(prof.events(), 2)
+    assert len(lines) == 2, lines
+    shares = [float(line.split("%")[0]) for line in lines]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01, lines
+    assert any("aten::matmul" in line or "aten::mm" in line for line in lines), lines
+    assert "3x" in next(line for line in lines if "aten::m" in line), lines
