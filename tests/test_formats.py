@@ -114,3 +114,45 @@ def test_bad_npy_headers_name_the_problem(header, fragment):
     with pytest.raises((MalformedBody, formats.InputError)) as error:
         formats.read_npy(body + bytes(24))
     assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize("shape, data, fragment", [
+    ((2**62, 4), 0, "declares shape"),  # 2**64 elements: an int64 product wraps to 0
+    ((2**62 + 6, 4), 24, "declares shape"),  # wraps to exactly the 24 bytes sent
+    ((10**18, 10**18), 0, f"({4 * 10**36} bytes of data)"),  # not a negative wrapped count
+    ((2**64,), 0, "declares shape"),
+    ((0, 2**63), 0, "cannot make an array"),  # empty, yet beyond numpy's sizes
+    ((0,) * 65, 0, "cannot make an array"),  # more dimensions than numpy has
+])
+def test_npy_shapes_beyond_numpy_are_refused_not_crashed(shape, data, fragment):
+    header = repr({"descr": "<f4", "fortran_order": False, "shape": shape}).encode()
+    body = formats.NPY_MAGIC + b"\x01\x00" + len(header).to_bytes(2, "little") + header
+    with pytest.raises(MalformedBody) as error:
+        formats.read_npy(body + bytes(data))
+    assert fragment in str(error.value)
+
+
+def test_npy_fortran_order_must_be_a_bool():
+    """numpy itself refuses any other value; taking "yes" as True would transpose the data."""
+    header = b"{'descr': '<f4', 'fortran_order': 'yes', 'shape': (2, 3), }"
+    body = formats.NPY_MAGIC + b"\x01\x00" + len(header).to_bytes(2, "little") + header
+    with pytest.raises(MalformedBody, match="fortran_order 'yes'"):
+        formats.read_npy(body + bytes(24))
+
+
+@pytest.mark.parametrize("cell, expected", [
+    ((480.0, 480.0, 480.0), (10.0, 10.0, 10.0)),
+    ((0.0, 0.0, 0.0), None),
+    ((float("nan"),) * 3, None),
+    ((float("inf"),) * 3, None),
+    ((-480.0, -480.0, -480.0), None),
+    ((480.0, 480.0, 0.0), None),
+])
+def test_mrc_voxel_size_is_known_only_when_positive_and_finite(tmp_path, cell, expected):
+    import mrcfile
+
+    path = tmp_path / "particle.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(np.zeros((48, 48, 48), np.float32))
+        mrc.header.cella = cell
+    assert formats.read_mrc(path.read_bytes()).voxel_size == expected

@@ -123,8 +123,16 @@ def test_statistics_of_binary_bodies_in_float64(server):
                          json={"volume": [16777217, 1]}).json()["max"] == 16777217.0
 
 
+def _npy_declaring(shape, data: bytes) -> bytes:
+    header = repr({"descr": "<f4", "fortran_order": False, "shape": shape}).encode()
+    return formats.NPY_MAGIC + b"\x01\x00" + len(header).to_bytes(2, "little") + header + data
+
+
 @pytest.mark.parametrize("mutate, status, fragment", [
     (lambda b: b[:-1], 400, "body holds"),
+    # an int64 product of this shape wraps to one volume's bytes, which follow the header
+    (lambda b: _npy_declaring((2**62 + 27648, 4), b[-4 * 48**3:]), 400, "declares shape"),
+    (lambda b: _npy_declaring((0, 2**63), b""), 400, "cannot make an array"),
     (lambda b: b.replace(b"(48, 48, 48)", b"(100000, 48, 48, 48)"), 400, "declares shape"),
     (lambda b: b[:40], 400, "header length"),
     (lambda b: b"\x93NUMPY\x09\x00" + b[8:], 400, "version"),
@@ -132,7 +140,7 @@ def test_statistics_of_binary_bodies_in_float64(server):
     (lambda b: formats.write_npy(np.zeros((4, 4, 4), np.float32)), 422, "shape"),
     (lambda b: formats.write_npy(np.zeros((0, 48, 48, 48), np.float32)), 422, "empty stack"),
     (lambda b: formats.write_npy(np.full((48, 48, 48), np.nan, np.float32)), 422, "finite"),
-], ids=["truncated", "huge declared shape", "cut header", "bad version", "complex",
+], ids=["truncated", "wrapping shape", "shape beyond numpy", "huge declared shape", "cut header", "bad version", "complex",
         "wrong box", "empty stack", "nan"])
 def test_lying_or_wrong_npy_is_a_4xx_naming_the_problem(server, volumes, mutate, status,
                                                         fragment):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import functools
 import io
+import math
 import re
 import struct
 import zlib
@@ -60,14 +61,18 @@ def read_npy(body: bytes | memoryview, field: str = "body") -> Volumes:
     header = _npy_header(bytes(view[start:start + header_len]), field)
     dtype, shape, fortran = header
     offset = start + header_len
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # Python ints: a lying shape cannot wrap around to the body's size
     expected = count * dtype.itemsize
     if len(view) - offset != expected:
         raise MalformedBody(
             f"{field}: the .npy header declares shape {shape} of {dtype.str} "
             f"({expected} bytes of data) but the body holds {len(view) - offset}", field=field)
     array = np.frombuffer(view, dtype=dtype, count=count, offset=offset)
-    array = array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+    try:  # only an empty array can still have sizes or dimensions numpy cannot index
+        array = array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+    except (ValueError, OverflowError) as exc:
+        raise MalformedBody(f"{field}: numpy cannot make an array of the .npy shape {shape}: "
+                            f"{exc}", field=field) from None
     return Volumes(array)
 
 
@@ -92,10 +97,13 @@ def _npy_header(text: bytes, field: str) -> tuple[np.dtype, tuple[int, ...], boo
     if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
         raise MalformedBody(f"{field}: the .npy shape {shape!r} is not a tuple of sizes",
                             field=field)
+    if not isinstance(fortran, bool):
+        raise MalformedBody(f"{field}: the .npy fortran_order {fortran!r} is not True or False",
+                            field=field)
     if dtype.hasobject or dtype.kind not in _REAL_KINDS or dtype.fields is not None:
         raise InputError(f"{field} must hold real numbers (float or int), got dtype {dtype.str}",
                          field=field)
-    return dtype, shape, bool(fortran)
+    return dtype, shape, fortran
 
 
 class MrcModeError(ValueError):
@@ -106,7 +114,8 @@ class MrcModeError(ValueError):
 class MrcLayout:
     """Where an MRC file's particles lie: ``count`` particles of ``shape`` (z, y, x) voxels of
     ``dtype`` (in the file's byte order) from byte ``offset``; ``header`` is mrcfile's header
-    record (file byte order), ``voxel_size`` angstrom (x, y, z) or None when the file says 0."""
+    record (file byte order), ``voxel_size`` angstrom (x, y, z), or None unless each axis has
+    a positive, finite one."""
 
     header: np.void
     dtype: np.dtype
@@ -153,7 +162,8 @@ def mrc_layout(head: bytes | memoryview | np.ndarray, size: int, name: str = "")
     count, shape = mrc_particles(header, name)
     cella, grid = header["cella"], [int(header[k]) for k in ("mx", "my", "mz")]
     voxel = tuple(float(cella[a]) / n if n > 0 else 0.0 for a, n in zip("xyz", grid, strict=True))
-    return MrcLayout(header, dtype, offset, count, shape, voxel if any(voxel) else None)
+    known = all(math.isfinite(v) and v > 0 for v in voxel)  # else unknown: zero, NaN, negative
+    return MrcLayout(header, dtype, offset, count, shape, voxel if known else None)
 
 
 def mrc_particles(header, name: str = "") -> tuple[int, tuple[int, int, int]]:
