@@ -13,6 +13,8 @@ import pytest
 import requests
 from server_helpers import small_model_file, start_cli_server
 
+from cryolens import formats
+
 MARKER = 987.654321  # put in every bad volume: it must never come back in an error
 MAX_VOLUMES = 3
 MAX_BODY = 8 * 1024**2
@@ -303,6 +305,30 @@ ENDPOINTS = [("/reconstruct", "input_volume"), ("/extract_features", "input_volu
              ("/statistics", "volume")]
 
 
+def test_a_reconstruction_beyond_float32_names_the_requests_own_field():
+    """The engine finds it (after de-normalising) and names its own argument, ``volumes``;
+    the client hears of the field it sent, or ``body``, and of no Python-only option."""
+    volume = np.where(np.random.default_rng(3).standard_normal((48, 48, 48)) > 0, 3e38,
+                      -3e38).astype(np.float32)
+    demo = start_cli_server("demo")  # the small random model's output stays in range here
+    try:
+        for path, field, body, headers in [
+                ("/reconstruct", "input_volume", orjson.dumps(
+                    {"input_volume": volume}, option=orjson.OPT_SERIALIZE_NUMPY), {}),
+                ("/batch_process", "input_volumes", orjson.dumps(
+                    {"input_volumes": volume[None]}, option=orjson.OPT_SERIALIZE_NUMPY), {}),
+                ("/reconstruct", "body", formats.write_npy(volume),
+                 {"Content-Type": formats.NPY_MEDIA_TYPE})]:
+            response = requests.post(demo.url + path, data=body,
+                                     headers={"Content-Type": J, **headers}, timeout=120)
+            assert response.status_code == 422, response.text
+            answer = response.json()
+            assert answer["field"] == field and "float32's range" in answer["detail"], answer
+            assert "in Python ask for normalised units" in answer["detail"], answer
+    finally:
+        demo.stop()
+
+
 @pytest.mark.parametrize("path, field", ENDPOINTS, ids=[e[0] for e in ENDPOINTS])
 @pytest.mark.parametrize("name", list(EXTREMES))
 def test_extreme_finite_values_give_finite_json_or_4xx(server, path, field, name):
@@ -313,6 +339,8 @@ def test_extreme_finite_values_give_finite_json_or_4xx(server, path, field, name
                                                option=orjson.OPT_SERIALIZE_NUMPY))
     assert response.status_code < 500, response.text[:500]
     if response.status_code >= 400:
-        assert response.json()["field"], response.text  # a 4xx that names the field
+        assert response.json()["field"] == field, response.text  # the request's own field
+        assert "denormalise" not in response.json()["detail"] or "in Python" in \
+            response.json()["detail"], response.text  # not an option of the request
         return
     assert b"null" not in response.content, response.text[:300]  # orjson writes NaN as null

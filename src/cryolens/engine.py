@@ -467,7 +467,9 @@ class Engine:
                       else torch.isfinite(value).cpu().numpy())
             rows = np.flatnonzero(~finite.reshape(len(finite), -1).all(axis=1)).tolist()
             hint = (" De-normalising (x * std + mean) left float32's range: the particle's "
-                    "values are too large for it; ask for normalised units (denormalise=False)."
+                    "values are too large for it. Divide them by a constant (each particle is "
+                    "z-scored, so its scale does not change the model's result), or in Python "
+                    "ask for normalised units (denormalise=False)."
                     if key in ("volume", "affinity", "free") else "")
             raise InputError(
                 f"the {key} of particle(s) {rows[:10]} is not finite (NaN or infinity).{hint}",

@@ -54,12 +54,14 @@ async def off_loop(request: Request, work: Callable[[], T], size: int | None = N
 class Parsed:
     """options: the validated options model; volumes: (N, D, H, W) float32; stacked: the
     client sent a stack (answer with a leading N) rather than one volume; voxel_size: (x, y, z)
-    angstrom from an MRC header, else None."""
+    angstrom from an MRC header, else None; field: where the volumes were in the request (the
+    JSON field, or ``body`` for a binary body), for errors found later about them."""
 
     options: Any
     volumes: np.ndarray
     stacked: bool
     voxel_size: tuple[float, float, float] | None = None
+    field: str = "body"
 
 
 def media_type(request: Request) -> str:
@@ -86,7 +88,7 @@ async def read_volumes(request: Request, model: type[BaseModel], field: str, *,
             options, volumes = codecs.read_json_volumes(
                 body, field, box, max_volumes,
                 lambda payload: validate_options(model, payload, "body"), batch=batch)
-            return Parsed(options, volumes, batch)
+            return Parsed(options, volumes, batch, field=field)
 
         return await off_loop(request, parse_json)
     options = validate_options(model, dict(request.query_params), "query")

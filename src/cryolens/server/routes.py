@@ -313,6 +313,10 @@ def _add_model_routes(app: FastAPI, settings: Settings) -> tuple[str, ...]:
             except ClientGone as gone:  # nothing to serialise
                 request.app.state.metrics.disconnected(gone.stage)
                 return Response(status_code=CLIENT_CLOSED)
+            except InputError as exc:  # the engine names its argument; the client sent a field
+                if exc.field != "volumes":
+                    raise
+                raise type(exc)(exc.message, field=parsed.field) from None
             return await respond(request, payload(parsed, result))
 
         app.add_api_route(path, handler, methods=["POST"], response_model=response_model,

@@ -60,7 +60,9 @@ class SplatsRequest(SplatsOptions):
 
 
 class BatchOptions(_Options):
-    batch_size: int = Field(32, gt=0, description="Volumes per engine pass; bounds memory.")
+    batch_size: int = Field(32, gt=0, description=(
+        "Accepted as in the reference (> 0). The server sizes its engine passes itself: the "
+        "engine's memory budget bounds memory, so no batch runs out of it."))
     return_reconstructions: bool = True
     return_embeddings: bool = True
     return_poses: bool = True
