@@ -152,3 +152,23 @@ def test_answers_written_row_by_row_are_orjsons_bytes(volume):
     assert codecs.dumps(payload) == whole
     batch = {"reconstructions": np.stack([volume, volume]), "n_volumes": 2}
     assert codecs.dumps(batch) == orjson.dumps(batch, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+@pytest.mark.parametrize("path", ["single", "batch"])
+def test_a_huge_body_is_judged_like_a_small_one_whatever_surrounds_its_volumes(volume, path,
+                                                                               monkeypatch):
+    """Past SPLIT_THRESHOLD_BYTES: a string value equal to the field's name is no second key,
+    and an object where the volumes belong is a 422 naming the field (it was a 413 about the
+    bytes "besides" the volumes, or "names input_volumes twice")."""
+    monkeypatch.setattr(codecs, "SPLIT_THRESHOLD_BYTES", codecs.PLANE_WISE_BYTES)
+    monkeypatch.setattr(codecs, "MAX_OPTIONS_BYTES", 1024)  # the object is larger than this
+    field, parse, plain = (("input_volume", parse_single, plain_single) if path == "single"
+                           else ("input_volumes", parse_batch, plain_batch))
+    value = volume if path == "single" else volume[None]
+    tagged = orjson.dumps({"tag": field, field: value, "note": f"{field} :"},
+                          option=orjson.OPT_SERIALIZE_NUMPY)
+    assert np.array_equal(parse(tagged), value.reshape(-1, *BOX))
+    wrapped = orjson.dumps({"tag": field, field: {"a": value}}, option=orjson.OPT_SERIALIZE_NUMPY)
+    got = outcome(parse, wrapped)
+    assert got == outcome(plain, wrapped) and got[:2] == ("InputError", field), got
+    assert "got an object" in got[2], got

@@ -6,6 +6,7 @@ float32) so that the engine only ever sees well-formed ``float32`` arrays. No St
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -199,12 +200,21 @@ def _split_top_level_array(body: bytes, field: str, max_volumes: int, whole: boo
         scan.feed(data[offset:offset + SCAN_CHUNK_BYTES], offset)
     if scan.array is not None:
         between = body[scan.key + len(field) + 2:scan.array].strip(JSON_WHITESPACE)
-        if between != b":" or body[scan.array] != _LSQ:
+        if between != b":":
             scan.array = None  # the value is not an array: the options path answers
     if scan.array is not None and scan.close is None:
-        raise MalformedBody(f"body is malformed JSON: the {field} array is never closed",
+        raise MalformedBody(f"body is malformed JSON: the {field} "
+                            f"{'object' if scan.is_object else 'array'} is never closed",
                             field="body")
-    rest = body if scan.array is None else body[:scan.array] + b"[]" + body[scan.close + 1:]
+    if scan.array is not None and scan.is_object:
+        # an object where volumes belong: parsed as an empty one, so that the options path
+        # names the mistake (422) however large the object was
+        rest = body[:scan.array] + b"{}" + body[scan.close + 1:]
+        scan.array = None
+    elif scan.array is not None:
+        rest = body[:scan.array] + b"[]" + body[scan.close + 1:]
+    else:
+        rest = body
     if len(rest) > MAX_OPTIONS_BYTES:
         raise PayloadTooLarge(
             f"body: a large JSON body may hold at most {MAX_OPTIONS_BYTES} bytes besides the "
@@ -242,15 +252,20 @@ def _not_an_object(body: bytes, at: int) -> None:
 
 
 def _key_positions(body: bytes, field: str, limit: int = 16) -> list[int]:
-    """Where ``"field"`` occurs (as a key or not: the scan tells); at most ``limit``."""
-    needle, found, at = b'"' + field.encode() + b'"', [], body.find(b'"' + field.encode())
-    while at >= 0 and len(found) < limit:
-        if body.startswith(needle, at):
-            found.append(at)
-        at = body.find(needle, at + 1)
-    if at >= 0:
-        raise MalformedBody(f"body names {field} more than {limit} times", field="body")
+    """Where ``"field"`` occurs followed by a colon, as a key does (at which depth, and whether
+    inside a string, the scan tells); at most ``limit``. A string value equal to the field's
+    name is not followed by a colon in valid JSON."""
+    found = []
+    for match in _key_pattern(field).finditer(body):
+        if len(found) == limit:
+            raise MalformedBody(f"body names {field} more than {limit} times", field="body")
+        found.append(match.start())
     return found
+
+
+@functools.lru_cache(maxsize=8)
+def _key_pattern(field: str) -> re.Pattern[bytes]:
+    return re.compile(b'"' + re.escape(field.encode()) + b'"[ \t\n\r]*:')
 
 
 def _check_gap(gap: memoryview, field: str, index: int, first: bool, last: bool) -> None:
@@ -290,6 +305,7 @@ class _Scan:
         self.ends = np.empty(max_volumes + 1, np.int64)
         self.count = self.ended = 0
         self.no_array = False
+        self.is_object = False  # the key's value is an object (only its end is tracked)
 
     def feed(self, chunk: np.ndarray, offset: int) -> None:
         quotes = np.flatnonzero(chunk == _QUOTE)
@@ -311,7 +327,8 @@ class _Scan:
             later = np.flatnonzero(brackets + offset > self.key)
             if len(later):
                 self.array = int(brackets[later[0]]) + offset
-                if kinds[later[0]] != _LSQ or after[later[0]] != 2:
+                self.is_object = bool(kinds[later[0]] == _LCURLY)
+                if kinds[later[0]] not in (_LSQ, _LCURLY) or after[later[0]] != 2:
                     self.array, self.no_array = None, True
         if self.array is not None and self.close is None:
             self._volumes(brackets + offset, step, after)
@@ -335,6 +352,8 @@ class _Scan:
         if len(closing):
             inside &= positions < positions[closing[0]]
             self.close = int(positions[closing[0]])
+        if self.is_object:
+            return
         opens = positions[inside & (step == 1) & (after == 3)]
         ends = positions[inside & (step == -1) & (after == 2)]
         if self.count + len(opens) > self.max_volumes:
