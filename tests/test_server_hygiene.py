@@ -120,6 +120,34 @@ def test_silent_and_slow_header_connections_are_closed(server, dribble):
     assert time.monotonic() - started < HEADER_TIMEOUT_S + 4
 
 
+def test_header_limits_given_as_flags_hold(model):
+    """--header-timeout-s and --max-header-bytes on the command line (not the environment) of
+    the default one-process server: the timeout was read from the environment alone, and
+    the header size was not bounded at all (uvicorn's limit is h11's; the protocol is
+    httptools)."""
+    proc = start_cli_server(model, "--header-timeout-s", "1", "--max-header-bytes", "4096")
+    try:
+        sock = connect(proc)
+        started = time.monotonic()
+        assert read_until_closed(sock) == b"" and time.monotonic() - started < 3
+        assert requests.get(proc.url + "/health", headers={"X-A": "a" * 3000},
+                            timeout=5).status_code == 200
+        for chunks in ([b"a" * 5000], [b"a" * 1000] * 5):  # at once, or dribbled
+            sock = connect(proc)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: ")
+            for chunk in chunks:
+                sock.sendall(chunk)
+                time.sleep(0.05)
+            head, _, body = read_until_closed(sock).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 431 "), head
+            assert orjson.loads(body) == {
+                "detail": "the request line and headers are larger than the limit of 4096 "
+                          "bytes", "field": "headers"}
+        assert health_ok(proc)
+    finally:
+        proc.stop()
+
+
 def test_idle_keep_alive_connection_is_closed(server):
     sock = connect(server)
     sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -21,8 +21,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from cryolens.cliutil import ArgumentParser, fail
+from cryolens.server import protocol
 from cryolens.server.app import create_app, exit_zero_on_sigterm
-from cryolens.server.protocol import IMPORT_STRING as HEADER_TIMEOUT_PROTOCOL
 from cryolens.server.settings import Settings, field_flags, field_type
 
 APP_IMPORT_STRING = "cryolens.server.minimal_cryolens_server:app"
@@ -182,15 +182,16 @@ def _serve(settings: Settings, args: argparse.Namespace, prog: str) -> int:
               "timeout_keep_alive": settings.keep_alive_s,
               "limit_concurrency": settings.max_connections,
               "h11_max_incomplete_event_size": settings.max_header_bytes,
-              "timeout_graceful_shutdown": settings.drain_timeout_s,
-              "http": HEADER_TIMEOUT_PROTOCOL}
+              "timeout_graceful_shutdown": settings.drain_timeout_s}
     exit_zero_on_sigterm()
     if args.workers == 1 and not args.reload:
-        # The app built from these very settings: no round trip through the environment.
-        uvicorn.run(create_app(settings), **common)
+        # The app and protocol built from these very settings: no round trip through the
+        # environment.
+        uvicorn.run(create_app(settings), **common, http=protocol.configured(
+            settings.header_timeout_s, settings.max_header_bytes))
         return 0
     settings.export_env()
-    uvicorn.run(APP_IMPORT_STRING, reload=args.reload,
+    uvicorn.run(APP_IMPORT_STRING, http=protocol.IMPORT_STRING, reload=args.reload,
                 reload_dirs=[str(Path(__file__).resolve().parents[1])] if args.reload else None,
                 workers=None if args.reload else args.workers, **common)
     return 0
