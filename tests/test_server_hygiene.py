@@ -4,6 +4,7 @@ closed in time while /health answers; SIGTERM drains within its timeout and exit
 clients that left is neither run nor logged as an error; the parse budget answers 503."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -96,7 +97,8 @@ def test_stalled_body_is_answered_408_and_closed_while_health_answers(server):
     answer = read_until_closed(sock)
     elapsed = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-    assert b"timed out" in answer
+    assert b"request body too slow: " in answer and b"below the minimum of 65536 bytes/s" in \
+        answer, answer  # its first bytes came, then nothing
     assert BODY_TIMEOUT_S - 0.2 < elapsed < BODY_TIMEOUT_S + 4
     assert health_ok(server)
 
@@ -252,6 +254,64 @@ def test_parse_budget_full_answers_503_with_retry_after(server):
     time.sleep(0.3)
     assert requests.post(server.url + "/statistics", json={"volume": [1, 2]},
                          timeout=10).status_code == 200
+
+
+def test_a_trickled_upload_cannot_hold_the_parse_budget(server):
+    """A chunked upload (it reserves the body limit, here the whole budget) that brings a
+    byte every 0.2 s, never silent for the body timeout: every other POST got 503 for as long
+    as it went on. Now it is cut after one body timeout for being below the minimum rate,
+    and the budget is free again."""
+    sock = connect(server)
+    sock.sendall(b"POST /statistics HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    started = time.monotonic()
+    refused = None
+    answer = b""
+    try:
+        while time.monotonic() - started < BODY_TIMEOUT_S + 6:
+            try:
+                sock.sendall(b"1\r\n \r\n")
+            except OSError:
+                break
+            if refused is None and time.monotonic() - started > 0.3:
+                refused = requests.post(server.url + "/statistics", json={"volume": [1, 2]},
+                                        timeout=10).status_code
+            sock.settimeout(0.2)
+            try:
+                answer += sock.recv(65536)
+                if answer.endswith(b"}"):
+                    break
+            except TimeoutError:
+                pass
+        elapsed = time.monotonic() - started
+    finally:
+        sock.close()
+    assert refused == 503  # the budget was held meanwhile
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert b"request body too slow" in answer, answer
+    assert elapsed < BODY_TIMEOUT_S + 3
+    assert requests.post(server.url + "/statistics", json={"volume": [1, 2]},
+                         timeout=10).status_code == 200
+
+
+def test_an_upload_above_the_minimum_rate_is_never_cut(server):
+    """A body that takes longer than the body timeout, arriving at 160 kB/s (above the 64 KiB/s
+    minimum) in 16 kB chunks: answered, not 408."""
+    stack = np.random.default_rng(5).standard_normal((2, 48, 48, 48)).astype(np.float32)
+    body = io.BytesIO()
+    np.save(body, stack)
+    data = body.getvalue()
+    sock = connect(server)
+    sock.sendall(f"POST /extract_features HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 f"application/x-npy\r\nContent-Length: {len(data)}\r\n"
+                 f"Connection: close\r\n\r\n".encode())
+    started = time.monotonic()
+    for at in range(0, len(data), 16_000):
+        sock.sendall(data[at:at + 16_000])
+        time.sleep(0.1)
+    assert time.monotonic() - started > BODY_TIMEOUT_S + 1
+    answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
 
 
 @pytest.mark.slow

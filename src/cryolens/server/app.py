@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None, *, engine=None) -> FastAPI:
                        exception_handlers=app.exception_handlers)
     app.add_middleware(ErrorMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
-                       timeout_s=settings.body_timeout_s)
+                       timeout_s=settings.body_timeout_s, min_rate=settings.min_body_rate)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_credentials=False, allow_methods=["*"], allow_headers=["*"],

@@ -32,7 +32,7 @@ class BodyTooLarge(Exception):
 
 
 class BodyTimeout(Exception):
-    """No body chunk arrived within the body timeout."""
+    """Too little of the body arrived within the body timeout: ``args[0]`` bytes (0: none)."""
 
 
 class TrackedSend:
@@ -91,14 +91,19 @@ class RequestContextMiddleware:
 
 class BodyLimitMiddleware:
     """413 for a body over ``max_bytes``: by Content-Length up front, else by counting chunks.
-    408 (and the connection closed) when an upload stalls: no chunk for ``timeout_s`` seconds
-    while the body is still incomplete. Once the body is in, ``receive`` waits untimed (it then
-    only ever brings ``http.disconnect``)."""
+    408 (and the connection closed) when an upload stalls: while the body is incomplete, every
+    ``timeout_s`` seconds from the app's first read must bring at least ``min_rate`` bytes per
+    second (``min_rate`` 0: at least one chunk). A client that trickles a byte now and then
+    would otherwise hold its reservation in the parse budget, and with two such uploads of
+    unknown size every body-carrying request gets 503. Once the body is in, ``receive`` waits
+    untimed (it then only ever brings ``http.disconnect``)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None,
+                 min_rate: int = 0) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.min_rate = min_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -110,15 +115,29 @@ class BodyLimitMiddleware:
             return
         received = 0
         complete = False
+        loop = asyncio.get_running_loop()
+        quota = self.min_rate * (self.timeout_s or 0)  # bytes each window must bring
+        window_start: float | None = None  # from the app's first read, not the headers
+        window_bytes = 0
 
         async def counting_receive() -> Message:
-            nonlocal received, complete
+            nonlocal received, complete, window_start, window_bytes
             if complete or self.timeout_s is None:
                 message = await receive()
             else:
-                message = await _within(receive(), self.timeout_s)
+                if window_start is None:
+                    window_start = loop.time()
+                left = window_start + self.timeout_s - loop.time()
+                try:
+                    message = await _within(receive(), max(left, 0.0))
+                except BodyTimeout:
+                    raise BodyTimeout(window_bytes) from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                size = len(message.get("body", b""))
+                received += size
+                window_bytes += size
+                if window_bytes >= quota:  # enough for this window: the next one starts
+                    window_start, window_bytes = loop.time(), 0
                 complete = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise BodyTooLarge
@@ -131,13 +150,18 @@ class BodyLimitMiddleware:
             if tracked.started:
                 raise
             await self._reject(scope, receive, send)
-        except BodyTimeout:
+        except BodyTimeout as slow:
             if tracked.started:
                 raise
-            logger.info("no body bytes for %g s: answered 408 and closed", self.timeout_s)
-            response = ORJSONResponse(
-                {"detail": f"request body timed out: nothing arrived for {self.timeout_s:g} s",
-                 "field": "body"}, status_code=408, headers={"Connection": "close"})
+            arrived = slow.args[0] if slow.args else 0
+            if not arrived:
+                detail = f"request body timed out: nothing arrived for {self.timeout_s:g} s"
+            else:
+                detail = (f"request body too slow: {arrived} bytes in {self.timeout_s:g} s, "
+                          f"below the minimum of {self.min_rate} bytes/s")
+            logger.info("%s: answered 408 and closed", detail)
+            response = ORJSONResponse({"detail": detail, "field": "body"}, status_code=408,
+                                      headers={"Connection": "close"})
             await response(scope, receive, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -75,6 +75,9 @@ DEFAULT_MAX_PARSE_BYTES = 512 * 1024**2
 DEFAULT_PARSE_WAIT_S = 2.0
 #: Seconds without a body chunk before a slow upload is answered 408 and closed.
 DEFAULT_BODY_TIMEOUT_S = 30.0
+#: Bytes per second an incomplete upload must bring, over each body timeout (512 kbit/s):
+#: a slower one is answered 408, so a trickle cannot hold the parse budget.
+DEFAULT_MIN_BODY_RATE = 64 * 1024
 #: Seconds a connection has to send complete request headers (slow or silent ones are closed).
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 #: Seconds an idle keep-alive connection stays open.
@@ -183,6 +186,10 @@ class Settings:
         "help": "seconds a request waits for room in the parse budget before a 503"})
     body_timeout_s: float = field(default=DEFAULT_BODY_TIMEOUT_S, metadata={
         "help": "seconds without a body chunk before a slow upload is answered 408 and closed"})
+    min_body_rate: int = field(default=DEFAULT_MIN_BODY_RATE, metadata={
+        "help": "bytes per second an unfinished upload must bring, over every --body-timeout-s "
+                "seconds, or 408 and closed (a trickle would hold the parse budget; 0: any "
+                "chunk will do)"})
     header_timeout_s: float = field(default=DEFAULT_HEADER_TIMEOUT_S, metadata={
         "help": "seconds a connection has to send complete request headers"})
     keep_alive_s: int = field(default=DEFAULT_KEEP_ALIVE_S, metadata={
@@ -212,6 +219,8 @@ class Settings:
                      "max_header_bytes", "drain_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.min_body_rate < 0:
+            raise ValueError(f"min_body_rate must be 0 or more, got {self.min_body_rate}")
         if self.parse_wait_s < 0:
             raise ValueError(f"parse_wait_s must be 0 or more, got {self.parse_wait_s}")
         if self.batch_wait_ms < 0:
