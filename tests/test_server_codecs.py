@@ -172,3 +172,18 @@ def test_a_huge_body_is_judged_like_a_small_one_whatever_surrounds_its_volumes(v
     got = outcome(parse, wrapped)
     assert got == outcome(plain, wrapped) and got[:2] == ("InputError", field), got
     assert "got an object" in got[2], got
+
+
+def test_a_huge_body_for_one_volume_is_refused_without_parsing_it_whole(volume, monkeypatch):
+    """A single-volume field holding 20 volumes (wrong shape) past SPLIT_THRESHOLD_BYTES: a
+    422 that says why, not seconds of one orjson.loads and GBs of Python floats."""
+    monkeypatch.setattr(codecs, "SPLIT_THRESHOLD_BYTES", 4 * codecs.PLANE_WISE_BYTES)
+    monkeypatch.setattr(codecs, "MAX_VOLUME_JSON_BYTES", 4 * codecs.PLANE_WISE_BYTES)
+    parsed, plain = [], codecs.loads_json
+    monkeypatch.setattr(codecs, "loads_json", lambda text, field="body": parsed.append(
+        len(text)) or plain(text, field))
+    body = body_text(np.stack([volume] * 20), "input_volume")
+    got = outcome(parse_single, body)
+    assert got[:2] == ("InputError", "input_volume"), got
+    assert "must be one volume of shape (48, 48, 48)" in got[2] and "bytes" in got[2], got
+    assert max(parsed, default=0) < 100  # only the options went through orjson whole

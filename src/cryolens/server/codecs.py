@@ -110,7 +110,8 @@ def read_json_volumes(body: bytes, field: str, box: tuple[int, ...], max_volumes
     (without the volumes parsed) before any volume is read, so a wrong option is named first.
     Bodies of :data:`PLANE_WISE_BYTES` or more are parsed a volume and a plane at a time; when
     that finds a mistake in a body under :data:`SPLIT_THRESHOLD_BYTES`, the body is parsed
-    again whole, so the client hears of it exactly as for a small body.
+    again whole, so the client hears of it exactly as for a small body. Larger bodies are
+    never parsed whole (nor is a volume of :data:`MAX_VOLUME_JSON_BYTES` or more).
     """
     # no 'true'/'false' anywhere: the volumes need no boolean check of their own
     text = b"" if b"true" not in body and b"false" not in body else None
@@ -129,7 +130,7 @@ def read_json_volumes(body: bytes, field: str, box: tuple[int, ...], max_volumes
                 return read(loads_with_split_array(body, field, max_volumes))
             return read(loads_with_raw_field(body, field, box[0]))
         except CryoLensError:
-            if batch and len(body) >= SPLIT_THRESHOLD_BYTES:
+            if len(body) >= SPLIT_THRESHOLD_BYTES:
                 raise
     return read(loads_object(body))
 
@@ -169,6 +170,9 @@ SPLIT_THRESHOLD_BYTES = 8 * 1024**2
 #: 1.2 MB particle holds the GIL ~9 ms and building its array ~6 ms more, the event loop
 #: (``/health`` included) waiting meanwhile; a plane is ~0.3 ms.
 PLANE_WISE_BYTES = 256 * 1024
+#: One volume's JSON is never this large (a 48^3 volume of 25-character numbers is 2.8 MB):
+#: a larger one is refused without parsing it whole.
+MAX_VOLUME_JSON_BYTES = 8 * 1024**2
 #: Bytes of a large body scanned per numpy pass (temporaries: ~25 bytes per scanned byte in
 #: the worst case, a body made only of brackets).
 SCAN_CHUNK_BYTES = 1024**2
@@ -471,6 +475,10 @@ def volume_from_json(text: memoryview, field: str, box: tuple[int, ...]) -> np.n
     raw = bytes(text)
 
     def whole() -> np.ndarray:
+        if len(raw) >= MAX_VOLUME_JSON_BYTES:  # parsed whole, it would take seconds and GBs
+            raise InputError(
+                f"{field} must be one volume of shape {_shape_text(box)}, but its JSON is "
+                f"{len(raw)} bytes, more than one volume ever takes (a few MB)", field=field)
         return volume(loads_json(raw, field), field, box, raw)
 
     planes = _element_slices(raw)
