@@ -231,6 +231,11 @@ CASES = [
      MP, 422, "no file field"),
     ("multipart statistics", "POST", "/statistics", multipart(b"\x93NUMPY\x01"), MP, 400,
      "truncated"),
+    ("multipart no boundary", "POST", "/reconstruct", multipart(npy(GOOD)),
+     "multipart/form-data", 400, "multipart body cannot be read: Missing boundary"),
+    ("multipart two files", "POST", "/extract_features",
+     multipart(npy(GOOD)).replace(f"--{BOUNDARY}--".encode(), b"") + multipart(npy(GOOD)),
+     MP, 400, "multipart body cannot be read: Too many files"),
 ]
 
 
@@ -243,6 +248,9 @@ def test_bad_request(server, case):
                                 timeout=30)
     assert response.status_code == status, response.text
     assert fragment in response.text
+    answer = response.json()
+    if status not in (404, 405):  # every mistake in a request names its field
+        assert answer.get("field") or all(e["loc"] for e in answer["detail"]), answer
     assert len(response.content) < ERROR_BODY_LIMIT
     assert "987.654" not in response.text
     assert "Traceback" not in response.text

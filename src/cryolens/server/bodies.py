@@ -16,10 +16,11 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from cryolens import formats
-from cryolens.errors import InputError, PayloadTooLarge, UnsupportedMediaType
+from cryolens.errors import InputError, MalformedBody, PayloadTooLarge, UnsupportedMediaType
 from cryolens.server import codecs
 
 T = TypeVar("T")
@@ -142,7 +143,11 @@ def checked_stack(data: np.ndarray, field: str, box: tuple[int, ...], max_volume
 
 
 async def _multipart_file(request: Request) -> bytes:
-    form = await request.form(max_files=1, max_fields=32)
+    try:
+        form = await request.form(max_files=1, max_fields=32)
+    except HTTPException as exc:  # Starlette's own words for a form it cannot read
+        raise MalformedBody(f"the multipart body cannot be read: {exc.detail}",
+                            field="body") from None
     try:
         files = [value for _, value in form.multi_items() if hasattr(value, "read")]
         if not files:
