@@ -34,7 +34,7 @@ import orjson
 import urllib3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from server_helpers import ServerProcess, free_port
+from server_helpers import ServerProcess, free_port, stop_on_sigterm
 
 from cryolens import formats, heap
 
@@ -293,6 +293,7 @@ def bench_litserve(checkpoint: str, device: str, volumes: np.ndarray, seconds: f
 
 
 def main(argv=None) -> None:
+    stop_on_sigterm()  # servers started below are stopped on SIGTERM too
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="demo", help="model to serve (default: demo)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")

@@ -30,7 +30,7 @@ import orjson
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from server_helpers import ServerProcess, free_port
+from server_helpers import ServerProcess, free_port, stop_on_sigterm
 
 from cryolens import formats
 
@@ -188,6 +188,7 @@ def start_server(checkpoint: str) -> ServerProcess:
 
 
 def main() -> None:
+    stop_on_sigterm()  # servers started below are stopped on SIGTERM too
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server (default: start one here)")
     parser.add_argument("--checkpoint", default="demo", help="for the server started here")

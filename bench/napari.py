@@ -28,7 +28,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from server_helpers import start_cli_server
+from server_helpers import start_cli_server, stop_on_sigterm
 
 SCALE = (10.0, 10.0, 10.0)
 SHAPE = (96, 256, 256)
@@ -72,6 +72,7 @@ def setup(napari, url: str, picks: np.ndarray, data: np.ndarray):
 
 
 def main() -> None:
+    stop_on_sigterm()  # servers started below are stopped on SIGTERM too
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--picks", type=int, default=30)
     parser.add_argument("--batch", type=int, default=200)

@@ -37,7 +37,7 @@ import numpy as np
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from server_helpers import free_port
+from server_helpers import free_port, stop_on_sigterm
 
 from cryolens import formats
 
@@ -303,6 +303,7 @@ def bench_data(args) -> None:
 
 
 def main() -> None:
+    stop_on_sigterm()  # servers started below are stopped on SIGTERM too
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="demo")
     parser.add_argument("--seconds", type=float, default=15.0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (from ``timeout``, a CI runner) then raises SystemExit in the main thread, so
+    that ``finally: server.stop()`` runs: a server started here is in a process group of its
+    own, which the signal does not reach, and would outlive the script (on a GPU machine,
+    holding memory while the next measurement runs)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 class ServerProcess:
