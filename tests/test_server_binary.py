@@ -71,6 +71,19 @@ def test_json_answer_to_a_binary_request_is_the_seed_json(server, volumes):
     assert isinstance(body["global_weight"], float) and body["latent_dims"] == 8
 
 
+@pytest.mark.parametrize("accept, kind", [
+    ("application/x-npz", "application/x-npz"),
+    ("application/json;q=0.5, application/x-npz;q=0.9", "application/x-npz"),
+    ("application/x-npz;q=0, application/json", "application/json"),  # npz refused outright
+    ("application/x-npz; q=0.0", "application/json"),
+    ("*/*", "application/json"),
+])
+def test_accept_picks_npz_unless_its_quality_is_zero(server, volumes, accept, kind):
+    response = requests.post(server.url + "/extract_features", data=formats.write_npy(
+        volumes[0]), headers={**NPY, "Accept": accept})
+    assert response.status_code == 200 and response.headers["content-type"] == kind
+
+
 def test_a_stack_answers_with_a_leading_n_equal_to_single_calls(server, volumes):
     stack = npz(requests.post(server.url + "/extract_features?return_variance=true",
                               data=formats.write_npy(volumes), headers={**NPY, **NPZ}))

@@ -29,8 +29,23 @@ class NPZResponse(Response):
 
 
 def wants_npz(request: Request) -> bool:
-    """True when ``Accept`` names ``application/x-npz`` (JSON stays the default, also for
-    ``*/*``)."""
+    """True when ``Accept`` names ``application/x-npz`` with a quality above 0 (JSON stays the
+    default, also for ``*/*``)."""
     accept = request.headers.get("accept", "")
-    return any(part.split(";", 1)[0].strip().lower() == formats.NPZ_MEDIA_TYPE
-               for part in accept.split(","))
+    for part in accept.split(","):
+        media, _, params = part.partition(";")
+        if media.strip().lower() == formats.NPZ_MEDIA_TYPE and _quality(params) > 0:
+            return True
+    return False
+
+
+def _quality(params: str) -> float:
+    """The ``q`` of a media range's parameters (1 when absent or unreadable)."""
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                return float(value)
+            except ValueError:
+                return 1.0
+    return 1.0
