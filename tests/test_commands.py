@@ -82,6 +82,35 @@ def test_embed_parquet_has_numeric_columns_and_the_engines_values(tmp_path, mode
     assert "already complete" in capsys.readouterr().out
 
 
+def test_embed_notices_inputs_that_changed_since_the_output(tmp_path, model, stack, capsys):
+    import os
+
+    import pandas as pd
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        write_mrc(folder / f"p{i}.mrc", stack[i])
+    out = tmp_path / "o.parquet"
+    args = ("embed", folder, "-o", out, "-c", model, "--device", "cpu", "--quiet")
+    assert _cli(*args) == 0
+    capsys.readouterr()
+    write_mrc(folder / "p3.mrc", stack[3])  # a new file: 4 particles now, 3 in the output
+    assert _cli(*args) == 1
+    err = capsys.readouterr().err
+    assert "held 3 particles then and 4 now" in err and "--overwrite" in err
+    assert len(pd.read_parquet(out)) == 3
+    assert _cli(*args, "--overwrite") == 0
+    capsys.readouterr()
+    assert _cli(*args) == 0
+    assert "already complete (4 particles)" in capsys.readouterr().out
+    write_mrc(folder / "p1.mrc", stack[4])  # other contents, the same size
+    os.utime(folder / "p1.mrc", ns=(1, 1))
+    assert _cli(*args) == 1
+    err = capsys.readouterr().err
+    assert "their files changed" in err and "--overwrite" in err
+
+
 def test_embed_every_input_format(tmp_path, model, engine, stack):
     import h5py
     import pandas as pd

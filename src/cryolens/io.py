@@ -24,6 +24,7 @@ Array axes are z, y, x throughout, as in the files.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import queue
 import threading
@@ -143,6 +144,10 @@ class _Reader:
     def read(self, items: Sequence[int]) -> list[np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def files(self) -> list[Path]:
+        """The files whose size and modification time tell whether the input changed."""
+        return [self.path]
+
     def close(self) -> None:
         pass
 
@@ -233,6 +238,11 @@ class _ArrayReader(_Reader):
         self.records = [replace(base, index=i) for i in range(count)]
         self.name = name
         self._close_handle()
+
+    def files(self) -> list[Path]:
+        if self.path.is_dir():  # a zarr store: its metadata and chunks
+            return sorted(p for p in self.path.rglob("*") if p.is_file())
+        return [self.path]
 
     def _open(self):
         self._handle = None
@@ -406,6 +416,9 @@ class _CopickReader(_Reader):
                     x_voxel=voxel[0], y_voxel=voxel[1], z_voxel=voxel[2],
                     edge=padded > 0, padded_fraction=padded))
 
+    def files(self) -> list[Path]:
+        return [self.config]  # the picks themselves are in the records
+
     def _tomogram(self, run: str) -> tuple[np.ndarray, float]:
         if self._cached is None or self._cached[0] != run:
             self._cached = None  # let the previous run's tomogram go first
@@ -533,6 +546,21 @@ class ParticleSet:
     @property
     def records(self) -> list[ParticleRecord]:
         return [self.readers[r].records[i] for r, i in self.items]
+
+    def fingerprint(self) -> dict:
+        """What the inputs hold now, to tell a finished or unfinished embedding of them from one
+        of what they held before: ``particles`` (the count) and ``sha256`` of every particle's
+        key, position and voxel size and of every input file's path (resolved), size and
+        modification time."""
+        digest = hashlib.sha256()
+        for reader in self.readers:
+            for path in reader.files():
+                stat = path.stat()
+                digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        for record in self.records:
+            digest.update(f"{record.key}|{record.x_angstrom}|{record.y_angstrom}|"
+                          f"{record.z_angstrom}|{record.voxel_size}\n".encode())
+        return {"particles": len(self), "sha256": digest.hexdigest()}
 
     def read(self, items: Sequence[tuple[int, int]]) -> Batch:
         """Read, conform and stack some of :attr:`items`."""

@@ -22,7 +22,10 @@ Output formats, chosen by the suffix of ``-o``:
 
 Resumable: each batch is written as a part file under ``<output>.parts/`` as soon as it is
 done; a run that stops (killed, Ctrl-C, a crash) continues where it stopped when the same
-command is run again, and the parts are merged into the output at the end.
+command is run again, and the parts are merged into the output at the end. The inputs are
+fingerprinted (each file's path, size and modification time, and every particle listed): a
+finished output or unfinished parts of inputs that changed since (a file added, removed or
+rewritten) is an error that says so, and ``--overwrite`` starts again.
 """
 from __future__ import annotations
 
@@ -244,10 +247,16 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
     if overwrite:
         shutil.rmtree(parts, ignore_errors=True)
         out.unlink(missing_ok=True)
+    inputs = particles.fingerprint()
     if out.exists() and not parts.exists():
-        if _finished_identity(out) == identity:
-            return {"n": 0, "line": f"{out} is already complete ({len(particles)} particles); "
-                                    "--overwrite recomputes it"}
+        finished = _finished_meta(out)
+        if finished.get("identity") == identity:
+            then = finished.get("inputs") or {"particles": finished.get("n_particles")}
+            if then == inputs or ("sha256" not in then and then["particles"] == len(particles)):
+                return {"n": 0, "line": f"{out} is already complete ({then['particles']} "
+                                        "particles); --overwrite recomputes it"}
+            raise InputError(f"{out} was made from these sources, but {_changes(then, inputs)} "
+                             "since; use --overwrite to embed them again", field="output")
         raise InputError(f"{out} exists and was made from other inputs or another model; "
                          "use --overwrite to replace it, or another -o", field="output")
     done: set[str] = set()
@@ -256,12 +265,18 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
         if state.get("identity") != identity:
             raise InputError(f"{parts} holds an unfinished run with other inputs or another "
                              "model; use --overwrite to discard it", field="output")
+        then = state.get("inputs", inputs)  # parts from before inputs were recorded: keys only
+        if then != inputs:
+            raise InputError(f"{parts} holds an unfinished run of these sources, but "
+                             f"{_changes(then, inputs)} since; use --overwrite to start again",
+                             field="output")
         for part in sorted(parts.glob("part-*.parquet")):
             done.update(pq.read_table(part, columns=["particle_key"])["particle_key"]
                         .to_pylist())
     else:
         parts.mkdir(parents=True)
-        _atomic_write(parts / STATE, json.dumps({"identity": identity}).encode())
+        _atomic_write(parts / STATE, json.dumps({"identity": identity,
+                                                 "inputs": inputs}).encode())
     number = len(list(parts.glob("part-*.parquet")))
     todo = len(particles) - len(done)
     started = time.perf_counter()
@@ -288,7 +303,7 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
     table = _merge(parts, particles)
     if table.num_rows != len(particles):
         raise RuntimeError(f"{table.num_rows} rows for {len(particles)} particles")
-    meta = {**metadata, "n_particles": table.num_rows, "identity": identity,
+    meta = {**metadata, "n_particles": table.num_rows, "identity": identity, "inputs": inputs,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "columns": "embedding_i: latent mean; pose_w..z: unit quaternion; global_weight: "
                        "raw logit"}
@@ -335,19 +350,28 @@ def _merge(parts: Path, particles: ParticleSet):
     return table.take(pc.sort_indices(position))
 
 
-def _finished_identity(out: Path) -> dict | None:
+def _finished_meta(out: Path) -> dict:
+    """The ``cryolens`` metadata of a finished output (empty when it has none)."""
     try:
         if FORMATS[out.suffix.lower()] == "parquet":
             import pyarrow.parquet as pq
 
             meta = pq.read_schema(out).metadata or {}
-            return json.loads(meta.get(b"cryolens", b"{}")).get("identity")
+            return json.loads(meta.get(b"cryolens", b"{}"))
         import h5py
 
         with h5py.File(out, "r") as f:
-            return json.loads(f["metadata"].attrs.get("cryolens", "{}")).get("identity")
+            return json.loads(f["metadata"].attrs.get("cryolens", "{}"))
     except Exception:  # noqa: BLE001 - an unreadable output is simply not ours
-        return None
+        return {}
+
+
+def _changes(then: dict, now: dict) -> str:
+    """How the inputs differ from when an output or its parts were made, in words."""
+    if then.get("particles") != now["particles"]:
+        return f"they held {then.get('particles')} particles then and {now['particles']} now"
+    return ("their files changed (the same number of particles, but other contents or "
+            "modification times)")
 
 
 def write_parquet(table, out: Path, meta: dict) -> None:
