@@ -111,6 +111,29 @@ def test_embed_notices_inputs_that_changed_since_the_output(tmp_path, model, sta
     assert "their files changed" in err and "--overwrite" in err
 
 
+def test_a_failed_embed_leaves_nothing_in_the_way_of_the_corrected_one(tmp_path, model,
+                                                                         stack, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_mrc(folder / "p0.mrc", stack[0])
+    write_mrc(folder / "small.mrc", stack[1][4:44, 4:44, 4:44])
+
+    def embed(out, *more):
+        return _cli("embed", folder, "-o", out, "-c", model, "--device", "cpu", "--quiet", *more)
+
+    out = tmp_path / "o.parquet"
+    assert embed(out) == 1
+    assert "--fit" in capsys.readouterr().err
+    assert not (tmp_path / "o.parquet.parts").exists() and not out.exists()
+    assert embed(out, "--fit") == 0
+    # parts without a particle (left by an older version) are discarded, not in the way
+    parts = tmp_path / "p.parquet.parts"
+    parts.mkdir()
+    (parts / "state.json").write_text(json.dumps({"identity": {"sources": ["elsewhere"]}}))
+    assert embed(tmp_path / "p.parquet", "--fit") == 0
+    assert not parts.exists()
+
+
 def test_embed_every_input_format(tmp_path, model, engine, stack):
     import h5py
     import pandas as pd

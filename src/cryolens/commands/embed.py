@@ -22,7 +22,8 @@ Output formats, chosen by the suffix of ``-o``:
 
 Resumable: each batch is written as a part file under ``<output>.parts/`` as soon as it is
 done; a run that stops (killed, Ctrl-C, a crash) continues where it stopped when the same
-command is run again, and the parts are merged into the output at the end. The inputs are
+command is run again, and the parts are merged into the output at the end; a run that ends
+before any batch is done leaves no ``.parts`` (and one without parts is discarded). The inputs are
 fingerprinted (each file's path, size and modification time, and every particle listed): a
 finished output or unfinished parts of inputs that changed since (a file added, removed or
 rewritten) is an error that says so, and ``--overwrite`` starts again.
@@ -260,6 +261,8 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
         raise InputError(f"{out} exists and was made from other inputs or another model; "
                          "use --overwrite to replace it, or another -o", field="output")
     done: set[str] = set()
+    if parts.exists() and not any(parts.glob("part-*.parquet")):
+        shutil.rmtree(parts)  # a run that wrote no particles: nothing to resume
     if parts.exists():
         state = json.loads((parts / STATE).read_text()) if (parts / STATE).exists() else {}
         if state.get("identity") != identity:
@@ -297,10 +300,15 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
             bar.update(len(records))
             if after_batch is not None:
                 after_batch(computed)
+        bar.close()
+        seconds = time.perf_counter() - started
+        table = _merge(parts, particles)
+    except BaseException:
+        if not any(parts.glob("part-*.parquet")):  # nothing done: leave nothing behind
+            shutil.rmtree(parts, ignore_errors=True)
+        raise
     finally:
         bar.close()
-    seconds = time.perf_counter() - started
-    table = _merge(parts, particles)
     if table.num_rows != len(particles):
         raise RuntimeError(f"{table.num_rows} rows for {len(particles)} particles")
     meta = {**metadata, "n_particles": table.num_rows, "identity": identity, "inputs": inputs,
