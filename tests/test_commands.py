@@ -13,6 +13,7 @@ from server_helpers import small_model_file
 from cryolens.checkpoints import sha256_of
 from cryolens.cli import main
 from cryolens.engine import Engine
+from cryolens.errors import InputError
 from cryolens.io import CopickOptions, load_particles
 from cryolens.operations import Operation, run
 
@@ -232,6 +233,41 @@ def test_embed_resumes_after_an_interruption_without_duplicates(tmp_path, model,
     with pytest.raises(ValueError, match="other inputs or another model"):
         embed(particles, compute, out.with_name("x.parquet"), identity=other, metadata={},
               progress=False)
+
+
+def test_resume_compares_resolved_paths_and_names_a_removed_input(tmp_path, model, engine,
+                                                                  stack, monkeypatch):
+    import pandas as pd
+
+    from cryolens.commands.embed import embed, engine_compute
+    from cryolens.io import open_particles
+
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(3):
+        write_mrc(big / f"p_{i:04d}.mrc", stack[i])
+    monkeypatch.chdir(tmp_path)
+    identity = {"sources": [str(big.resolve())], "checkpoint_sha256": sha256_of(model)}
+    compute = engine_compute(engine)
+
+    def stop(done):
+        raise KeyboardInterrupt
+
+    def interrupted(out):
+        with pytest.raises(KeyboardInterrupt):
+            embed(open_particles("big"), compute, out, identity=identity, metadata={},
+                  batch_size=2, progress=False, after_batch=stop)
+
+    interrupted(tmp_path / "o.parquet")  # the folder given relative, then absolute
+    summary = embed(open_particles(big.resolve()), compute, tmp_path / "o.parquet",
+                    identity=identity, metadata={}, batch_size=2, progress=False)
+    assert summary["n"] == 1 and len(pd.read_parquet(tmp_path / "o.parquet")) == 3
+    interrupted(tmp_path / "x.parquet")
+    (big / "p_0001.mrc").unlink()
+    with pytest.raises(InputError, match=r"no longer among the inputs \(first: .*big/p_0001.mrc "
+                                         r"particle 0\).*--overwrite"):
+        embed(open_particles(big), compute, tmp_path / "x.parquet", identity=identity,
+              metadata={}, batch_size=2, progress=False)
 
 
 def test_reconstruct_keeps_voxel_size_and_origin_and_writes_segments(tmp_path, model, engine,

@@ -24,6 +24,7 @@ Array axes are z, y, x throughout, as in the files.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import queue
@@ -104,11 +105,13 @@ class ParticleRecord:
 
     @property
     def key(self) -> str:
-        """Unique within a set of inputs: used to skip done particles when resuming."""
+        """Unique within a set of inputs: used to skip done particles when resuming. The source
+        is resolved, so the same file given by a relative or an absolute path is one particle."""
+        source = resolved(self.source)
         if self.run is not None:
-            return (f"{self.source}|{self.run}|{self.object}|{self.user_id}|{self.session_id}"
+            return (f"{source}|{self.run}|{self.object}|{self.user_id}|{self.session_id}"
                     f"|{self.tomo_type}|{self.index}")
-        return f"{self.source}|{self.index}"
+        return f"{source}|{self.index}"
 
     @property
     def label(self) -> str:
@@ -122,6 +125,12 @@ class ParticleRecord:
 
 
 RECORD_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ParticleRecord))
+
+
+@functools.lru_cache(maxsize=4096)
+def resolved(source: str) -> str:
+    """A source path in one form (absolute, links resolved) to compare sources by."""
+    return str(Path(source).resolve())
 
 
 @dataclass

@@ -268,14 +268,19 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
         if state.get("identity") != identity:
             raise InputError(f"{parts} holds an unfinished run with other inputs or another "
                              "model; use --overwrite to discard it", field="output")
+        for part in sorted(parts.glob("part-*.parquet")):
+            done.update(pq.read_table(part, columns=["particle_key"])["particle_key"]
+                        .to_pylist())
+        gone = sorted(done - {record.key for record in particles.records})
+        if gone:
+            raise InputError(f"{parts} holds {len(gone)} particle(s) no longer among the inputs "
+                             f"(first: {_describe_key(gone[0])}): an input was removed or changed "
+                             "since; use --overwrite to start again", field="output")
         then = state.get("inputs", inputs)  # parts from before inputs were recorded: keys only
         if then != inputs:
             raise InputError(f"{parts} holds an unfinished run of these sources, but "
                              f"{_changes(then, inputs)} since; use --overwrite to start again",
                              field="output")
-        for part in sorted(parts.glob("part-*.parquet")):
-            done.update(pq.read_table(part, columns=["particle_key"])["particle_key"]
-                        .to_pylist())
     else:
         parts.mkdir(parents=True)
         _atomic_write(parts / STATE, json.dumps({"identity": identity,
@@ -354,7 +359,12 @@ def _merge(parts: Path, particles: ParticleSet):
         raise InputError("no particles to embed", field="source")
     table = pa.concat_tables(tables)
     order = {r.key: i for i, r in enumerate(particles.records)}
-    position = pa.array([order[k] for k in table["particle_key"].to_pylist()], pa.int64())
+    keys = table["particle_key"].to_pylist()
+    stray = next((k for k in keys if k not in order), None)
+    if stray is not None:
+        raise InputError(f"{parts} holds {_describe_key(stray)}, which is not among the inputs; "
+                         "use --overwrite to start again", field="output")
+    position = pa.array([order[k] for k in keys], pa.int64())
     return table.take(pc.sort_indices(position))
 
 
@@ -372,6 +382,12 @@ def _finished_meta(out: Path) -> dict:
             return json.loads(f["metadata"].attrs.get("cryolens", "{}"))
     except Exception:  # noqa: BLE001 - an unreadable output is simply not ours
         return {}
+
+
+def _describe_key(key: str) -> str:
+    """A particle key in words: ``file particle i``, or the copick fields as they are."""
+    fields = key.split("|")
+    return f"{fields[0]} particle {fields[1]}" if len(fields) == 2 else key
 
 
 def _changes(then: dict, now: dict) -> str:
