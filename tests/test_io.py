@@ -131,6 +131,59 @@ def test_mrc_truncated_or_big_endian(tmp_path, stack):
     assert np.array_equal(data[0], stack[0]) and records[0].voxel_size == 10.0
 
 
+def write_transposed_mrc(path, volume, mapping):
+    """``volume`` (z, y, x) stored with columns, rows and sections along the axes ``mapping``
+    = (mapc, mapr, maps) names (1 = x, 2 = y, 3 = z), the header saying so."""
+    import mrcfile
+
+    mapc, mapr, maps = mapping
+    stored = volume.transpose(*(3 - axis for axis in (maps, mapr, mapc)))
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(np.ascontiguousarray(stored, np.float32))
+        mrc.voxel_size = 10.0
+        mrc.header.mapc, mrc.header.mapr, mrc.header.maps = mapc, mapr, maps
+    return path
+
+
+@pytest.mark.parametrize("mapping", [(3, 2, 1), (2, 3, 1), (3, 1, 2)])
+def test_mrc_axis_order_from_the_header_is_read_as_z_y_x(tmp_path, stack, mapping):
+    from cryolens import formats
+
+    volume = stack[0]
+    standard = write_mrc(tmp_path / "standard.mrc", volume)
+    moved = write_transposed_mrc(tmp_path / "moved.mrc", volume, mapping)
+    assert not np.array_equal(mrcfile_data(moved), volume)  # stored otherwise
+    want, _ = load_particles(standard)
+    for permissive in (False, True):
+        got, _ = load_particles(moved, permissive=permissive)
+        assert np.array_equal(got, want) and np.array_equal(got[0], volume)
+    assert np.array_equal(formats.read_mrc(moved.read_bytes()).data, volume)
+    # not cubic: the box that --fit sees is the z, y, x one
+    block = volume[:40, :44, :]
+    moved = write_transposed_mrc(tmp_path / "block.mrc", block, mapping)
+    with pytest.raises(InputError, match="box 40x44x48 voxels"):
+        load_particles(moved)
+    assert np.array_equal(formats.read_mrc(moved.read_bytes()).data, block)
+
+
+def test_mrc_axis_order_that_is_not_a_permutation_is_an_error(tmp_path, stack):
+    import mrcfile
+
+    bad = write_transposed_mrc(tmp_path / "bad.mrc", stack[0], (1, 2, 3))
+    with mrcfile.open(bad, mode="r+") as mrc:
+        mrc.header.mapr = 1
+    with pytest.raises(InputError, match=r"axis order \(mapc, mapr, maps\) = \(1, 1, 3\) is "
+                                         "not a permutation"):
+        open_particles(bad)
+
+
+def mrcfile_data(path):
+    import mrcfile
+
+    with mrcfile.open(path) as mrc:
+        return np.array(mrc.data)
+
+
 def test_unknown_sources_are_clear_errors(tmp_path):
     with pytest.raises(InputError, match="cannot read particles"):
         open_particles(tmp_path / "x.txt")

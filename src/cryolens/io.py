@@ -20,7 +20,8 @@ What the model expects, and what happens otherwise (see :class:`ReadOptions`):
   MRC header with zero cell) are taken at ``declared_voxel_size`` or else the model's;
 - MRC headers are read strictly (``mrcfile``, ``permissive=False``) unless ``permissive=True``.
 
-Array axes are z, y, x throughout, as in the files.
+Array axes are z, y, x throughout, as in the files; an MRC file that stores its axes in another
+order (the header's mapc, mapr, maps) is transposed to z, y, x as it is read.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import hashlib
 import math
 import queue
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -177,7 +179,9 @@ def _voxel_from(value, where: str) -> float | None:
 class _MrcReader(_Reader):
     """One MRC/MRCS file. Strict (the default): the header is checked by
     :func:`cryolens.formats.mrc_layout` and the data read directly; permissive: through
-    ``mrcfile``'s permissive mode, which reads what it can of damaged files."""
+    ``mrcfile``'s permissive mode, which reads what it can of damaged files. Either way the
+    axes come out z, y, x whatever order the header's mapc, mapr and maps store them in (an
+    order that is not a permutation of 1, 2, 3 is an error; permissive reads it as stored)."""
 
     def __init__(self, path: Path, options: ReadOptions) -> None:
         self.path, self.permissive = path, options.permissive
@@ -188,15 +192,23 @@ class _MrcReader(_Reader):
                 with mrcfile.open(path, header_only=True, permissive=True) as mrc:
                     header = mrc.header
                 self.dtype, self.offset = None, None
+                try:
+                    axes = formats.mrc_axes(header)
+                except ValueError as exc:
+                    warnings.warn(f"{path}: {exc}; read in the order stored", RuntimeWarning,
+                                  stacklevel=2)
+                    axes = (0, 1, 2)
             else:
                 layout = formats.mrc_layout(np.fromfile(path, np.uint8, count=1024),
                                             path.stat().st_size, path.name)
                 header, self.dtype, self.offset = layout.header, layout.dtype, layout.offset
+                axes = layout.axes
         except (ValueError, OSError) as exc:
             hint = "" if options.permissive else " (permissive=True / --permissive reads it anyway)"
             raise InputError(f"{path}: not a valid MRC file: {exc}{hint}", field="source") from exc
         count, shape = formats.mrc_particles(header, path.name)
         self.count, self.shape = count, shape
+        self.layout = formats.MrcLayout(header, self.dtype, self.offset, count, shape, None, axes)
         cella, grid = header["cella"], [int(header[k]) for k in ("mx", "my", "mz")]
         sizes = [float(cella[a]) / n if n > 0 else 0.0 for a, n in zip("xyz", grid, strict=True)]
         voxel = _voxel_from(sizes, str(path))
@@ -215,14 +227,14 @@ class _MrcReader(_Reader):
                     if mrc.data is None:
                         raise ValueError("no data could be read")
                     data = mrc.data.reshape(self.count, *self.shape)
-                    return [np.array(data[i], np.float32) for i in items]
+                    return [self.layout.zyx(np.array(data[i], np.float32)) for i in items]
             per = int(np.prod(self.shape))
             if self.count == 1:
                 data = np.fromfile(self.path, dtype=self.dtype, count=per, offset=self.offset)
-                return [data.reshape(self.shape).astype(np.float32, copy=False)]
+                return [self.layout.zyx(data.reshape(self.shape).astype(np.float32, copy=False))]
             data = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset,
                              shape=(self.count, *self.shape))
-            return [np.array(data[i], np.float32) for i in items]
+            return [self.layout.zyx(np.array(data[i], np.float32)) for i in items]
         except (ValueError, OSError) as exc:
             raise InputError(f"{self.path}: cannot read MRC data: {exc}", field="source") from exc
 
