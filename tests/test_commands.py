@@ -301,6 +301,17 @@ def test_reconstruct_keeps_voxel_size_and_origin_and_writes_segments(tmp_path, m
     assert "give a folder" in capsys.readouterr().err
 
 
+def test_reconstruct_of_a_fitted_box_overlays_its_input(tmp_path, model, stack):
+    source = write_mrc(tmp_path / "box64_origin.mrc", np.pad(stack[0], 8), voxel_size=10.0,
+                       origin=(1000.0, 2000.0, 3000.0))
+    out = tmp_path / "r.mrc"
+    assert _cli("reconstruct", source, "--fit", "-o", out, "-c", model, "--device", "cpu") == 0
+    with mrcfile.open(out) as mrc:
+        origin = mrc.header.origin
+        assert (float(origin.x), float(origin.y), float(origin.z)) == (1080.0, 2080.0, 3080.0)
+        assert mrc.data.shape == (BOX, BOX, BOX)
+
+
 def test_reconstruct_copick_boxes_land_in_the_tomogram(tmp_path, model, project):
     config, _ = project
     out = tmp_path / "boxes"

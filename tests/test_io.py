@@ -102,6 +102,21 @@ def test_wrong_box_is_an_error_or_centre_cropped_or_padded(tmp_path, stack):
     assert np.array_equal(fit_box(big, BOX), stack[0])
 
 
+def test_fit_moves_the_origin_and_records_what_it_did(tmp_path, stack):
+    big = np.pad(stack[0], 8)  # 64^3
+    volume = big[:, 12:52, 8:55]  # z 64 (cropped by 8 each side), y 40 (padded by 4), x 47
+    source = write_mrc(tmp_path / "odd.mrc", volume, voxel_size=10.0,
+                       origin=(1000.0, 2000.0, 3000.0))
+    data, (record,) = load_particles(source, fit=True)
+    assert np.array_equal(data[0][:, 4:44, :47], volume[8:56])
+    # output voxel (z, y, x) is input voxel (z + 8, y - 4, x + 0): the corner moves with it
+    assert (record.origin_x, record.origin_y, record.origin_z) == (1000.0, 1960.0, 3080.0)
+    assert record.fitted_from == "64x40x47"
+    assert record.padded_fraction == pytest.approx(1 - 48 * 40 * 47 / 48**3)
+    _, (plain,) = load_particles(write_mrc(tmp_path / "box.mrc", stack[0]), fit=True)
+    assert plain.fitted_from is None and plain.padded_fraction == 0.0
+
+
 def test_mrc_is_strict_unless_permissive(tmp_path, stack):
     path = write_mrc(tmp_path / "bad.mrc", stack[0])
     raw = bytearray(path.read_bytes())

@@ -81,7 +81,10 @@ class ParticleRecord:
     full position: location plus the shift in its transform); voxel coordinates are the
     angstrom ones divided by the voxel size and rounded to the nearest voxel. ``origin_*`` is
     where the particle's box starts, in angstrom (an MRC header's origin, or the corner of the
-    box cut from a tomogram), so written reconstructions land where their input was."""
+    box cut from a tomogram; moved by what ``fit`` cropped or padded), so written
+    reconstructions land where their input was. ``padded_fraction`` is the part of the box
+    filled in (past a tomogram's edge, or by ``fit``); ``fitted_from`` the box (z x y x x
+    voxels) that ``fit`` cropped or padded to the model's, else None."""
 
     source: str
     index: int
@@ -104,6 +107,7 @@ class ParticleRecord:
     edge: bool = False
     padded_fraction: float = 0.0
     rescaled: bool = False
+    fitted_from: str | None = None
 
     @property
     def key(self) -> str:
@@ -525,13 +529,27 @@ def conform(volume: np.ndarray, record: ParticleRecord, options: ReadOptions
         record = replace(record, rescaled=True)
     target = (options.box,) * 3
     if volume.shape != target:
+        shape = "x".join(map(str, volume.shape))
         if not options.fit:
             raise InputError(
-                f"{where}: box {'x'.join(map(str, volume.shape))} voxels, but the model "
-                f"expects {options.box}^3; pass fit=True (--fit) to crop or pad it about its "
-                "centre", field="box")
+                f"{where}: box {shape} voxels, but the model expects {options.box}^3; pass "
+                "fit=True (--fit) to crop or pad it about its centre", field="box")
+        # the box's corner moves by what was cropped or padded, in the voxels it is now in
+        size = options.voxel_size if record.rescaled or record.voxel_size is None \
+            else record.voxel_size
+        dz, dy, dx = (size * start for start in fit_starts(volume.shape, options.box))
+        kept = np.prod([min(n, options.box) for n in volume.shape]) / options.box**3
+        record = replace(record, origin_x=record.origin_x + dx, origin_y=record.origin_y + dy,
+                         origin_z=record.origin_z + dz, fitted_from=shape,
+                         padded_fraction=1.0 - (1.0 - record.padded_fraction) * float(kept))
         volume = fit_box(volume, options.box)
     return np.ascontiguousarray(volume, np.float32), record
+
+
+def fit_starts(shape: Sequence[int], box: int) -> list[int]:
+    """For each axis, the voxel of the input where :func:`fit_box`'s output starts: the first
+    voxel kept by a crop, or minus the voxels padded before the input."""
+    return [(n - box) // 2 if n >= box else -((box - n) // 2) for n in shape]
 
 
 def fit_box(volume: np.ndarray, box: int) -> np.ndarray:
@@ -743,5 +761,5 @@ def load_particles(sources, **kwargs) -> tuple[np.ndarray, list[ParticleRecord]]
 
 __all__ = ["MODEL_BOX", "MODEL_VOXEL_SIZE", "RECORD_COLUMNS", "Batch", "CopickOptions",
            "ParticleRecord", "ParticleSet", "ReadOptions", "check_voxel_size", "conform",
-           "cut_box", "fit_box", "full_positions", "load_particles", "open_particles",
-           "source_kind"]
+           "cut_box", "fit_box", "fit_starts", "full_positions", "load_particles",
+           "open_particles", "source_kind"]
