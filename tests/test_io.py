@@ -117,6 +117,16 @@ def test_fit_moves_the_origin_and_records_what_it_did(tmp_path, stack):
     assert plain.fitted_from is None and plain.padded_fraction == 0.0
 
 
+def test_a_2d_image_is_refused_even_with_fit(tmp_path, stack):
+    image = write_mrc(tmp_path / "twod.mrc", stack[0][24])  # one 48x48 section
+    with pytest.raises(InputError, match=r"twod.mrc: particles of 1x48x48 voxels are 2-D "
+                                         "images, not 3-D volumes"):
+        open_particles(image, fit=True)
+    np.save(tmp_path / "images.npy", stack[:, :1])  # (5, 1, 48, 48)
+    with pytest.raises(InputError, match="2-D images, not 3-D volumes"):
+        open_particles(tmp_path / "images.npy", fit=True)
+
+
 def test_mrc_is_strict_unless_permissive(tmp_path, stack):
     path = write_mrc(tmp_path / "bad.mrc", stack[0])
     raw = bytearray(path.read_bytes())

@@ -213,6 +213,7 @@ class _MrcReader(_Reader):
         count, shape = formats.mrc_particles(header, path.name)
         self.count, self.shape = count, shape
         self.layout = formats.MrcLayout(header, self.dtype, self.offset, count, shape, None, axes)
+        check_3d(tuple(shape[a] for a in axes), str(path))
         cella, grid = header["cella"], [int(header[k]) for k in ("mx", "my", "mz")]
         sizes = [float(cella[a]) / n if n > 0 else 0.0 for a, n in zip("xyz", grid, strict=True)]
         voxel = _voxel_from(sizes, str(path))
@@ -252,6 +253,7 @@ class _ArrayReader(_Reader):
         if array.ndim not in (3, 4):
             raise InputError(f"{path}: {name or 'the array'} has shape {tuple(array.shape)}; "
                              "particles are (N, z, y, x) or one (z, y, x)", field="source")
+        check_3d(tuple(array.shape[-3:]), f"{path}" + (f" {name}" if name else ""))
         self.single = array.ndim == 3
         count = 1 if self.single else int(array.shape[0])
         voxel = None
@@ -493,6 +495,14 @@ def cut_box(data: np.ndarray, lo: Sequence[int], side: int, fill: float) -> np.n
 
 
 # -- checks and conforming ------------------------------------------------------------------------
+def check_3d(shape: tuple[int, ...], where: str) -> None:
+    """An InputError when a particle's (z, y, x) box is flat: an image, not a volume."""
+    if min(shape) <= 1:
+        raise InputError(f"{where}: particles of {'x'.join(map(str, shape))} voxels are 2-D "
+                         "images, not 3-D volumes; CryoLens reads 3-D particles (one volume, or "
+                         "a stack of them)", field="source")
+
+
 def check_voxel_size(voxel: float | None, options: ReadOptions, where: str) -> None:
     """An InputError when a known voxel size is not the model's and rescaling was not asked."""
     if voxel is None or options.rescale:
