@@ -358,6 +358,30 @@ def test_wrong_inputs_are_one_line_errors(tmp_path, model, stack, capsys):
     assert _cli("embed", source, "-o", tmp_path / "e.csv", "-c", model) == 1
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-3", "ten"])
+def test_voxel_size_must_be_a_positive_finite_number(tmp_path, model, stack, value, capsys):
+    source = write_mrc(tmp_path / "p.mrc", stack[0])
+    with pytest.raises(SystemExit) as done:
+        _cli("embed", source, "-o", tmp_path / "e.parquet", "-c", model, "--voxel-size", value)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --voxel-size: " in err and repr(value) in err
+    with pytest.raises(InputError, match=r"--voxel-size\) must be a positive, finite number"):
+        load_particles(source, declared_voxel_size=float(value) if value != "ten" else -1.0)
+
+
+def test_voxel_size_overrules_an_anisotropic_header(tmp_path, model, stack, capsys):
+    import pandas as pd
+
+    source = write_mrc(tmp_path / "aniso.mrc", stack[0], voxel_size=(10.0, 12.0, 10.0))
+    out = tmp_path / "e.parquet"
+    assert _cli("embed", source, "-o", out, "-c", model, "--device", "cpu", "--quiet") == 1
+    assert "anisotropic voxel size" in capsys.readouterr().err
+    assert _cli("embed", source, "-o", out, "-c", model, "--device", "cpu", "--quiet",
+                "--voxel-size", 10) == 0
+    assert pd.read_parquet(out)["voxel_size"].tolist() == [10.0]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("cryolens.client") is None,
                     reason="cryolens.client (the HTTP client) is not on this branch yet")
 @pytest.mark.slow

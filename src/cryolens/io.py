@@ -216,7 +216,8 @@ class _MrcReader(_Reader):
         check_3d(tuple(shape[a] for a in axes), str(path))
         cella, grid = header["cella"], [int(header[k]) for k in ("mx", "my", "mz")]
         sizes = [float(cella[a]) / n if n > 0 else 0.0 for a, n in zip("xyz", grid, strict=True)]
-        voxel = _voxel_from(sizes, str(path))
+        # a declared voxel size overrules the header's, whatever it says (anisotropic too)
+        voxel = None if options.declared_voxel_size is not None else _voxel_from(sizes, str(path))
         origin = header["origin"]
         base = ParticleRecord(source=str(path), index=0, format="mrc", voxel_size=voxel,
                               origin_x=float(origin["x"]), origin_y=float(origin["y"]),
@@ -258,7 +259,7 @@ class _ArrayReader(_Reader):
         count = 1 if self.single else int(array.shape[0])
         voxel = None
         for key in ("voxel_size", "voxel_spacing", "pixel_size", "apix"):
-            if key in attrs:
+            if key in attrs and options.declared_voxel_size is None:
                 voxel = _voxel_from(attrs[key], f"{path} attribute {key}")
                 break
         base = ParticleRecord(source=str(path), index=0, format=kind, voxel_size=voxel)
@@ -726,6 +727,10 @@ def open_particles(sources: str | Path | Sequence[str | Path], options: ReadOpti
     if isinstance(sources, (str, Path)):
         sources = [sources]
     options = replace(options or ReadOptions(), **kwargs)
+    declared = options.declared_voxel_size
+    if declared is not None and not (math.isfinite(declared) and declared > 0):
+        raise InputError(f"declared_voxel_size (--voxel-size) must be a positive, finite number "
+                         f"of angstrom, not {declared!r}", field="voxel_size")
     readers: list[_Reader] = []
     warnings: list[str] = []
     for source in sources:
