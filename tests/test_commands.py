@@ -358,6 +358,23 @@ def test_wrong_inputs_are_one_line_errors(tmp_path, model, stack, capsys):
     assert _cli("embed", source, "-o", tmp_path / "e.csv", "-c", model) == 1
 
 
+@pytest.mark.parametrize("command", ["embed", "reconstruct", "show"])
+def test_a_non_finite_voxel_is_named_by_file_and_particle(tmp_path, model, stack, command,
+                                                           capsys):
+    folder = tmp_path / "nanfolder"
+    folder.mkdir()
+    write_mrc(folder / "a.mrc", stack[0])
+    broken = stack[1:3].copy()
+    broken[1, 3, 4, 5] = np.nan
+    write_mrc(folder / "b.mrcs", broken)
+    out = tmp_path / ("x.parquet" if command == "embed" else "x.png" if command == "show"
+                      else "recs")
+    assert _cli(command, folder, "-o", out, "-c", model, "--device", "cpu") == 1
+    last = capsys.readouterr().err.splitlines()[-1]  # after embed's progress bar
+    assert last == (f"cryolens: {folder / 'b.mrcs'} particle 1: 1 voxel(s) NaN or infinite (or "
+                    "beyond float32); particles must be finite")
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "0", "-3", "ten"])
 def test_voxel_size_must_be_a_positive_finite_number(tmp_path, model, stack, value, capsys):
     source = write_mrc(tmp_path / "p.mrc", stack[0])

@@ -526,8 +526,13 @@ def source_box(voxel: float | None, options: ReadOptions) -> int:
 
 def conform(volume: np.ndarray, record: ParticleRecord, options: ReadOptions
             ) -> tuple[np.ndarray, ParticleRecord]:
-    """Resample (if asked and needed), then check or fit the box; float32 (box,)*3 out."""
+    """Check that every voxel is finite, resample (if asked and needed), then check or fit the
+    box; float32 (box,)*3 out."""
     where = record.label if record.run is not None else f"{record.source} particle {record.index}"
+    if not np.isfinite(volume).all():
+        bad = int(volume.size - np.count_nonzero(np.isfinite(volume)))
+        raise InputError(f"{where}: {bad} voxel(s) NaN or infinite (or beyond float32); "
+                         "particles must be finite", field="source")
     if record.voxel_size is not None and options.rescale and \
             abs(record.voxel_size - options.voxel_size) > VOXEL_TOLERANCE * options.voxel_size:
         from scipy import ndimage
