@@ -375,6 +375,20 @@ def test_a_non_finite_voxel_is_named_by_file_and_particle(tmp_path, model, stack
                     "beyond float32); particles must be finite")
 
 
+@pytest.mark.parametrize("argv", [["embed", "--batch-size", "0", "-o", "e.parquet"],
+                                  ["reconstruct", "--batch-size", "-1", "-o", "r.mrc"],
+                                  ["show", "--max-particles", "0"],
+                                  ["show", "--max-particles", "-2"]])
+def test_counts_must_be_positive_whole_numbers(tmp_path, model, stack, argv, capsys):
+    source = write_mrc(tmp_path / "p.mrc", stack[0])
+    with pytest.raises(SystemExit) as done:
+        _cli(argv[0], source, *argv[1:], "-c", model)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"argument {argv[1]}: must be a positive whole number, not '{argv[2]}'" in err
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "0", "-3", "ten"])
 def test_voxel_size_must_be_a_positive_finite_number(tmp_path, model, stack, value, capsys):
     source = write_mrc(tmp_path / "p.mrc", stack[0])

@@ -51,6 +51,17 @@ def positive_number(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number of at least 1 (argparse names the option at fault)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text!r}")
+    return value
+
+
 def one_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type's name when it has none."""
     text = str(exc).strip()

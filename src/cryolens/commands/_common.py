@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cryolens.cliutil import positive_number
+from cryolens.cliutil import positive_int, positive_number
 from cryolens.io import MODEL_BOX, MODEL_VOXEL_SIZE, CopickOptions, ParticleSet, ReadOptions
 
 SOURCES_HELP = ("particles: MRC/MRCS files (one particle each, or stacks), folders of them, "
@@ -52,7 +52,7 @@ def add_engine_options(parser: argparse.ArgumentParser, batch_size: int = 32) ->
                             "(default: %(default)s)")
     group.add_argument("--device", default="auto",
                        help="cpu, cuda or auto (CUDA when available) (default: %(default)s)")
-    group.add_argument("--batch-size", type=int, default=batch_size,
+    group.add_argument("--batch-size", type=positive_int, default=batch_size,
                        help="particles per model call (default: %(default)s)")
 
 
