@@ -343,6 +343,28 @@ def test_show_and_map_write_pictures(tmp_path, model, folder, project, capsys):
     assert _cli("map", emb, "-o", picture, "--color-by", "nope") == 1
 
 
+def test_pictures_are_written_in_the_format_their_suffix_names(tmp_path, model, folder,
+                                                                capsys):
+    show = ("show", folder, "-c", model, "--device", "cpu", "--max-particles", 1, "-o")
+    assert _cli(*show, tmp_path / "x.pdf") == 0
+    assert (tmp_path / "x.pdf").read_bytes()[:5] == b"%PDF-"
+    assert _cli(*show, tmp_path / "x.jpg") == 0
+    assert (tmp_path / "x.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
+    emb = tmp_path / "emb.parquet"
+    assert _cli("embed", folder, "-o", emb, "-c", model, "--device", "cpu", "--quiet") == 0
+    assert _cli("map", emb, "-o", tmp_path / "m.pdf", "--no-umap") == 0
+    assert (tmp_path / "m.pdf").read_bytes()[:5] == b"%PDF-"
+    assert _cli("map", emb, "-o", tmp_path / "m.svg", "--no-umap") == 0
+    assert b"<svg" in (tmp_path / "m.svg").read_bytes()[:1000]
+    capsys.readouterr()
+    for argv in (show, ("map", emb, "-o")):
+        assert _cli(*argv, tmp_path / "x.docx") == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"cryolens: {tmp_path / 'x.docx'}: cannot write a .docx picture; "
+                              "end -o in one of ") and ".pdf" in err and ".png" in err
+    assert not (tmp_path / "x.docx").exists()
+
+
 def test_info_reports_parameters_hash_and_v001(model, capsys):
     assert _cli("info", model) == 0
     out = capsys.readouterr().out

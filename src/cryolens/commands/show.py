@@ -20,10 +20,11 @@ COLUMNS = ("input", "reconstruction", "affinity part", "free part")
 def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
     p = subparsers.add_parser(
         "show", parents=[common], description=__doc__.split("\n\n")[0],
-        help="a PNG of particles beside their reconstructions")
+        help="a picture (PNG, PDF, ...) of particles beside their reconstructions")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help=SOURCES_HELP)
     p.add_argument("-o", "--output", default="slices.png",
-                   help="PNG file to write (default: %(default)s)")
+                   help="picture to write, in the format its suffix names: .png, .pdf, "
+                        ".svg, .jpg, ... (default: %(default)s)")
     p.add_argument("--max-particles", type=positive_int, default=6,
                    help="show the first this many particles (default: %(default)s)")
     p.add_argument("--pose", choices=("predicted", "identity"), default="predicted",
@@ -50,6 +51,9 @@ def show(engine, volumes, labels, out, *, pose: str = "predicted", title: str | 
 
 
 def run(args: argparse.Namespace) -> int:
+    from cryolens.plots import figure_format
+
+    figure_format(args.output)  # a suffix matplotlib cannot write fails before any work
     engine = load_engine(args)
     particles = open_from_args(args, box=engine.config.box_size)
     try:
