@@ -365,6 +365,17 @@ def test_pictures_are_written_in_the_format_their_suffix_names(tmp_path, model, 
     assert not (tmp_path / "x.docx").exists()
 
 
+def test_missing_folders_of_an_output_are_created(tmp_path, model, folder):
+    nope = tmp_path / "nope" / "deeper"
+    args = ("-c", model, "--device", "cpu")
+    assert _cli("reconstruct", folder / "p0.mrc", "-o", nope / "x.mrc", *args) == 0
+    assert _cli("show", folder, "--max-particles", 1, "-o", nope / "a" / "x.png", *args) == 0
+    assert _cli("embed", folder, "-o", nope / "b" / "e.parquet", *args, "--quiet") == 0
+    assert _cli("map", nope / "b" / "e.parquet", "-o", nope / "c" / "m.png", "--no-umap") == 0
+    for path in ("x.mrc", "a/x.png", "b/e.parquet", "c/m.png"):
+        assert (nope / path).stat().st_size > 0, path
+
+
 def test_info_reports_parameters_hash_and_v001(model, capsys):
     assert _cli("info", model) == 0
     out = capsys.readouterr().out

@@ -86,6 +86,7 @@ def slices_figure(path: str | Path, rows: Sequence[Sequence[np.ndarray | None]],
     if title:
         fig.suptitle(title, fontsize=9)
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # as embed and reconstruct do
     fig.savefig(path, format=figure_format(path))
     return path
 
@@ -141,6 +142,7 @@ def scatter_figure(path: str | Path, panels: Sequence[tuple[str, np.ndarray]],
     if title:
         fig.suptitle(title, fontsize=9)
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # as embed and reconstruct do
     fig.savefig(path, format=figure_format(path))
     return path
 
