@@ -99,7 +99,8 @@ def test_embed_notices_inputs_that_changed_since_the_output(tmp_path, model, sta
     write_mrc(folder / "p3.mrc", stack[3])  # a new file: 4 particles now, 3 in the output
     assert _cli(*args) == 1
     err = capsys.readouterr().err
-    assert "held 3 particles then and 4 now" in err and "--overwrite" in err
+    assert ("made from these sources, but they held 3 particles then and hold 4 now; use "
+            "--overwrite") in err
     assert len(pd.read_parquet(out)) == 3
     assert _cli(*args, "--overwrite") == 0
     capsys.readouterr()

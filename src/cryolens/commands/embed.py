@@ -256,8 +256,8 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
             if then == inputs or ("sha256" not in then and then["particles"] == len(particles)):
                 return {"n": 0, "line": f"{out} is already complete ({then['particles']} "
                                         "particles); --overwrite recomputes it"}
-            raise InputError(f"{out} was made from these sources, but {_changes(then, inputs)} "
-                             "since; use --overwrite to embed them again", field="output")
+            raise InputError(f"{out} was made from these sources, but {_changes(then, inputs)}; "
+                             "use --overwrite to embed them again", field="output")
         raise InputError(f"{out} exists and was made from other inputs or another model; "
                          "use --overwrite to replace it, or another -o", field="output")
     done: set[str] = set()
@@ -279,7 +279,7 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
         then = state.get("inputs", inputs)  # parts from before inputs were recorded: keys only
         if then != inputs:
             raise InputError(f"{parts} holds an unfinished run of these sources, but "
-                             f"{_changes(then, inputs)} since; use --overwrite to start again",
+                             f"{_changes(then, inputs)}; use --overwrite to start again",
                              field="output")
     else:
         parts.mkdir(parents=True)
@@ -393,8 +393,9 @@ def _describe_key(key: str) -> str:
 def _changes(then: dict, now: dict) -> str:
     """How the inputs differ from when an output or its parts were made, in words."""
     if then.get("particles") != now["particles"]:
-        return f"they held {then.get('particles')} particles then and {now['particles']} now"
-    return ("their files changed (the same number of particles, but other contents or "
+        return (f"they held {then.get('particles')} particles then and hold "
+                f"{now['particles']} now")
+    return ("their files changed since (the same number of particles, but other contents or "
             "modification times)")
 
 
