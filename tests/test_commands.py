@@ -13,6 +13,7 @@ from server_helpers import small_model_file
 from cryolens.checkpoints import sha256_of
 from cryolens.cli import main
 from cryolens.engine import Engine
+from cryolens.errors import InputError
 from cryolens.io import CopickOptions, load_particles
 from cryolens.operations import Operation, run
 
@@ -80,6 +81,59 @@ def test_embed_parquet_has_numeric_columns_and_the_engines_values(tmp_path, mode
     # running it again does nothing: the output is complete
     assert _cli("embed", folder, "-o", out, "-c", model, "--device", "cpu", "--quiet") == 0
     assert "already complete" in capsys.readouterr().out
+
+
+def test_embed_notices_inputs_that_changed_since_the_output(tmp_path, model, stack, capsys):
+    import os
+
+    import pandas as pd
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        write_mrc(folder / f"p{i}.mrc", stack[i])
+    out = tmp_path / "o.parquet"
+    args = ("embed", folder, "-o", out, "-c", model, "--device", "cpu", "--quiet")
+    assert _cli(*args) == 0
+    capsys.readouterr()
+    write_mrc(folder / "p3.mrc", stack[3])  # a new file: 4 particles now, 3 in the output
+    assert _cli(*args) == 1
+    err = capsys.readouterr().err
+    assert ("made from these sources, but they held 3 particles then and hold 4 now; use "
+            "--overwrite") in err
+    assert len(pd.read_parquet(out)) == 3
+    assert _cli(*args, "--overwrite") == 0
+    capsys.readouterr()
+    assert _cli(*args) == 0
+    assert "already complete (4 particles)" in capsys.readouterr().out
+    write_mrc(folder / "p1.mrc", stack[4])  # other contents, the same size
+    os.utime(folder / "p1.mrc", ns=(1, 1))
+    assert _cli(*args) == 1
+    err = capsys.readouterr().err
+    assert "their files changed" in err and "--overwrite" in err
+
+
+def test_a_failed_embed_leaves_nothing_in_the_way_of_the_corrected_one(tmp_path, model,
+                                                                         stack, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_mrc(folder / "p0.mrc", stack[0])
+    write_mrc(folder / "small.mrc", stack[1][4:44, 4:44, 4:44])
+
+    def embed(out, *more):
+        return _cli("embed", folder, "-o", out, "-c", model, "--device", "cpu", "--quiet", *more)
+
+    out = tmp_path / "o.parquet"
+    assert embed(out) == 1
+    assert "--fit" in capsys.readouterr().err
+    assert not (tmp_path / "o.parquet.parts").exists() and not out.exists()
+    assert embed(out, "--fit") == 0
+    # parts without a particle (left by an older version) are discarded, not in the way
+    parts = tmp_path / "p.parquet.parts"
+    parts.mkdir()
+    (parts / "state.json").write_text(json.dumps({"identity": {"sources": ["elsewhere"]}}))
+    assert embed(tmp_path / "p.parquet", "--fit") == 0
+    assert not parts.exists()
 
 
 def test_embed_every_input_format(tmp_path, model, engine, stack):
@@ -182,6 +236,41 @@ def test_embed_resumes_after_an_interruption_without_duplicates(tmp_path, model,
               progress=False)
 
 
+def test_resume_compares_resolved_paths_and_names_a_removed_input(tmp_path, model, engine,
+                                                                  stack, monkeypatch):
+    import pandas as pd
+
+    from cryolens.commands.embed import embed, engine_compute
+    from cryolens.io import open_particles
+
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(3):
+        write_mrc(big / f"p_{i:04d}.mrc", stack[i])
+    monkeypatch.chdir(tmp_path)
+    identity = {"sources": [str(big.resolve())], "checkpoint_sha256": sha256_of(model)}
+    compute = engine_compute(engine)
+
+    def stop(done):
+        raise KeyboardInterrupt
+
+    def interrupted(out):
+        with pytest.raises(KeyboardInterrupt):
+            embed(open_particles("big"), compute, out, identity=identity, metadata={},
+                  batch_size=2, progress=False, after_batch=stop)
+
+    interrupted(tmp_path / "o.parquet")  # the folder given relative, then absolute
+    summary = embed(open_particles(big.resolve()), compute, tmp_path / "o.parquet",
+                    identity=identity, metadata={}, batch_size=2, progress=False)
+    assert summary["n"] == 1 and len(pd.read_parquet(tmp_path / "o.parquet")) == 3
+    interrupted(tmp_path / "x.parquet")
+    (big / "p_0001.mrc").unlink()
+    with pytest.raises(InputError, match=r"no longer among the inputs \(first: .*big/p_0001.mrc "
+                                         r"particle 0\).*--overwrite"):
+        embed(open_particles(big), compute, tmp_path / "x.parquet", identity=identity,
+              metadata={}, batch_size=2, progress=False)
+
+
 def test_reconstruct_keeps_voxel_size_and_origin_and_writes_segments(tmp_path, model, engine,
                                                                      stack, capsys):
     source = write_mrc(tmp_path / "one.mrc", stack[0], voxel_size=10.02,
@@ -211,6 +300,17 @@ def test_reconstruct_keeps_voxel_size_and_origin_and_writes_segments(tmp_path, m
     capsys.readouterr()
     assert _cli("reconstruct", stack_file, "-o", tmp_path / "x.mrc", "-c", model) == 1
     assert "give a folder" in capsys.readouterr().err
+
+
+def test_reconstruct_of_a_fitted_box_overlays_its_input(tmp_path, model, stack):
+    source = write_mrc(tmp_path / "box64_origin.mrc", np.pad(stack[0], 8), voxel_size=10.0,
+                       origin=(1000.0, 2000.0, 3000.0))
+    out = tmp_path / "r.mrc"
+    assert _cli("reconstruct", source, "--fit", "-o", out, "-c", model, "--device", "cpu") == 0
+    with mrcfile.open(out) as mrc:
+        origin = mrc.header.origin
+        assert (float(origin.x), float(origin.y), float(origin.z)) == (1080.0, 2080.0, 3080.0)
+        assert mrc.data.shape == (BOX, BOX, BOX)
 
 
 def test_reconstruct_copick_boxes_land_in_the_tomogram(tmp_path, model, project):
@@ -244,6 +344,39 @@ def test_show_and_map_write_pictures(tmp_path, model, folder, project, capsys):
     assert _cli("map", emb, "-o", picture, "--color-by", "nope") == 1
 
 
+def test_pictures_are_written_in_the_format_their_suffix_names(tmp_path, model, folder,
+                                                                capsys):
+    show = ("show", folder, "-c", model, "--device", "cpu", "--max-particles", 1, "-o")
+    assert _cli(*show, tmp_path / "x.pdf") == 0
+    assert (tmp_path / "x.pdf").read_bytes()[:5] == b"%PDF-"
+    assert _cli(*show, tmp_path / "x.jpg") == 0
+    assert (tmp_path / "x.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
+    emb = tmp_path / "emb.parquet"
+    assert _cli("embed", folder, "-o", emb, "-c", model, "--device", "cpu", "--quiet") == 0
+    assert _cli("map", emb, "-o", tmp_path / "m.pdf", "--no-umap") == 0
+    assert (tmp_path / "m.pdf").read_bytes()[:5] == b"%PDF-"
+    assert _cli("map", emb, "-o", tmp_path / "m.svg", "--no-umap") == 0
+    assert b"<svg" in (tmp_path / "m.svg").read_bytes()[:1000]
+    capsys.readouterr()
+    for argv in (show, ("map", emb, "-o")):
+        assert _cli(*argv, tmp_path / "x.docx") == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"cryolens: {tmp_path / 'x.docx'}: cannot write a .docx picture; "
+                              "end -o in one of ") and ".pdf" in err and ".png" in err
+    assert not (tmp_path / "x.docx").exists()
+
+
+def test_missing_folders_of_an_output_are_created(tmp_path, model, folder):
+    nope = tmp_path / "nope" / "deeper"
+    args = ("-c", model, "--device", "cpu")
+    assert _cli("reconstruct", folder / "p0.mrc", "-o", nope / "x.mrc", *args) == 0
+    assert _cli("show", folder, "--max-particles", 1, "-o", nope / "a" / "x.png", *args) == 0
+    assert _cli("embed", folder, "-o", nope / "b" / "e.parquet", *args, "--quiet") == 0
+    assert _cli("map", nope / "b" / "e.parquet", "-o", nope / "c" / "m.png", "--no-umap") == 0
+    for path in ("x.mrc", "a/x.png", "b/e.parquet", "c/m.png"):
+        assert (nope / path).stat().st_size > 0, path
+
+
 def test_info_reports_parameters_hash_and_v001(model, capsys):
     assert _cli("info", model) == 0
     out = capsys.readouterr().out
@@ -257,6 +390,61 @@ def test_wrong_inputs_are_one_line_errors(tmp_path, model, stack, capsys):
     err = capsys.readouterr().err
     assert "voxel size 20 A, but the model expects 10 A" in err and "Traceback" not in err
     assert _cli("embed", source, "-o", tmp_path / "e.csv", "-c", model) == 1
+
+
+@pytest.mark.parametrize("command", ["embed", "reconstruct", "show"])
+def test_a_non_finite_voxel_is_named_by_file_and_particle(tmp_path, model, stack, command,
+                                                           capsys):
+    folder = tmp_path / "nanfolder"
+    folder.mkdir()
+    write_mrc(folder / "a.mrc", stack[0])
+    broken = stack[1:3].copy()
+    broken[1, 3, 4, 5] = np.nan
+    write_mrc(folder / "b.mrcs", broken)
+    out = tmp_path / ("x.parquet" if command == "embed" else "x.png" if command == "show"
+                      else "recs")
+    assert _cli(command, folder, "-o", out, "-c", model, "--device", "cpu") == 1
+    last = capsys.readouterr().err.splitlines()[-1]  # after embed's progress bar
+    assert last == (f"cryolens: {folder / 'b.mrcs'} particle 1: 1 voxel(s) NaN or infinite (or "
+                    "beyond float32); particles must be finite")
+
+
+@pytest.mark.parametrize("argv", [["embed", "--batch-size", "0", "-o", "e.parquet"],
+                                  ["reconstruct", "--batch-size", "-1", "-o", "r.mrc"],
+                                  ["show", "--max-particles", "0"],
+                                  ["show", "--max-particles", "-2"]])
+def test_counts_must_be_positive_whole_numbers(tmp_path, model, stack, argv, capsys):
+    source = write_mrc(tmp_path / "p.mrc", stack[0])
+    with pytest.raises(SystemExit) as done:
+        _cli(argv[0], source, *argv[1:], "-c", model)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"argument {argv[1]}: must be a positive whole number, not '{argv[2]}'" in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-3", "ten"])
+def test_voxel_size_must_be_a_positive_finite_number(tmp_path, model, stack, value, capsys):
+    source = write_mrc(tmp_path / "p.mrc", stack[0])
+    with pytest.raises(SystemExit) as done:
+        _cli("embed", source, "-o", tmp_path / "e.parquet", "-c", model, "--voxel-size", value)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --voxel-size: " in err and repr(value) in err
+    with pytest.raises(InputError, match=r"--voxel-size\) must be a positive, finite number"):
+        load_particles(source, declared_voxel_size=float(value) if value != "ten" else -1.0)
+
+
+def test_voxel_size_overrules_an_anisotropic_header(tmp_path, model, stack, capsys):
+    import pandas as pd
+
+    source = write_mrc(tmp_path / "aniso.mrc", stack[0], voxel_size=(10.0, 12.0, 10.0))
+    out = tmp_path / "e.parquet"
+    assert _cli("embed", source, "-o", out, "-c", model, "--device", "cpu", "--quiet") == 1
+    assert "anisotropic voxel size" in capsys.readouterr().err
+    assert _cli("embed", source, "-o", out, "-c", model, "--device", "cpu", "--quiet",
+                "--voxel-size", 10) == 0
+    assert pd.read_parquet(out)["voxel_size"].tolist() == [10.0]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cryolens.client") is None,

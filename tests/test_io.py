@@ -102,6 +102,31 @@ def test_wrong_box_is_an_error_or_centre_cropped_or_padded(tmp_path, stack):
     assert np.array_equal(fit_box(big, BOX), stack[0])
 
 
+def test_fit_moves_the_origin_and_records_what_it_did(tmp_path, stack):
+    big = np.pad(stack[0], 8)  # 64^3
+    volume = big[:, 12:52, 8:55]  # z 64 (cropped by 8 each side), y 40 (padded by 4), x 47
+    source = write_mrc(tmp_path / "odd.mrc", volume, voxel_size=10.0,
+                       origin=(1000.0, 2000.0, 3000.0))
+    data, (record,) = load_particles(source, fit=True)
+    assert np.array_equal(data[0][:, 4:44, :47], volume[8:56])
+    # output voxel (z, y, x) is input voxel (z + 8, y - 4, x + 0): the corner moves with it
+    assert (record.origin_x, record.origin_y, record.origin_z) == (1000.0, 1960.0, 3080.0)
+    assert record.fitted_from == "64x40x47"
+    assert record.padded_fraction == pytest.approx(1 - 48 * 40 * 47 / 48**3)
+    _, (plain,) = load_particles(write_mrc(tmp_path / "box.mrc", stack[0]), fit=True)
+    assert plain.fitted_from is None and plain.padded_fraction == 0.0
+
+
+def test_a_2d_image_is_refused_even_with_fit(tmp_path, stack):
+    image = write_mrc(tmp_path / "twod.mrc", stack[0][24])  # one 48x48 section
+    with pytest.raises(InputError, match=r"twod.mrc: particles of 1x48x48 voxels are 2-D "
+                                         "images, not 3-D volumes"):
+        open_particles(image, fit=True)
+    np.save(tmp_path / "images.npy", stack[:, :1])  # (5, 1, 48, 48)
+    with pytest.raises(InputError, match="2-D images, not 3-D volumes"):
+        open_particles(tmp_path / "images.npy", fit=True)
+
+
 def test_mrc_is_strict_unless_permissive(tmp_path, stack):
     path = write_mrc(tmp_path / "bad.mrc", stack[0])
     raw = bytearray(path.read_bytes())
@@ -129,6 +154,59 @@ def test_mrc_truncated_or_big_endian(tmp_path, stack):
         assert mrc.header.mode.dtype.byteorder == ">"
     data, records = load_particles(big)
     assert np.array_equal(data[0], stack[0]) and records[0].voxel_size == 10.0
+
+
+def write_transposed_mrc(path, volume, mapping):
+    """``volume`` (z, y, x) stored with columns, rows and sections along the axes ``mapping``
+    = (mapc, mapr, maps) names (1 = x, 2 = y, 3 = z), the header saying so."""
+    import mrcfile
+
+    mapc, mapr, maps = mapping
+    stored = volume.transpose(*(3 - axis for axis in (maps, mapr, mapc)))
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(np.ascontiguousarray(stored, np.float32))
+        mrc.voxel_size = 10.0
+        mrc.header.mapc, mrc.header.mapr, mrc.header.maps = mapc, mapr, maps
+    return path
+
+
+@pytest.mark.parametrize("mapping", [(3, 2, 1), (2, 3, 1), (3, 1, 2)])
+def test_mrc_axis_order_from_the_header_is_read_as_z_y_x(tmp_path, stack, mapping):
+    from cryolens import formats
+
+    volume = stack[0]
+    standard = write_mrc(tmp_path / "standard.mrc", volume)
+    moved = write_transposed_mrc(tmp_path / "moved.mrc", volume, mapping)
+    assert not np.array_equal(mrcfile_data(moved), volume)  # stored otherwise
+    want, _ = load_particles(standard)
+    for permissive in (False, True):
+        got, _ = load_particles(moved, permissive=permissive)
+        assert np.array_equal(got, want) and np.array_equal(got[0], volume)
+    assert np.array_equal(formats.read_mrc(moved.read_bytes()).data, volume)
+    # not cubic: the box that --fit sees is the z, y, x one
+    block = volume[:40, :44, :]
+    moved = write_transposed_mrc(tmp_path / "block.mrc", block, mapping)
+    with pytest.raises(InputError, match="box 40x44x48 voxels"):
+        load_particles(moved)
+    assert np.array_equal(formats.read_mrc(moved.read_bytes()).data, block)
+
+
+def test_mrc_axis_order_that_is_not_a_permutation_is_an_error(tmp_path, stack):
+    import mrcfile
+
+    bad = write_transposed_mrc(tmp_path / "bad.mrc", stack[0], (1, 2, 3))
+    with mrcfile.open(bad, mode="r+") as mrc:
+        mrc.header.mapr = 1
+    with pytest.raises(InputError, match=r"axis order \(mapc, mapr, maps\) = \(1, 1, 3\) is "
+                                         "not a permutation"):
+        open_particles(bad)
+
+
+def mrcfile_data(path):
+    import mrcfile
+
+    with mrcfile.open(path) as mrc:
+        return np.array(mrc.data)
 
 
 def test_unknown_sources_are_clear_errors(tmp_path):

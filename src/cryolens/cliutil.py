@@ -8,6 +8,7 @@ error (``prog: error: message (see prog --help)``), 3 a server whose model canno
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import NoReturn
 
@@ -37,6 +38,28 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(USAGE_EXIT, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def positive_number(text: str) -> float:
+    """An argparse ``type``: a positive, finite number (argparse names the option at fault)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number, not {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number of at least 1 (argparse names the option at fault)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text!r}")
+    return value
 
 
 def one_line(exc: BaseException) -> str:

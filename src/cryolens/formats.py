@@ -112,8 +112,10 @@ class MrcModeError(ValueError):
 
 @dataclass
 class MrcLayout:
-    """Where an MRC file's particles lie: ``count`` particles of ``shape`` (z, y, x) voxels of
-    ``dtype`` (in the file's byte order) from byte ``offset``; ``header`` is mrcfile's header
+    """Where an MRC file's particles lie: ``count`` particles of ``shape`` voxels of ``dtype``
+    (in the file's byte order) from byte ``offset``, stored as (sections, rows, columns);
+    ``axes`` is the transpose that turns those into (z, y, x) (see :func:`mrc_axes`; (0, 1, 2)
+    in the usual order, where ``shape`` is already z, y, x). ``header`` is mrcfile's header
     record (file byte order), ``voxel_size`` angstrom (x, y, z), or None unless each axis has
     a positive, finite one."""
 
@@ -123,12 +125,33 @@ class MrcLayout:
     count: int
     shape: tuple[int, int, int]
     voxel_size: tuple[float, float, float] | None
+    axes: tuple[int, int, int] = (0, 1, 2)
+
+    def zyx(self, data: np.ndarray) -> np.ndarray:
+        """Stored particles (their last three axes as in the file) as (z, y, x)."""
+        if self.axes == (0, 1, 2):
+            return data
+        lead = tuple(range(data.ndim - 3))
+        return np.ascontiguousarray(data.transpose(*lead, *(len(lead) + a for a in self.axes)))
+
+
+def mrc_axes(header) -> tuple[int, int, int]:
+    """The transpose that takes an MRC map's stored (section, row, column) axes to (z, y, x),
+    from the header's ``mapc``, ``mapr`` and ``maps`` (the axis, 1 = x, 2 = y, 3 = z, that
+    columns, rows and sections run along). Raises ValueError unless they are a permutation of
+    1, 2, 3."""
+    labels = tuple(int(header[k]) for k in ("maps", "mapr", "mapc"))  # stored axes 0, 1, 2
+    if sorted(labels) != [1, 2, 3]:
+        raise ValueError(f"axis order (mapc, mapr, maps) = {labels[::-1]} is not a permutation "
+                         "of 1, 2, 3")
+    return tuple(labels.index(axis) for axis in (3, 2, 1))
 
 
 def mrc_layout(head: bytes | memoryview | np.ndarray, size: int, name: str = "") -> MrcLayout:
     """Check an MRC header as strictly as ``mrcfile`` (``permissive=False``) does, and more:
-    the 'MAP ' marker, a known machine stamp, a real-valued mode, positive sizes and a file of
-    exactly ``size`` bytes. ``head`` holds at least the first 1024 bytes; ``name`` (the file's
+    the 'MAP ' marker, a known machine stamp, a real-valued mode, positive sizes, an axis
+    order (mapc, mapr, maps) that is a permutation of 1, 2, 3 and a file of exactly ``size``
+    bytes. ``head`` holds at least the first 1024 bytes; ``name`` (the file's
     name) tells an ``.mrcs`` (see :func:`mrc_particles`). Raises ValueError saying what is
     wrong."""
     from mrcfile.dtypes import HEADER_DTYPE
@@ -159,11 +182,12 @@ def mrc_layout(head: bytes | memoryview | np.ndarray, size: int, name: str = "")
     if size != expected:
         raise ValueError(f"the header declares {nz}x{ny}x{nx} voxels of mode {mode} ({expected} "
                          f"bytes with the header) but the file holds {size}")
+    axes = mrc_axes(header)
     count, shape = mrc_particles(header, name)
     cella, grid = header["cella"], [int(header[k]) for k in ("mx", "my", "mz")]
     voxel = tuple(float(cella[a]) / n if n > 0 else 0.0 for a, n in zip("xyz", grid, strict=True))
     known = all(math.isfinite(v) and v > 0 for v in voxel)  # else unknown: zero, NaN, negative
-    return MrcLayout(header, dtype, offset, count, shape, voxel if known else None)
+    return MrcLayout(header, dtype, offset, count, shape, voxel if known else None, axes)
 
 
 def mrc_particles(header, name: str = "") -> tuple[int, tuple[int, int, int]]:
@@ -180,8 +204,9 @@ def mrc_particles(header, name: str = "") -> tuple[int, tuple[int, int, int]]:
 
 
 def read_mrc(body: bytes | memoryview, field: str = "body") -> Volumes:
-    """An MRC/MRCS file from bytes: (D, H, W) for one map, (N, D, H, W) for a stack. The
-    header is checked (:func:`mrc_layout`) before the data is touched."""
+    """An MRC/MRCS file from bytes: (D, H, W) for one map, (N, D, H, W) for a stack, axes
+    z, y, x whatever order the header's mapc, mapr and maps store them in. The header is
+    checked (:func:`mrc_layout`) before the data is touched."""
     view = memoryview(body)
     try:
         layout = mrc_layout(view, len(view))
@@ -192,6 +217,7 @@ def read_mrc(body: bytes | memoryview, field: str = "body") -> Volumes:
                             field=field) from None
     data = np.frombuffer(view, layout.dtype, count=layout.count * int(np.prod(layout.shape)),
                          offset=layout.offset).reshape(layout.count, *layout.shape)
+    data = layout.zyx(data)
     return Volumes(data if layout.count > 1 else data[0], layout.voxel_size)
 
 

@@ -20,13 +20,17 @@ What the model expects, and what happens otherwise (see :class:`ReadOptions`):
   MRC header with zero cell) are taken at ``declared_voxel_size`` or else the model's;
 - MRC headers are read strictly (``mrcfile``, ``permissive=False``) unless ``permissive=True``.
 
-Array axes are z, y, x throughout, as in the files.
+Array axes are z, y, x throughout, as in the files; an MRC file that stores its axes in another
+order (the header's mapc, mapr, maps) is transposed to z, y, x as it is read.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import queue
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -77,7 +81,10 @@ class ParticleRecord:
     full position: location plus the shift in its transform); voxel coordinates are the
     angstrom ones divided by the voxel size and rounded to the nearest voxel. ``origin_*`` is
     where the particle's box starts, in angstrom (an MRC header's origin, or the corner of the
-    box cut from a tomogram), so written reconstructions land where their input was."""
+    box cut from a tomogram; moved by what ``fit`` cropped or padded), so written
+    reconstructions land where their input was. ``padded_fraction`` is the part of the box
+    filled in (past a tomogram's edge, or by ``fit``); ``fitted_from`` the box (z x y x x
+    voxels) that ``fit`` cropped or padded to the model's, else None."""
 
     source: str
     index: int
@@ -100,14 +107,17 @@ class ParticleRecord:
     edge: bool = False
     padded_fraction: float = 0.0
     rescaled: bool = False
+    fitted_from: str | None = None
 
     @property
     def key(self) -> str:
-        """Unique within a set of inputs: used to skip done particles when resuming."""
+        """Unique within a set of inputs: used to skip done particles when resuming. The source
+        is resolved, so the same file given by a relative or an absolute path is one particle."""
+        source = resolved(self.source)
         if self.run is not None:
-            return (f"{self.source}|{self.run}|{self.object}|{self.user_id}|{self.session_id}"
+            return (f"{source}|{self.run}|{self.object}|{self.user_id}|{self.session_id}"
                     f"|{self.tomo_type}|{self.index}")
-        return f"{self.source}|{self.index}"
+        return f"{source}|{self.index}"
 
     @property
     def label(self) -> str:
@@ -121,6 +131,12 @@ class ParticleRecord:
 
 
 RECORD_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ParticleRecord))
+
+
+@functools.lru_cache(maxsize=4096)
+def resolved(source: str) -> str:
+    """A source path in one form (absolute, links resolved) to compare sources by."""
+    return str(Path(source).resolve())
 
 
 @dataclass
@@ -143,6 +159,10 @@ class _Reader:
     def read(self, items: Sequence[int]) -> list[np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def files(self) -> list[Path]:
+        """The files whose size and modification time tell whether the input changed."""
+        return [self.path]
+
     def close(self) -> None:
         pass
 
@@ -163,7 +183,9 @@ def _voxel_from(value, where: str) -> float | None:
 class _MrcReader(_Reader):
     """One MRC/MRCS file. Strict (the default): the header is checked by
     :func:`cryolens.formats.mrc_layout` and the data read directly; permissive: through
-    ``mrcfile``'s permissive mode, which reads what it can of damaged files."""
+    ``mrcfile``'s permissive mode, which reads what it can of damaged files. Either way the
+    axes come out z, y, x whatever order the header's mapc, mapr and maps store them in (an
+    order that is not a permutation of 1, 2, 3 is an error; permissive reads it as stored)."""
 
     def __init__(self, path: Path, options: ReadOptions) -> None:
         self.path, self.permissive = path, options.permissive
@@ -174,18 +196,28 @@ class _MrcReader(_Reader):
                 with mrcfile.open(path, header_only=True, permissive=True) as mrc:
                     header = mrc.header
                 self.dtype, self.offset = None, None
+                try:
+                    axes = formats.mrc_axes(header)
+                except ValueError as exc:
+                    warnings.warn(f"{path}: {exc}; read in the order stored", RuntimeWarning,
+                                  stacklevel=2)
+                    axes = (0, 1, 2)
             else:
                 layout = formats.mrc_layout(np.fromfile(path, np.uint8, count=1024),
                                             path.stat().st_size, path.name)
                 header, self.dtype, self.offset = layout.header, layout.dtype, layout.offset
+                axes = layout.axes
         except (ValueError, OSError) as exc:
             hint = "" if options.permissive else " (permissive=True / --permissive reads it anyway)"
             raise InputError(f"{path}: not a valid MRC file: {exc}{hint}", field="source") from exc
         count, shape = formats.mrc_particles(header, path.name)
         self.count, self.shape = count, shape
+        self.layout = formats.MrcLayout(header, self.dtype, self.offset, count, shape, None, axes)
+        check_3d(tuple(shape[a] for a in axes), str(path))
         cella, grid = header["cella"], [int(header[k]) for k in ("mx", "my", "mz")]
         sizes = [float(cella[a]) / n if n > 0 else 0.0 for a, n in zip("xyz", grid, strict=True)]
-        voxel = _voxel_from(sizes, str(path))
+        # a declared voxel size overrules the header's, whatever it says (anisotropic too)
+        voxel = None if options.declared_voxel_size is not None else _voxel_from(sizes, str(path))
         origin = header["origin"]
         base = ParticleRecord(source=str(path), index=0, format="mrc", voxel_size=voxel,
                               origin_x=float(origin["x"]), origin_y=float(origin["y"]),
@@ -201,14 +233,14 @@ class _MrcReader(_Reader):
                     if mrc.data is None:
                         raise ValueError("no data could be read")
                     data = mrc.data.reshape(self.count, *self.shape)
-                    return [np.array(data[i], np.float32) for i in items]
+                    return [self.layout.zyx(np.array(data[i], np.float32)) for i in items]
             per = int(np.prod(self.shape))
             if self.count == 1:
                 data = np.fromfile(self.path, dtype=self.dtype, count=per, offset=self.offset)
-                return [data.reshape(self.shape).astype(np.float32, copy=False)]
+                return [self.layout.zyx(data.reshape(self.shape).astype(np.float32, copy=False))]
             data = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset,
                              shape=(self.count, *self.shape))
-            return [np.array(data[i], np.float32) for i in items]
+            return [self.layout.zyx(np.array(data[i], np.float32)) for i in items]
         except (ValueError, OSError) as exc:
             raise InputError(f"{self.path}: cannot read MRC data: {exc}", field="source") from exc
 
@@ -222,17 +254,23 @@ class _ArrayReader(_Reader):
         if array.ndim not in (3, 4):
             raise InputError(f"{path}: {name or 'the array'} has shape {tuple(array.shape)}; "
                              "particles are (N, z, y, x) or one (z, y, x)", field="source")
+        check_3d(tuple(array.shape[-3:]), f"{path}" + (f" {name}" if name else ""))
         self.single = array.ndim == 3
         count = 1 if self.single else int(array.shape[0])
         voxel = None
         for key in ("voxel_size", "voxel_spacing", "pixel_size", "apix"):
-            if key in attrs:
+            if key in attrs and options.declared_voxel_size is None:
                 voxel = _voxel_from(attrs[key], f"{path} attribute {key}")
                 break
         base = ParticleRecord(source=str(path), index=0, format=kind, voxel_size=voxel)
         self.records = [replace(base, index=i) for i in range(count)]
         self.name = name
         self._close_handle()
+
+    def files(self) -> list[Path]:
+        if self.path.is_dir():  # a zarr store: its metadata and chunks
+            return sorted(p for p in self.path.rglob("*") if p.is_file())
+        return [self.path]
 
     def _open(self):
         self._handle = None
@@ -406,6 +444,9 @@ class _CopickReader(_Reader):
                     x_voxel=voxel[0], y_voxel=voxel[1], z_voxel=voxel[2],
                     edge=padded > 0, padded_fraction=padded))
 
+    def files(self) -> list[Path]:
+        return [self.config]  # the picks themselves are in the records
+
     def _tomogram(self, run: str) -> tuple[np.ndarray, float]:
         if self._cached is None or self._cached[0] != run:
             self._cached = None  # let the previous run's tomogram go first
@@ -455,6 +496,14 @@ def cut_box(data: np.ndarray, lo: Sequence[int], side: int, fill: float) -> np.n
 
 
 # -- checks and conforming ------------------------------------------------------------------------
+def check_3d(shape: tuple[int, ...], where: str) -> None:
+    """An InputError when a particle's (z, y, x) box is flat: an image, not a volume."""
+    if min(shape) <= 1:
+        raise InputError(f"{where}: particles of {'x'.join(map(str, shape))} voxels are 2-D "
+                         "images, not 3-D volumes; CryoLens reads 3-D particles (one volume, or "
+                         "a stack of them)", field="source")
+
+
 def check_voxel_size(voxel: float | None, options: ReadOptions, where: str) -> None:
     """An InputError when a known voxel size is not the model's and rescaling was not asked."""
     if voxel is None or options.rescale:
@@ -477,8 +526,13 @@ def source_box(voxel: float | None, options: ReadOptions) -> int:
 
 def conform(volume: np.ndarray, record: ParticleRecord, options: ReadOptions
             ) -> tuple[np.ndarray, ParticleRecord]:
-    """Resample (if asked and needed), then check or fit the box; float32 (box,)*3 out."""
+    """Check that every voxel is finite, resample (if asked and needed), then check or fit the
+    box; float32 (box,)*3 out."""
     where = record.label if record.run is not None else f"{record.source} particle {record.index}"
+    if not np.isfinite(volume).all():
+        bad = int(volume.size - np.count_nonzero(np.isfinite(volume)))
+        raise InputError(f"{where}: {bad} voxel(s) NaN or infinite (or beyond float32); "
+                         "particles must be finite", field="source")
     if record.voxel_size is not None and options.rescale and \
             abs(record.voxel_size - options.voxel_size) > VOXEL_TOLERANCE * options.voxel_size:
         from scipy import ndimage
@@ -491,13 +545,27 @@ def conform(volume: np.ndarray, record: ParticleRecord, options: ReadOptions
         record = replace(record, rescaled=True)
     target = (options.box,) * 3
     if volume.shape != target:
+        shape = "x".join(map(str, volume.shape))
         if not options.fit:
             raise InputError(
-                f"{where}: box {'x'.join(map(str, volume.shape))} voxels, but the model "
-                f"expects {options.box}^3; pass fit=True (--fit) to crop or pad it about its "
-                "centre", field="box")
+                f"{where}: box {shape} voxels, but the model expects {options.box}^3; pass "
+                "fit=True (--fit) to crop or pad it about its centre", field="box")
+        # the box's corner moves by what was cropped or padded, in the voxels it is now in
+        size = options.voxel_size if record.rescaled or record.voxel_size is None \
+            else record.voxel_size
+        dz, dy, dx = (size * start for start in fit_starts(volume.shape, options.box))
+        kept = np.prod([min(n, options.box) for n in volume.shape]) / options.box**3
+        record = replace(record, origin_x=record.origin_x + dx, origin_y=record.origin_y + dy,
+                         origin_z=record.origin_z + dz, fitted_from=shape,
+                         padded_fraction=1.0 - (1.0 - record.padded_fraction) * float(kept))
         volume = fit_box(volume, options.box)
     return np.ascontiguousarray(volume, np.float32), record
+
+
+def fit_starts(shape: Sequence[int], box: int) -> list[int]:
+    """For each axis, the voxel of the input where :func:`fit_box`'s output starts: the first
+    voxel kept by a crop, or minus the voxels padded before the input."""
+    return [(n - box) // 2 if n >= box else -((box - n) // 2) for n in shape]
 
 
 def fit_box(volume: np.ndarray, box: int) -> np.ndarray:
@@ -533,6 +601,21 @@ class ParticleSet:
     @property
     def records(self) -> list[ParticleRecord]:
         return [self.readers[r].records[i] for r, i in self.items]
+
+    def fingerprint(self) -> dict:
+        """What the inputs hold now, to tell a finished or unfinished embedding of them from one
+        of what they held before: ``particles`` (the count) and ``sha256`` of every particle's
+        key, position and voxel size and of every input file's path (resolved), size and
+        modification time."""
+        digest = hashlib.sha256()
+        for reader in self.readers:
+            for path in reader.files():
+                stat = path.stat()
+                digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        for record in self.records:
+            digest.update(f"{record.key}|{record.x_angstrom}|{record.y_angstrom}|"
+                          f"{record.z_angstrom}|{record.voxel_size}\n".encode())
+        return {"particles": len(self), "sha256": digest.hexdigest()}
 
     def read(self, items: Sequence[tuple[int, int]]) -> Batch:
         """Read, conform and stack some of :attr:`items`."""
@@ -649,6 +732,10 @@ def open_particles(sources: str | Path | Sequence[str | Path], options: ReadOpti
     if isinstance(sources, (str, Path)):
         sources = [sources]
     options = replace(options or ReadOptions(), **kwargs)
+    declared = options.declared_voxel_size
+    if declared is not None and not (math.isfinite(declared) and declared > 0):
+        raise InputError(f"declared_voxel_size (--voxel-size) must be a positive, finite number "
+                         f"of angstrom, not {declared!r}", field="voxel_size")
     readers: list[_Reader] = []
     warnings: list[str] = []
     for source in sources:
@@ -694,5 +781,5 @@ def load_particles(sources, **kwargs) -> tuple[np.ndarray, list[ParticleRecord]]
 
 __all__ = ["MODEL_BOX", "MODEL_VOXEL_SIZE", "RECORD_COLUMNS", "Batch", "CopickOptions",
            "ParticleRecord", "ParticleSet", "ReadOptions", "check_voxel_size", "conform",
-           "cut_box", "fit_box", "full_positions", "load_particles", "open_particles",
-           "source_kind"]
+           "cut_box", "fit_box", "fit_starts", "full_positions", "load_particles",
+           "open_particles", "source_kind"]

@@ -15,6 +15,24 @@ import numpy as np
 SLICE_GAP = 2
 
 
+def figure_format(path: str | Path) -> str:
+    """The file format that ``path``'s suffix names (``png``, ``pdf``, ``svg``, ``jpg``, ...,
+    whatever matplotlib writes); ``png`` without a suffix. Anything else is an
+    :class:`~cryolens.errors.InputError` that lists the suffixes, raised before any work."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from cryolens.errors import InputError
+
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if not suffix:
+        return "png"
+    known = FigureCanvasAgg.get_supported_filetypes()
+    if suffix not in known:
+        raise InputError(f"{path}: cannot write a .{suffix} picture; end -o in one of "
+                         f"{', '.join('.' + k for k in sorted(known))}", field="output")
+    return suffix
+
+
 def central_slices(volume: np.ndarray) -> np.ndarray:
     """The central z, y and x slices of a (z, y, x) volume side by side (NaN between them):
     the z slice shows (y, x), the y slice (z, x), the x slice (z, y)."""
@@ -42,7 +60,8 @@ def slices_figure(path: str | Path, rows: Sequence[Sequence[np.ndarray | None]],
                   title: str | None = None, dpi: int = 100) -> Path:
     """A grid of panels, one row per particle and one column per volume (input,
     reconstruction, ...); each panel shows its volume's central z | y | x slices in grey,
-    scaled to that volume's 1-99 % range. ``None`` leaves a panel empty. Written as PNG."""
+    scaled to that volume's 1-99 % range. ``None`` leaves a panel empty. Written in the format
+    the suffix names (:func:`figure_format`)."""
     from matplotlib.figure import Figure
 
     n_rows, n_cols = len(rows), len(columns)
@@ -67,7 +86,8 @@ def slices_figure(path: str | Path, rows: Sequence[Sequence[np.ndarray | None]],
     if title:
         fig.suptitle(title, fontsize=9)
     path = Path(path)
-    fig.savefig(path, format="png")
+    path.parent.mkdir(parents=True, exist_ok=True)  # as embed and reconstruct do
+    fig.savefig(path, format=figure_format(path))
     return path
 
 
@@ -91,7 +111,7 @@ def scatter_figure(path: str | Path, panels: Sequence[tuple[str, np.ndarray]],
                    values: Sequence | None, color_label: str, title: str | None = None,
                    dpi: int = 120) -> Path:
     """One scatter panel per (title, (N, 2) coordinates), coloured by ``values``: a legend
-    for a few categories, a colour bar for numbers."""
+    for a few categories, a colour bar for numbers. Written in the format the suffix names."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.2 * len(panels) + 1.6, 4.8), dpi=dpi, layout="constrained")
@@ -122,7 +142,8 @@ def scatter_figure(path: str | Path, panels: Sequence[tuple[str, np.ndarray]],
     if title:
         fig.suptitle(title, fontsize=9)
     path = Path(path)
-    fig.savefig(path, format="png")
+    path.parent.mkdir(parents=True, exist_ok=True)  # as embed and reconstruct do
+    fig.savefig(path, format=figure_format(path))
     return path
 
 
@@ -135,4 +156,5 @@ def _is_numeric(values: np.ndarray) -> bool:
     return len(set(present)) > 12
 
 
-__all__ = ["central_slices", "display_range", "pca_2d", "scatter_figure", "slices_figure"]
+__all__ = ["central_slices", "display_range", "figure_format", "pca_2d", "scatter_figure",
+           "slices_figure"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cryolens.cliutil import positive_int, positive_number
 from cryolens.io import MODEL_BOX, MODEL_VOXEL_SIZE, CopickOptions, ParticleSet, ReadOptions
 
 SOURCES_HELP = ("particles: MRC/MRCS files (one particle each, or stacks), folders of them, "
@@ -14,10 +15,11 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("reading particles")
     group.add_argument("--dataset", default=None,
                        help="HDF5/zarr: the array to read (default: the only 4-D array)")
-    group.add_argument("--voxel-size", type=float, default=None, dest="declared_voxel_size",
-                       metavar="A",
-                       help="angstrom per voxel of inputs whose header lacks it or is wrong "
-                            "(default: the header's; none in the file means the model's "
+    group.add_argument("--voxel-size", type=positive_number, default=None,
+                       dest="declared_voxel_size", metavar="A",
+                       help="angstrom per voxel of inputs whose header lacks it or is wrong; "
+                            "it overrules the header, anisotropic ones included (default: the "
+                            "header's; none in the file means the model's "
                             f"{MODEL_VOXEL_SIZE:g} A)")
     group.add_argument("--rescale", action="store_true",
                        help="resample particles whose voxel size is not the model's "
@@ -50,7 +52,7 @@ def add_engine_options(parser: argparse.ArgumentParser, batch_size: int = 32) ->
                             "(default: %(default)s)")
     group.add_argument("--device", default="auto",
                        help="cpu, cuda or auto (CUDA when available) (default: %(default)s)")
-    group.add_argument("--batch-size", type=int, default=batch_size,
+    group.add_argument("--batch-size", type=positive_int, default=batch_size,
                        help="particles per model call (default: %(default)s)")
 
 

@@ -22,7 +22,11 @@ Output formats, chosen by the suffix of ``-o``:
 
 Resumable: each batch is written as a part file under ``<output>.parts/`` as soon as it is
 done; a run that stops (killed, Ctrl-C, a crash) continues where it stopped when the same
-command is run again, and the parts are merged into the output at the end.
+command is run again, and the parts are merged into the output at the end; a run that ends
+before any batch is done leaves no ``.parts`` (and one without parts is discarded). The inputs are
+fingerprinted (each file's path, size and modification time, and every particle listed): a
+finished output or unfinished parts of inputs that changed since (a file added, removed or
+rewritten) is an error that says so, and ``--overwrite`` starts again.
 """
 from __future__ import annotations
 
@@ -244,13 +248,21 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
     if overwrite:
         shutil.rmtree(parts, ignore_errors=True)
         out.unlink(missing_ok=True)
+    inputs = particles.fingerprint()
     if out.exists() and not parts.exists():
-        if _finished_identity(out) == identity:
-            return {"n": 0, "line": f"{out} is already complete ({len(particles)} particles); "
-                                    "--overwrite recomputes it"}
+        finished = _finished_meta(out)
+        if finished.get("identity") == identity:
+            then = finished.get("inputs") or {"particles": finished.get("n_particles")}
+            if then == inputs or ("sha256" not in then and then["particles"] == len(particles)):
+                return {"n": 0, "line": f"{out} is already complete ({then['particles']} "
+                                        "particles); --overwrite recomputes it"}
+            raise InputError(f"{out} was made from these sources, but {_changes(then, inputs)}; "
+                             "use --overwrite to embed them again", field="output")
         raise InputError(f"{out} exists and was made from other inputs or another model; "
                          "use --overwrite to replace it, or another -o", field="output")
     done: set[str] = set()
+    if parts.exists() and not any(parts.glob("part-*.parquet")):
+        shutil.rmtree(parts)  # a run that wrote no particles: nothing to resume
     if parts.exists():
         state = json.loads((parts / STATE).read_text()) if (parts / STATE).exists() else {}
         if state.get("identity") != identity:
@@ -259,9 +271,20 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
         for part in sorted(parts.glob("part-*.parquet")):
             done.update(pq.read_table(part, columns=["particle_key"])["particle_key"]
                         .to_pylist())
+        gone = sorted(done - {record.key for record in particles.records})
+        if gone:
+            raise InputError(f"{parts} holds {len(gone)} particle(s) no longer among the inputs "
+                             f"(first: {_describe_key(gone[0])}): an input was removed or changed "
+                             "since; use --overwrite to start again", field="output")
+        then = state.get("inputs", inputs)  # parts from before inputs were recorded: keys only
+        if then != inputs:
+            raise InputError(f"{parts} holds an unfinished run of these sources, but "
+                             f"{_changes(then, inputs)}; use --overwrite to start again",
+                             field="output")
     else:
         parts.mkdir(parents=True)
-        _atomic_write(parts / STATE, json.dumps({"identity": identity}).encode())
+        _atomic_write(parts / STATE, json.dumps({"identity": identity,
+                                                 "inputs": inputs}).encode())
     number = len(list(parts.glob("part-*.parquet")))
     todo = len(particles) - len(done)
     started = time.perf_counter()
@@ -282,13 +305,18 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
             bar.update(len(records))
             if after_batch is not None:
                 after_batch(computed)
+        bar.close()
+        seconds = time.perf_counter() - started
+        table = _merge(parts, particles)
+    except BaseException:
+        if not any(parts.glob("part-*.parquet")):  # nothing done: leave nothing behind
+            shutil.rmtree(parts, ignore_errors=True)
+        raise
     finally:
         bar.close()
-    seconds = time.perf_counter() - started
-    table = _merge(parts, particles)
     if table.num_rows != len(particles):
         raise RuntimeError(f"{table.num_rows} rows for {len(particles)} particles")
-    meta = {**metadata, "n_particles": table.num_rows, "identity": identity,
+    meta = {**metadata, "n_particles": table.num_rows, "identity": identity, "inputs": inputs,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "columns": "embedding_i: latent mean; pose_w..z: unit quaternion; global_weight: "
                        "raw logit"}
@@ -331,23 +359,44 @@ def _merge(parts: Path, particles: ParticleSet):
         raise InputError("no particles to embed", field="source")
     table = pa.concat_tables(tables)
     order = {r.key: i for i, r in enumerate(particles.records)}
-    position = pa.array([order[k] for k in table["particle_key"].to_pylist()], pa.int64())
+    keys = table["particle_key"].to_pylist()
+    stray = next((k for k in keys if k not in order), None)
+    if stray is not None:
+        raise InputError(f"{parts} holds {_describe_key(stray)}, which is not among the inputs; "
+                         "use --overwrite to start again", field="output")
+    position = pa.array([order[k] for k in keys], pa.int64())
     return table.take(pc.sort_indices(position))
 
 
-def _finished_identity(out: Path) -> dict | None:
+def _finished_meta(out: Path) -> dict:
+    """The ``cryolens`` metadata of a finished output (empty when it has none)."""
     try:
         if FORMATS[out.suffix.lower()] == "parquet":
             import pyarrow.parquet as pq
 
             meta = pq.read_schema(out).metadata or {}
-            return json.loads(meta.get(b"cryolens", b"{}")).get("identity")
+            return json.loads(meta.get(b"cryolens", b"{}"))
         import h5py
 
         with h5py.File(out, "r") as f:
-            return json.loads(f["metadata"].attrs.get("cryolens", "{}")).get("identity")
+            return json.loads(f["metadata"].attrs.get("cryolens", "{}"))
     except Exception:  # noqa: BLE001 - an unreadable output is simply not ours
-        return None
+        return {}
+
+
+def _describe_key(key: str) -> str:
+    """A particle key in words: ``file particle i``, or the copick fields as they are."""
+    fields = key.split("|")
+    return f"{fields[0]} particle {fields[1]}" if len(fields) == 2 else key
+
+
+def _changes(then: dict, now: dict) -> str:
+    """How the inputs differ from when an output or its parts were made, in words."""
+    if then.get("particles") != now["particles"]:
+        return (f"they held {then.get('particles')} particles then and hold "
+                f"{now['particles']} now")
+    return ("their files changed since (the same number of particles, but other contents or "
+            "modification times)")
 
 
 def write_parquet(table, out: Path, meta: dict) -> None:

@@ -16,7 +16,8 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
         help="a 2-D map (PCA, UMAP) of embeddings from `embed`")
     p.add_argument("embeddings", help="a Parquet file written by `cryolens embed`")
     p.add_argument("-o", "--output", default="map.png",
-                   help="PNG file to write (default: %(default)s)")
+                   help="picture to write, in the format its suffix names: .png, .pdf, "
+                        ".svg, .jpg, ... (default: %(default)s)")
     p.add_argument("--color-by", default=None,
                    help="column to colour points by (default: object if set, else run, "
                         "else source)")
@@ -59,8 +60,9 @@ def umap_2d(embeddings: np.ndarray) -> np.ndarray | None:
 
 def run(args: argparse.Namespace) -> int:
     from cryolens.commands.embed import embedding_columns
-    from cryolens.plots import pca_2d, scatter_figure
+    from cryolens.plots import figure_format, pca_2d, scatter_figure
 
+    figure_format(args.output)  # a suffix matplotlib cannot write fails before any work
     table = read_table(Path(args.embeddings))
     names = embedding_columns(table.column_names)
     if not names:

@@ -60,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if single and len(particles) != 1:
         raise InputError(f"{len(particles)} particles do not fit in one file {out}: give a "
                          "folder as -o", field="output")
-    if not single:
-        out.mkdir(parents=True, exist_ok=True)
+    (out.parent if single else out).mkdir(parents=True, exist_ok=True)  # missing folders too
     operation = Operation(kind="reconstruct", use_predicted_pose=args.pose == "predicted",
                           segments=args.segments)
     used: set[str] = set()

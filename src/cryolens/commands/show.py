@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cryolens.cliutil import positive_int
 from cryolens.commands._common import (
     SOURCES_HELP,
     add_engine_options,
@@ -19,11 +20,12 @@ COLUMNS = ("input", "reconstruction", "affinity part", "free part")
 def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
     p = subparsers.add_parser(
         "show", parents=[common], description=__doc__.split("\n\n")[0],
-        help="a PNG of particles beside their reconstructions")
+        help="a picture (PNG, PDF, ...) of particles beside their reconstructions")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help=SOURCES_HELP)
     p.add_argument("-o", "--output", default="slices.png",
-                   help="PNG file to write (default: %(default)s)")
-    p.add_argument("--max-particles", type=int, default=6,
+                   help="picture to write, in the format its suffix names: .png, .pdf, "
+                        ".svg, .jpg, ... (default: %(default)s)")
+    p.add_argument("--max-particles", type=positive_int, default=6,
                    help="show the first this many particles (default: %(default)s)")
     p.add_argument("--pose", choices=("predicted", "identity"), default="predicted",
                    help="decode in each particle's predicted pose, which lines up with the "
@@ -49,10 +51,13 @@ def show(engine, volumes, labels, out, *, pose: str = "predicted", title: str | 
 
 
 def run(args: argparse.Namespace) -> int:
+    from cryolens.plots import figure_format
+
+    figure_format(args.output)  # a suffix matplotlib cannot write fails before any work
     engine = load_engine(args)
     particles = open_from_args(args, box=engine.config.box_size)
     try:
-        batch = particles.read(particles.items[: max(1, args.max_particles)])
+        batch = particles.read(particles.items[: args.max_particles])
     finally:
         particles.close()
     labels = [r.label + (" (edge)" if r.edge else "") for r in batch.records]
