@@ -195,8 +195,8 @@ def main(argv=None) -> None:
         if cuda:
             moved = 0 if args.input == "tensor" else 2 * volumes.nbytes
             try:
-                print(f"       reconstruct profile: {gpu_profile(engine.reconstruct, volumes, moved, args.kernels)}",
-                      flush=True)
+                profile = gpu_profile(engine.reconstruct, volumes, moved, args.kernels)
+                print(f"       reconstruct profile: {profile}", flush=True)
             except Exception as exc:  # noqa: BLE001 - a profiler quirk must not cost the figures
                 print(f"       reconstruct profile failed: {type(exc).__name__}: {exc}")
     if cuda:

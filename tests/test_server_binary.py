@@ -153,7 +153,8 @@ def _npy_declaring(shape, data: bytes) -> bytes:
     (lambda b: formats.write_npy(np.zeros((4, 4, 4), np.float32)), 422, "shape"),
     (lambda b: formats.write_npy(np.zeros((0, 48, 48, 48), np.float32)), 422, "empty stack"),
     (lambda b: formats.write_npy(np.full((48, 48, 48), np.nan, np.float32)), 422, "finite"),
-], ids=["truncated", "wrapping shape", "shape beyond numpy", "huge declared shape", "cut header", "bad version", "complex",
+], ids=["truncated", "wrapping shape", "shape beyond numpy", "huge declared shape",
+        "cut header", "bad version", "complex",
         "wrong box", "empty stack", "nan"])
 def test_lying_or_wrong_npy_is_a_4xx_naming_the_problem(server, volumes, mutate, status,
                                                         fragment):
