@@ -109,6 +109,20 @@ def test_batch_process_binary_equals_json(server, volumes):
     assert one["embeddings"].shape == (1, 8) and "reconstructions" not in one
 
 
+def test_an_mrcs_upload_is_a_stack_by_its_file_name(server, volumes):
+    """Two 48^3 particles written as one 48x48x96 map (ispg 1): a stack when the multipart file
+    is named .mrcs, as the command line reads it; one wrong-shaped map otherwise."""
+    with _mrc_file(volumes[:2].reshape(96, 48, 48), 10.0) as path:
+        data = path.read_bytes()
+    stack = npz(requests.post(server.url + "/extract_features", headers=NPZ,
+                              files={"file": ("two.mrcs", data)}))
+    single = npz(requests.post(server.url + "/extract_features", headers={**NPY, **NPZ},
+                               data=formats.write_npy(volumes[:2])))
+    np.testing.assert_allclose(stack["embedding"], single["embedding"], **TOL)
+    as_map = requests.post(server.url + "/extract_features", files={"file": ("two.mrc", data)})
+    assert as_map.status_code == 422 and "(96, 48, 48)" in as_map.json()["detail"]
+
+
 def test_mrc_upload_keeps_the_voxel_size(server, volumes):
     with _mrc_file(volumes[1], 10.0) as path:
         data = path.read_bytes()

@@ -203,13 +203,14 @@ def mrc_particles(header, name: str = "") -> tuple[int, tuple[int, int, int]]:
     return 1, (nz, ny, nx)
 
 
-def read_mrc(body: bytes | memoryview, field: str = "body") -> Volumes:
+def read_mrc(body: bytes | memoryview, field: str = "body", name: str = "") -> Volumes:
     """An MRC/MRCS file from bytes: (D, H, W) for one map, (N, D, H, W) for a stack, axes
     z, y, x whatever order the header's mapc, mapr and maps store them in. The header is
-    checked (:func:`mrc_layout`) before the data is touched."""
+    checked (:func:`mrc_layout`) before the data is touched. ``name``: the file's name, when
+    known (an ``.mrcs`` is a stack of images; see :func:`mrc_particles`)."""
     view = memoryview(body)
     try:
-        layout = mrc_layout(view, len(view))
+        layout = mrc_layout(view, len(view), name)
     except MrcModeError as exc:
         raise InputError(f"{field}: {exc}", field=field) from None
     except ValueError as exc:
@@ -221,11 +222,11 @@ def read_mrc(body: bytes | memoryview, field: str = "body") -> Volumes:
     return Volumes(data if layout.count > 1 else data[0], layout.voxel_size)
 
 
-def sniff(body: bytes | memoryview, field: str = "body") -> Volumes:
-    """``.npy`` or MRC, told apart by the npy magic."""
+def sniff(body: bytes | memoryview, field: str = "body", name: str = "") -> Volumes:
+    """``.npy`` or MRC, told apart by the npy magic (``name``: the file's name, when known)."""
     if bytes(memoryview(body)[:6]) == NPY_MAGIC:
         return read_npy(body, field)
-    return read_mrc(body, field)
+    return read_mrc(body, field, name)
 
 
 def npy_header(array: np.ndarray) -> bytes:

@@ -109,13 +109,13 @@ async def binary_reader(request: Request) -> Callable[[], formats.Volumes]:
     the function that parses it (to run on a worker thread); 415 for anything else."""
     kind = media_type(request)
     if kind == MULTIPART:
-        data = await _multipart_file(request)
-    elif kind in (formats.NPY_MEDIA_TYPE, formats.MRC_MEDIA_TYPE):
-        data = await request.body()
-    else:
+        data, name = await _multipart_file(request)
+        return lambda: formats.sniff(data, "body", name)  # an .mrcs is told by its name
+    if kind not in (formats.NPY_MEDIA_TYPE, formats.MRC_MEDIA_TYPE):
         raise UnsupportedMediaType(
             f"Content-Type {kind or '(none)'!r} is not read here; send one of "
             f"{', '.join(READABLE)}", field="content-type")
+    data = await request.body()
     read = formats.read_npy if kind == formats.NPY_MEDIA_TYPE else formats.sniff
     return lambda: read(data, "body")
 
@@ -142,7 +142,8 @@ def checked_stack(data: np.ndarray, field: str, box: tuple[int, ...], max_volume
     return volumes, stacked
 
 
-async def _multipart_file(request: Request) -> bytes:
+async def _multipart_file(request: Request) -> tuple[bytes, str]:
+    """The first file part's bytes and file name ("" when it gives none)."""
     try:
         form = await request.form(max_files=1, max_fields=32)
     except HTTPException as exc:  # Starlette's own words for a form it cannot read
@@ -154,6 +155,6 @@ async def _multipart_file(request: Request) -> bytes:
             raise InputError("the multipart body has no file field: send the MRC or .npy "
                              "file as a file part (e.g. curl -F file=@particle.mrc)",
                              field="file")
-        return await files[0].read()
+        return await files[0].read(), files[0].filename or ""
     finally:
         await form.close()
