@@ -207,3 +207,22 @@ def test_make_serve_passes_its_variables():
 def test_make_test_quick_skips_slow_tests():
     commands = make_dry_run(target="test-quick")
     assert commands.splitlines()[-1].endswith('-m pytest -m "not slow" ')
+
+
+def test_version(capsys):
+    from cryolens import __version__
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"cryolens {__version__}\n"
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["train", "--batch-size", "0"], "--batch-size"), (["train", "--steps", "-1"], "--steps"),
+    (["train", "--lr", "0"], "--lr"), (["train", "--threads", "0"], "--threads"),
+    (["embed", "x", "-o", "x.parquet", "--voxel-spacing", "nan"], "--voxel-spacing"),
+])
+def test_sizes_that_cannot_be_are_usage_errors_naming_the_option(argv, option, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(argv)
+    assert done.value.code == 2 and f"argument {option}" in capsys.readouterr().err

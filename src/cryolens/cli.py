@@ -14,8 +14,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from cryolens import heap
-from cryolens.cliutil import ArgumentParser, fail
+from cryolens import __version__, heap
+from cryolens.cliutil import ArgumentParser, fail, positive_int, positive_number
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -80,16 +80,17 @@ def add_train_parser(sub, common: argparse.ArgumentParser) -> None:
                "  cryolens train --out-dir runs/demo --steps 20000 --batch-size 32\n"
                "  cryolens train --out-dir runs/mine --init demo --data particles/ --steps 2000")
     t.add_argument("--out-dir", default=d.out_dir, help="checkpoints and log.jsonl go here")
-    t.add_argument("--steps", type=int, default=d.steps, help="training steps in all")
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="particles per step")
-    t.add_argument("--lr", type=float, default=d.lr, help="learning rate (Adam)")
+    t.add_argument("--steps", type=positive_int, default=d.steps, help="training steps in all")
+    t.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                   help="particles per step")
+    t.add_argument("--lr", type=positive_number, default=d.lr, help="learning rate (Adam)")
     t.add_argument("--seed", type=int, default=d.seed, help="random seed: same seed, same weights")
     t.add_argument("--device", default=d.device,
                    help="cpu, cuda, cuda:N or auto (CUDA when available)")
     t.add_argument("--workers", type=int, default=d.workers,
                    help="data-loading processes (keep 0 on a CPU-only machine: they compete "
                         "with training for the cores)")
-    t.add_argument("--threads", type=int, default=d.threads,
+    t.add_argument("--threads", type=positive_int, default=d.threads,
                    help="torch CPU threads (default: PyTorch's choice, one per core)")
     t.add_argument("--data", default=d.data,
                    help="fine-tune on these particles: a folder of MRC files, an .npy or an "
@@ -176,6 +177,8 @@ def build_parser() -> ArgumentParser:
                     "'cryolens COMMAND --help' lists the options of a command. A failure is one "
                     "line on stderr\n(exit status 1); add --log-level debug to see its "
                     "traceback.")
+    parser.add_argument("--version", action="version", version=f"cryolens {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common_options()
     for add in SUBCOMMANDS:

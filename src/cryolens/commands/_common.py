@@ -34,7 +34,7 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     cp.add_argument("--object", default=None,
                     help="pickable object whose picks become particles (required for copick; "
                          "default: none)")
-    cp.add_argument("--voxel-spacing", type=float, default=MODEL_VOXEL_SIZE,
+    cp.add_argument("--voxel-spacing", type=positive_number, default=MODEL_VOXEL_SIZE,
                     help="tomogram voxel spacing to use, angstrom; the nearest available one is "
                          "taken (default: %(default)s)")
     cp.add_argument("--run", action="append", default=None, dest="runs", metavar="NAME",
