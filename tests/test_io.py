@@ -41,6 +41,14 @@ def test_mrc_files_folder_and_both_kinds_of_stack(tmp_path, stack):
         assert all(r.voxel_size == 10.0 and r.format == "mrc" for r in records)
     _, records = load_particles(folder)
     assert [r.source for r in records] == [str(folder / f"p{i:02d}.mrc") for i in range(5)]
+    # what a folder holds besides MRC files is not read, and that is said
+    np.save(folder / "more.npy", stack[:1])
+    (folder / "sub").mkdir()
+    (folder / ".hidden").write_text("")
+    assert open_particles(folder).warnings == [(
+        f"{folder}: 3 entries that are not MRC files are not read (more.npy, notes.txt, sub/); "
+        "name .npy or HDF5 files, or subfolders, as sources of their own")]
+    assert len(open_particles(folder)) == 5
     assert (records[3].origin_x, records[3].origin_z) == (300.0, 5.0)
     # several sources in one go, in order
     data, records = load_particles([folder / "p01.mrc", volumes])
@@ -285,6 +293,10 @@ def test_copick_nearest_spacing_runs_and_rescale(project):
     options = CopickOptions(object="ribosome", voxel_spacing=13.0, runs=("TS_2",))
     _, records = load_particles(config, copick=options)
     assert [r.run for r in records] == ["TS_2"] and records[0].voxel_size == 10.0
+    assert open_particles(config, copick=options).warnings == [  # and it says so
+        "run TS_2: no tomogram at 13 A; the nearest, 10 A, is used"]
+    assert open_particles(config, copick=CopickOptions(
+        object="ribosome", voxel_spacing=10.0, runs=("TS_2",))).warnings == []
     with pytest.raises(InputError, match="voxel size 20 A"):  # TS_1's nearest is 20 A
         open_particles(config, copick=CopickOptions(object="ribosome", voxel_spacing=19.0,
                                                     runs=("TS_1",)))

@@ -409,6 +409,9 @@ class _CopickReader(_Reader):
                                  "are skipped")
             return
         spacing = min(choices, key=lambda vs: abs(vs.voxel_size - picks.voxel_spacing))
+        if not math.isclose(spacing.voxel_size, picks.voxel_spacing, rel_tol=VOXEL_TOLERANCE):
+            self.warnings.append(f"run {run.name}: no tomogram at {picks.voxel_spacing:g} A; "
+                                 f"the nearest, {spacing.voxel_size:g} A, is used")
         tomograms = {t.tomo_type: t for t in spacing.tomograms}
         if picks.tomo_type is not None:
             if picks.tomo_type not in tomograms:
@@ -744,10 +747,18 @@ def open_particles(sources: str | Path | Sequence[str | Path], options: ReadOpti
         if not path.exists():
             raise InputError(f"{path}: no such file or folder", field="source")
         if kind == "folder":
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in MRC_SUFFIXES)
+            entries = sorted(path.iterdir())
+            files = [p for p in entries if p.is_file() and p.suffix.lower() in MRC_SUFFIXES]
             if not files:
                 raise InputError(f"cannot read particles from {path}: no MRC files "
                                  f"({', '.join(MRC_SUFFIXES)}) in it", field="source")
+            others = [p.name + ("/" if p.is_dir() else "") for p in entries
+                      if p not in files and not p.name.startswith(".")]
+            if others:
+                listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+                warnings.append(f"{path}: {len(others)} entries that are not MRC files are not "
+                                f"read ({listed}); name .npy or HDF5 files, or subfolders, as "
+                                "sources of their own")
             readers += [_MrcReader(f, options) for f in files]
         elif kind == "mrc":
             readers.append(_MrcReader(path, options))
