@@ -127,12 +127,21 @@ class MrcLayout:
     voxel_size: tuple[float, float, float] | None
     axes: tuple[int, int, int] = (0, 1, 2)
 
-    def zyx(self, data: np.ndarray) -> np.ndarray:
-        """Stored particles (their last three axes as in the file) as (z, y, x)."""
-        if self.axes == (0, 1, 2):
-            return data
-        lead = tuple(range(data.ndim - 3))
-        return np.ascontiguousarray(data.transpose(*lead, *(len(lead) + a for a in self.axes)))
+
+def to_zyx(data: np.ndarray, axes: tuple[int, int, int]) -> np.ndarray:
+    """Stored particles (their last three axes as in the file) as (z, y, x), by the transpose
+    ``axes`` from :func:`mrc_axes`."""
+    if axes == (0, 1, 2):
+        return data
+    lead = tuple(range(data.ndim - 3))
+    return np.ascontiguousarray(data.transpose(*lead, *(len(lead) + a for a in axes)))
+
+
+def mrc_voxel_sizes(header) -> tuple[float, float, float]:
+    """Angstrom per voxel along x, y and z from an MRC header's cell and grid, as declared
+    (0 where the grid is 0; the callers decide what counts as known)."""
+    cella, grid = header["cella"], [int(header[k]) for k in ("mx", "my", "mz")]
+    return tuple(float(cella[a]) / n if n > 0 else 0.0 for a, n in zip("xyz", grid, strict=True))
 
 
 def mrc_axes(header) -> tuple[int, int, int]:
@@ -184,8 +193,7 @@ def mrc_layout(head: bytes | memoryview | np.ndarray, size: int, name: str = "")
                          f"bytes with the header) but the file holds {size}")
     axes = mrc_axes(header)
     count, shape = mrc_particles(header, name)
-    cella, grid = header["cella"], [int(header[k]) for k in ("mx", "my", "mz")]
-    voxel = tuple(float(cella[a]) / n if n > 0 else 0.0 for a, n in zip("xyz", grid, strict=True))
+    voxel = mrc_voxel_sizes(header)
     known = all(math.isfinite(v) and v > 0 for v in voxel)  # else unknown: zero, NaN, negative
     return MrcLayout(header, dtype, offset, count, shape, voxel if known else None, axes)
 
@@ -218,7 +226,7 @@ def read_mrc(body: bytes | memoryview, field: str = "body", name: str = "") -> V
                             field=field) from None
     data = np.frombuffer(view, layout.dtype, count=layout.count * int(np.prod(layout.shape)),
                          offset=layout.offset).reshape(layout.count, *layout.shape)
-    data = layout.zyx(data)
+    data = to_zyx(data, layout.axes)
     return Volumes(data if layout.count > 1 else data[0], layout.voxel_size)
 
 

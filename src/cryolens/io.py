@@ -212,10 +212,9 @@ class _MrcReader(_Reader):
             raise InputError(f"{path}: not a valid MRC file: {exc}{hint}", field="source") from exc
         count, shape = formats.mrc_particles(header, path.name)
         self.count, self.shape = count, shape
-        self.layout = formats.MrcLayout(header, self.dtype, self.offset, count, shape, None, axes)
+        self.axes = axes
         check_3d(tuple(shape[a] for a in axes), str(path))
-        cella, grid = header["cella"], [int(header[k]) for k in ("mx", "my", "mz")]
-        sizes = [float(cella[a]) / n if n > 0 else 0.0 for a, n in zip("xyz", grid, strict=True)]
+        sizes = formats.mrc_voxel_sizes(header)
         # a declared voxel size overrules the header's, whatever it says (anisotropic too)
         voxel = None if options.declared_voxel_size is not None else _voxel_from(sizes, str(path))
         origin = header["origin"]
@@ -233,14 +232,15 @@ class _MrcReader(_Reader):
                     if mrc.data is None:
                         raise ValueError("no data could be read")
                     data = mrc.data.reshape(self.count, *self.shape)
-                    return [self.layout.zyx(np.array(data[i], np.float32)) for i in items]
+                    return [formats.to_zyx(np.array(data[i], np.float32), self.axes) for i in items]
             per = int(np.prod(self.shape))
             if self.count == 1:
                 data = np.fromfile(self.path, dtype=self.dtype, count=per, offset=self.offset)
-                return [self.layout.zyx(data.reshape(self.shape).astype(np.float32, copy=False))]
+                return [formats.to_zyx(data.reshape(self.shape).astype(np.float32, copy=False),
+                                       self.axes)]
             data = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset,
                              shape=(self.count, *self.shape))
-            return [self.layout.zyx(np.array(data[i], np.float32)) for i in items]
+            return [formats.to_zyx(np.array(data[i], np.float32), self.axes) for i in items]
         except (ValueError, OSError) as exc:
             raise InputError(f"{self.path}: cannot read MRC data: {exc}", field="source") from exc
 
