@@ -104,6 +104,7 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.min_rate = min_rate
+        self._quota = min_rate * (timeout_s or 0)  # bytes each window must bring
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -116,7 +117,6 @@ class BodyLimitMiddleware:
         received = 0
         complete = False
         loop = asyncio.get_running_loop()
-        quota = self.min_rate * (self.timeout_s or 0)  # bytes each window must bring
         window_start: float | None = None  # from the app's first read, not the headers
         window_bytes = 0
 
@@ -136,7 +136,7 @@ class BodyLimitMiddleware:
                 size = len(message.get("body", b""))
                 received += size
                 window_bytes += size
-                if window_bytes >= quota:  # enough for this window: the next one starts
+                if window_bytes >= self._quota:  # enough for this window: the next one starts
                     window_start, window_bytes = loop.time(), 0
                 complete = not message.get("more_body", False)
                 if received > self.max_bytes:
