@@ -209,15 +209,14 @@ def _split_top_level_array(body: bytes, field: str, max_volumes: int, whole: boo
         raise MalformedBody(f"body is malformed JSON: the {field} "
                             f"{'object' if scan.is_object else 'array'} is never closed",
                             field="body")
-    if scan.array is not None and scan.is_object:
-        # an object where volumes belong: parsed as an empty one, so that the options path
-        # names the mistake (422) however large the object was
-        rest = body[:scan.array] + b"{}" + body[scan.close + 1:]
-        scan.array = None
-    elif scan.array is not None:
-        rest = body[:scan.array] + b"[]" + body[scan.close + 1:]
-    else:
-        rest = body
+    rest = body
+    if scan.array is not None:
+        # the value's text stands in empty; an object where volumes belong stays an object,
+        # so that the options path names the mistake (422) however large it was
+        empty = b"{}" if scan.is_object else b"[]"
+        rest = body[:scan.array] + empty + body[scan.close + 1:]
+        if scan.is_object:
+            scan.array = None
     if len(rest) > MAX_OPTIONS_BYTES:
         raise PayloadTooLarge(
             f"body: a large JSON body may hold at most {MAX_OPTIONS_BYTES} bytes besides the "
