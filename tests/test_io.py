@@ -164,6 +164,45 @@ def test_mrc_truncated_or_big_endian(tmp_path, stack):
     assert np.array_equal(data[0], stack[0]) and records[0].voxel_size == 10.0
 
 
+def test_unreadable_mrc_files_are_skipped_and_named_only_when_asked(tmp_path, stack):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i in range(3):
+        write_mrc(folder / f"p{i}.mrc", stack[i])
+    cut = folder / "p1.mrc"
+    cut.write_bytes(cut.read_bytes()[:-100])  # a copy that stopped half way
+    (folder / "p3.mrc").write_bytes(b"")  # an empty file with an MRC name
+    with pytest.raises(InputError, match="p1.mrc: not a valid MRC file"):
+        open_particles(folder)
+    particles = open_particles(folder, skip_unreadable=True)
+    assert particles.skipped == [str(cut), str(folder / "p3.mrc")]
+    assert [r.source for r in particles.records] == [str(folder / "p0.mrc"),
+                                                     str(folder / "p2.mrc")]
+    assert len(particles.warnings) == 2
+    assert particles.warnings[0].startswith(f"skipped {cut}: not a valid MRC file")
+    data, _ = load_particles([folder, tmp_path / "mixed" / "p0.mrc"], skip_unreadable=True)
+    assert np.array_equal(data, stack[[0, 2, 0]])
+    # a wrong voxel size is not unreadable: it stays an error that names the fix
+    write_mrc(folder / "p4.mrc", stack[4], voxel_size=20.0)
+    with pytest.raises(InputError, match="voxel size 20"):
+        open_particles(folder, skip_unreadable=True)
+    # nothing left to read is an error, not an empty set
+    with pytest.raises(InputError, match="all 2 MRC files were unreadable"):
+        open_particles([cut, folder / "p3.mrc"], skip_unreadable=True)
+
+
+def test_many_skipped_files_are_summed_up_after_ten(tmp_path, stack):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    write_mrc(folder / "good.mrc", stack[0])
+    for i in range(12):
+        (folder / f"bad{i:02d}.mrc").write_bytes(b"not an MRC file")
+    particles = open_particles(folder, skip_unreadable=True)
+    assert len(particles) == 1 and len(particles.skipped) == 12
+    assert len(particles.warnings) == 11
+    assert particles.warnings[-1] == "skipped 2 more unreadable MRC files (12 in all)"
+
+
 def write_transposed_mrc(path, volume, mapping):
     """``volume`` (z, y, x) stored with columns, rows and sections along the axes ``mapping``
     = (mapc, mapr, maps) names (1 = x, 2 = y, 3 = z), the header saying so."""

@@ -18,7 +18,9 @@ What the model expects, and what happens otherwise (see :class:`ReadOptions`):
   ``rescale=True`` it is resampled (``scipy.ndimage.zoom``, cubic) to the model's voxel size;
   formats that carry no voxel size (``.npy``, HDF5/zarr without a ``voxel_size`` attribute, an
   MRC header with zero cell) are taken at ``declared_voxel_size`` or else the model's;
-- MRC headers are read strictly (``mrcfile``, ``permissive=False``) unless ``permissive=True``.
+- MRC headers are read strictly (``mrcfile``, ``permissive=False``) unless ``permissive=True``;
+  an MRC file that cannot be read as particles (a damaged header, a size that does not match it,
+  a 2-D image) is an error, or with ``skip_unreadable=True`` a warning and the file is left out.
 
 Array axes are z, y, x throughout, as in the files; an MRC file that stores its axes in another
 order (the header's mapc, mapr, maps) is transposed to z, y, x as it is read.
@@ -61,6 +63,7 @@ class ReadOptions:
     permissive: bool = False
     declared_voxel_size: float | None = None
     dataset: str | None = None  # HDF5/zarr: the array to read (default: the only 4-D one)
+    skip_unreadable: bool = False  # MRC files that cannot be read as particles: warn and skip
 
 
 @dataclass(frozen=True)
@@ -597,6 +600,7 @@ class ParticleSet:
     readers: list[_Reader]
     items: list[tuple[int, int]] = field(default_factory=list)  # (reader, index in reader)
     warnings: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # MRC files left out (skip_unreadable)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -741,6 +745,7 @@ def open_particles(sources: str | Path | Sequence[str | Path], options: ReadOpti
                          f"of angstrom, not {declared!r}", field="voxel_size")
     readers: list[_Reader] = []
     warnings: list[str] = []
+    skipped: list[tuple[Path, str]] = []
     for source in sources:
         path = Path(source)
         kind = source_kind(path)
@@ -759,9 +764,9 @@ def open_particles(sources: str | Path | Sequence[str | Path], options: ReadOpti
                 warnings.append(f"{path}: {len(others)} entries that are not MRC files are not "
                                 f"read ({listed}); name .npy or HDF5 files, or subfolders, as "
                                 "sources of their own")
-            readers += [_MrcReader(f, options) for f in files]
+            readers += _mrc_readers(files, options, skipped)
         elif kind == "mrc":
-            readers.append(_MrcReader(path, options))
+            readers += _mrc_readers([path], options, skipped)
         elif kind == "copick":
             reader = _CopickReader(path, options, copick or CopickOptions())
             warnings += reader.warnings
@@ -777,7 +782,35 @@ def open_particles(sources: str | Path | Sequence[str | Path], options: ReadOpti
             if i == 0 or record.voxel_size != reader.records[0].voxel_size:
                 check_voxel_size(record.voxel_size, options, record.source)
             items.append((r, i))
-    return ParticleSet(options, readers, items, warnings)
+    if skipped:
+        warnings += _skipped_warnings(skipped)
+        if not items:
+            raise InputError(f"no particles left: all {len(skipped)} MRC files were unreadable",
+                             field="source")
+    return ParticleSet(options, readers, items, warnings, [str(p) for p, _ in skipped])
+
+
+def _mrc_readers(files: Sequence[Path], options: ReadOptions,
+                 skipped: list[tuple[Path, str]]) -> list[_Reader]:
+    """A reader per MRC file; with ``skip_unreadable`` a file that cannot be read as particles
+    is added to ``skipped`` with the reason, instead of stopping everything."""
+    readers: list[_Reader] = []
+    for path in files:
+        try:
+            readers.append(_MrcReader(path, options))
+        except InputError as exc:
+            if not options.skip_unreadable:
+                raise
+            skipped.append((path, str(exc)))
+    return readers
+
+
+def _skipped_warnings(skipped: list[tuple[Path, str]], shown: int = 10) -> list[str]:
+    lines = [f"skipped {reason}" for _, reason in skipped[:shown]]
+    if len(skipped) > shown:
+        lines.append(f"skipped {len(skipped) - shown} more unreadable MRC files "
+                     f"({len(skipped)} in all)")
+    return lines
 
 
 def load_particles(sources, **kwargs) -> tuple[np.ndarray, list[ParticleRecord]]:
