@@ -293,13 +293,100 @@ def test_reconstruct_keeps_voxel_size_and_origin_and_writes_segments(tmp_path, m
     assert _cli("reconstruct", stack_file, "-o", tmp_path / "recs", "-c", model,
                 "--device", "cpu") == 0
     files = sorted(p.name for p in (tmp_path / "recs").iterdir())
-    assert files == ["s_0.mrc", "s_1.mrc", "s_2.mrc"]
+    assert files == ["index.csv", "s_0.mrc", "s_1.mrc", "s_2.mrc"]
     identity = run(engine, Operation(kind="reconstruct"), stack[:3]).arrays["reconstruction"]
     with mrcfile.open(tmp_path / "recs" / "s_2.mrc") as mrc:
         np.testing.assert_allclose(mrc.data, identity[2], atol=1e-5)
     capsys.readouterr()
     assert _cli("reconstruct", stack_file, "-o", tmp_path / "x.mrc", "-c", model) == 1
     assert "give a folder" in capsys.readouterr().err
+
+
+def _index(folder):
+    import csv
+
+    with (folder / "index.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_reconstruct_folder_index_names_each_files_particle(tmp_path, model, stack, project,
+                                                            capsys):
+    stack_file = write_mrc(tmp_path / "s.mrcs", stack[:3], origin=(7.0, 8.0, 9.0))
+    out = tmp_path / "recs"
+    assert _cli("reconstruct", stack_file, "-o", out, "-c", model, "--device", "cpu",
+                "--segments") == 0
+    captured = capsys.readouterr()
+    assert f"wrote 9 MRC files to {out} (listed in {out / 'index.csv'})" in captured.out
+    assert "reconstruct: 100%" in captured.err  # the progress bar
+    rows = _index(out)
+    assert [(r["file"], r["affinity_file"], r["free_file"], r["source"], r["index"])
+            for r in rows] == [(f"s_{i}.mrc", f"s_{i}_affinity.mrc", f"s_{i}_free.mrc",
+                                str(stack_file), str(i)) for i in range(3)]
+    assert rows[0]["origin_x"] == "7.0" and rows[0]["run"] == ""
+    # a later run into the same folder adds its rows and keeps the earlier ones
+    config, _ = project
+    assert _cli("reconstruct", config, "--object", "ribosome", "--run", "TS_1", "-o", out,
+                "-c", model, "--device", "cpu", "--quiet") == 0
+    assert "reconstruct:" not in capsys.readouterr().err
+    rows = {r["file"]: r for r in _index(out)}
+    assert len(rows) == 6 and rows["s_1.mrc"]["affinity_file"] == "s_1_affinity.mrc"
+    pick = rows["TS_1_ribosome_tester_0_0.mrc"]
+    assert (pick["run"], pick["object"], pick["affinity_file"]) == ("TS_1", "ribosome", "")
+    assert sorted(p.name for p in out.iterdir()) == sorted([*rows, *(
+        f"s_{i}_{part}.mrc" for i in range(3) for part in ("affinity", "free")), "index.csv"])
+    # one file given twice: the second copy's names get -2, and the index tells them apart
+    again = tmp_path / "again"
+    assert _cli("reconstruct", stack_file, stack_file, "-o", again, "-c", model,
+                "--device", "cpu", "--quiet") == 0
+    assert [(r["file"], r["index"]) for r in _index(again)][2:4] == [("s_2.mrc", "2"),
+                                                                     ("s_0-2.mrc", "0")]
+
+
+def test_reconstruct_refuses_before_any_work_when_a_file_exists(tmp_path, model, stack,
+                                                                 capsys):
+    stack_file = write_mrc(tmp_path / "s.mrcs", stack[:3])
+    out = tmp_path / "recs"
+    out.mkdir()
+    (out / "s_2_free.mrc").write_bytes(b"someone's map")
+    (out / "s_1.mrc").write_bytes(b"another")
+    argv = ["reconstruct", stack_file, "-o", out, "-c", model, "--device", "cpu", "--segments",
+            "--quiet"]
+    assert _cli(*argv) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"cryolens: {out / 's_1.mrc'} exists (and 1 more of the 9 files to write); use "
+        "--overwrite to replace it, or another -o")
+    assert sorted(p.name for p in out.iterdir()) == ["s_1.mrc", "s_2_free.mrc"]  # untouched
+    assert _cli(*argv, "--overwrite") == 0
+    assert len(_index(out)) == 3 and len(list(out.glob("*.mrc"))) == 9
+
+
+@pytest.mark.parametrize("command", ["embed", "reconstruct", "show"])
+def test_skip_unreadable_leaves_out_damaged_files_and_says_so(tmp_path, model, folder, command,
+                                                              capsys):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for p in sorted(folder.glob("*.mrc"))[:3]:
+        (mixed / p.name).write_bytes(p.read_bytes())
+    (mixed / "p1.mrc").write_bytes((folder / "p1.mrc").read_bytes()[:2000])  # copy cut short
+    out = tmp_path / {"embed": "e.parquet", "reconstruct": "recs", "show": "s.png"}[command]
+    argv = [command, mixed, "-o", out, "-c", model, "--device", "cpu"]
+    assert _cli(*argv) == 1
+    assert f"{mixed / 'p1.mrc'}: not a valid MRC file" in capsys.readouterr().err
+    assert not out.exists()
+    assert _cli(*argv, "--skip-unreadable") == 0
+    captured = capsys.readouterr()
+    assert f"warning: skipped {mixed / 'p1.mrc'}: not a valid MRC file" in captured.err
+    if command == "embed":
+        import pyarrow.parquet as pq
+
+        assert pq.read_table(out)["source"].to_pylist() == [str(mixed / "p0.mrc"),
+                                                            str(mixed / "p2.mrc")]
+        assert "1 unreadable file skipped; wrote" in captured.out
+    elif command == "reconstruct":
+        assert [r["file"] for r in _index(out)] == ["p0_0.mrc", "p2_0.mrc"]
+        assert "1 unreadable file skipped; wrote 2 MRC files" in captured.out
+    else:
+        assert "2 of 2 particles" in captured.out
 
 
 def test_reconstruct_of_a_fitted_box_overlays_its_input(tmp_path, model, stack):
@@ -323,7 +410,7 @@ def test_reconstruct_copick_boxes_land_in_the_tomogram(tmp_path, model, project)
         origin = mrc.header.origin
         assert (float(origin.x), float(origin.y), float(origin.z)) == (250.0, 240.0, 70.0)
         assert mrc.voxel_size.x == pytest.approx(10.0)
-    assert len(list(out.iterdir())) == 3
+    assert len(list(out.glob("*.mrc"))) == 3 and len(_index(out)) == 3
 
 
 def test_show_and_map_write_pictures(tmp_path, model, folder, project, capsys):

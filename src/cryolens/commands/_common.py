@@ -30,6 +30,10 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--permissive", action="store_true",
                        help="read MRC files with damaged headers (mrcfile permissive mode; "
                             "default: off, strict)")
+    group.add_argument("--skip-unreadable", action="store_true",
+                       help="leave out MRC files that cannot be read as particles (a damaged "
+                            "header, a size that does not match it), each named in a warning "
+                            "(default: off, such a file stops the command)")
     cp = parser.add_argument_group("copick projects")
     cp.add_argument("--object", default=None,
                     help="pickable object whose picks become particles (required for copick; "
@@ -56,9 +60,15 @@ def add_engine_options(parser: argparse.ArgumentParser, batch_size: int = 32) ->
                        help="particles per model call (default: %(default)s)")
 
 
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (default: off, a bar on standard error)")
+
+
 def read_options(args: argparse.Namespace) -> ReadOptions:
     return ReadOptions(rescale=args.rescale, fit=args.fit, permissive=args.permissive,
-                       declared_voxel_size=args.declared_voxel_size, dataset=args.dataset)
+                       declared_voxel_size=args.declared_voxel_size, dataset=args.dataset,
+                       skip_unreadable=args.skip_unreadable)
 
 
 def copick_options(args: argparse.Namespace) -> CopickOptions:
@@ -80,6 +90,12 @@ def open_from_args(args: argparse.Namespace, sources=None, box: int | None = Non
     for warning in particles.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return particles
+
+
+def skipped_note(particles: ParticleSet) -> str:
+    """`` N unreadable files skipped;`` for a command's last line, or nothing."""
+    n = len(particles.skipped)
+    return f" {n} unreadable file{'s' if n != 1 else ''} skipped;" if n else ""
 
 
 def load_engine(args: argparse.Namespace):

@@ -47,10 +47,12 @@ from cryolens.commands._common import (
     SOURCES_HELP,
     add_engine_options,
     add_input_options,
+    add_progress_option,
     copick_options,
     load_engine,
     open_from_args,
     read_options,
+    skipped_note,
 )
 from cryolens.errors import InputError
 from cryolens.io import RECORD_COLUMNS, ParticleRecord, ParticleSet
@@ -78,7 +80,7 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start again: discard an existing output and unfinished parts "
                         "(default: off, resume)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
+    add_progress_option(p)
     from cryolens.batch import add_ray_options
 
     add_ray_options(p)
@@ -329,7 +331,7 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
     rate = computed / seconds if seconds > 0 else float("nan")
     resumed = f" ({len(done)} done before, resumed)" if done else ""
     line = (f"embedded {computed} particles in {seconds:.1f} s ({rate:.1f} particles/s)"
-            f"{resumed}; {edges} edge boxes padded; wrote {out}")
+            f"{resumed}; {edges} edge boxes padded;{skipped_note(particles)} wrote {out}")
     return {"n": computed, "seconds": seconds, "rate": rate, "todo": todo, "line": line,
             "edges": edges}
 
