@@ -1,5 +1,15 @@
 """``cryolens map embeddings.parquet -o map.png``: the embeddings in 2-D (PCA, and UMAP when
-umap-learn is installed), coloured by object, run or any column."""
+umap-learn is installed), coloured by object, run or any column.
+
+It reads what ``cryolens embed`` writes, Parquet or HDF5. An HDF5 file in CryoLens's
+copick-embedding layout (ours, or one written by CryoLens's own script, which lacks our extra
+datasets and ``cryolens`` metadata) becomes the table a Parquet file gives: each group that holds
+``embeddings`` adds its rows, with ``run`` (the group's name; None for ``particles``),
+``object`` (``structure_labels``), ``user_id``, ``session_id``, ``voxel_size``,
+``x_angstrom`` .. ``z_angstrom``, ``global_weight``, ``source``, ``index`` and ``edge`` where the
+group has the dataset they come from (see ``H5_COLUMNS``), and ``embedding_0`` ..
+``embedding_{k-1}``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,13 +18,32 @@ from pathlib import Path
 import numpy as np
 
 from cryolens.errors import InputError
+from cryolens.io import INSTALL_IO
+
+#: Datasets of a run's group in the HDF5 layout and the Parquet columns each becomes (an (N, 3)
+#: dataset: x, y, z). CryoLens's own script writes the first six; ``cryolens embed`` all.
+H5_COLUMNS: dict[str, tuple[str, ...]] = {
+    "structure_labels": ("object",),
+    "user_ids": ("user_id",),
+    "session_ids": ("session_id",),
+    "voxel_spacings": ("voxel_size",),
+    "coordinates_angstrom": ("x_angstrom", "y_angstrom", "z_angstrom"),
+    "global_weight": ("global_weight",),
+    "sources": ("source",),
+    "indices": ("index",),
+    "edge": ("edge",),
+}
+#: The metadata attributes that a Parquet file carries as its schema's key-value metadata.
+H5_METADATA = ("cryolens", "checkpoint_name", "checkpoint_sha256")
 
 
 def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
     p = subparsers.add_parser(
         "map", parents=[common], description=__doc__.split("\n\n")[0],
         help="a 2-D map (PCA, UMAP) of embeddings from `embed`")
-    p.add_argument("embeddings", help="a Parquet file written by `cryolens embed`")
+    p.add_argument("embeddings",
+                   help="a Parquet or HDF5 (.h5, .hdf5) file written by `cryolens embed`; an "
+                        "HDF5 file written by CryoLens's own copick-embedding script too")
     p.add_argument("-o", "--output", default="map.png",
                    help="picture to write, in the format its suffix names: .png, .pdf, "
                         ".svg, .jpg, ... (default: %(default)s)")
@@ -30,16 +59,103 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def read_table(path: Path):
+    """The embeddings in ``path``, Parquet or HDF5 (by its suffix), as one Arrow table with
+    the Parquet file's columns and key-value metadata."""
+    from cryolens.commands.embed import FORMATS
+
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise InputError(f"{path}: map reads the Parquet (.parquet) and HDF5 (.h5) files "
+                         "`cryolens embed` writes", field="embeddings")
+    if kind == "hdf5":
+        return read_h5(path)
     import pyarrow.parquet as pq
 
-    if path.suffix.lower() not in (".parquet", ".pq"):
-        raise InputError(f"{path}: map reads the Parquet files `cryolens embed` writes",
-                         field="embeddings")
     try:
         return pq.read_table(path)
     except Exception as exc:
         raise InputError(f"{path}: not a readable Parquet file: {exc}",
                          field="embeddings") from exc
+
+
+def read_h5(path: Path):
+    """An HDF5 file in CryoLens's copick-embedding layout as one Arrow table: its groups'
+    rows in the file's order of groups (see the module docstring)."""
+    import pyarrow as pa
+
+    try:
+        import h5py
+    except ImportError as exc:
+        raise InputError(f"{path}: reading HDF5 needs h5py: {INSTALL_IO}",
+                         field="embeddings") from exc
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"{path}: not a readable HDF5 file: {exc}", field="embeddings") from exc
+    with handle:
+        groups = {name: item for name, item in handle.items() if isinstance(item, h5py.Group)
+                  and isinstance(item.get("embeddings"), h5py.Dataset)}
+        if not groups:
+            raise InputError(f"{path}: no group holds an `embeddings` dataset; map reads the "
+                             "HDF5 files `cryolens embed` (or CryoLens's own copick-embedding "
+                             "script) writes", field="embeddings")
+        widths = {name: group["embeddings"].shape for name, group in groups.items()}
+        for name, shape in widths.items():
+            if len(shape) != 2:
+                raise InputError(f"{path}: {name}/embeddings has shape {shape}, not "
+                                 "(particles, dimensions)", field="embeddings")
+        if len({shape[1] for shape in widths.values()}) > 1:
+            listed = ", ".join(f"{name}: {shape[1]}" for name, shape in widths.items())
+            raise InputError(f"{path}: the groups' embeddings differ in width ({listed} "
+                             "dimensions), so they cannot share one map", field="embeddings")
+        tables = [_h5_group_table(path, name, group) for name, group in groups.items()]
+        meta = handle.get("metadata")
+        attrs = dict(meta.attrs) if isinstance(meta, h5py.Group) else {}
+    try:
+        table = pa.concat_tables(tables, promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InputError(f"{path}: the groups' datasets disagree: {exc}",
+                         field="embeddings") from exc
+    return table.replace_schema_metadata(
+        {key.encode(): _text(attrs[key]).encode() for key in H5_METADATA if key in attrs})
+
+
+def _h5_group_table(path: Path, name: str, group):
+    """One group's rows: the columns of ``H5_COLUMNS`` it has, then the embedding."""
+    import h5py
+    import pyarrow as pa
+
+    emb = np.asarray(group["embeddings"][()], np.float32)
+    n = len(emb)
+    columns = {"run": pa.array([None if name == "particles" else name] * n, pa.string())}
+    for dataset, names in H5_COLUMNS.items():
+        if not isinstance(group.get(dataset), h5py.Dataset):
+            continue
+        data = np.asarray(group[dataset][()])
+        if data.ndim == 0 or len(data) != n or data.size != n * len(names):
+            raise InputError(f"{path}: {name}/{dataset} has shape {data.shape}, but "
+                             f"{name}/embeddings has {n} rows", field="embeddings")
+        data = data.reshape(n, len(names))
+        for j, column in enumerate(names):
+            columns[column] = _column(data[:, j])
+    for k in range(emb.shape[1]):
+        columns[f"embedding_{k}"] = pa.array(emb[:, k])
+    return pa.table(columns)
+
+
+def _column(values: np.ndarray):
+    """Values as the Parquet file holds them: text decoded, with "" as None; NaN as None."""
+    import pyarrow as pa
+
+    if values.dtype.kind in "SUO":
+        return pa.array([_text(v) or None for v in values], pa.string())
+    if values.dtype.kind == "f":
+        return pa.array(values.astype(np.float64), from_pandas=True)
+    return pa.array(values)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def default_color(table) -> str | None:
