@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from cryolens.errors import InputError
-from cryolens.io import INSTALL_IO
 
 #: Datasets of a run's group in the HDF5 layout and the Parquet columns each becomes (an (N, 3)
 #: dataset: x, y, z). CryoLens's own script writes the first six; ``cryolens embed`` all.
@@ -81,13 +80,9 @@ def read_table(path: Path):
 def read_h5(path: Path):
     """An HDF5 file in CryoLens's copick-embedding layout as one Arrow table: its groups'
     rows in the file's order of groups (see the module docstring)."""
+    import h5py
     import pyarrow as pa
 
-    try:
-        import h5py
-    except ImportError as exc:
-        raise InputError(f"{path}: reading HDF5 needs h5py: {INSTALL_IO}",
-                         field="embeddings") from exc
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
