@@ -166,14 +166,14 @@ def add_serve_parser(sub, common: argparse.ArgumentParser) -> None:
 
 
 #: One function per sub-command; a new sub-command adds its function here.
-SUBCOMMANDS = (add_train_parser, add_evaluate_parser, add_info_parser, add_serve_parser)
+SUBCOMMANDS = (add_info_parser, add_serve_parser, add_train_parser, add_evaluate_parser)
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="cryolens",
-        description="CryoLens: train, evaluate and inspect models of 48^3 cryo-ET particles, "
-                    "and serve them over HTTP.\n"
+        description="CryoLens: embed, reconstruct and picture your 48^3 cryo-ET particles; "
+                    "inspect, train and evaluate\nmodels, and serve them over HTTP.\n"
                     "'cryolens COMMAND --help' lists the options of a command. A failure is one "
                     "line on stderr\n(exit status 1); add --log-level debug to see its "
                     "traceback.")
@@ -181,11 +181,11 @@ def build_parser() -> ArgumentParser:
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common_options()
-    for add in SUBCOMMANDS:
-        add(sub, common)
-    from cryolens.commands import register  # embed, reconstruct, show, map
+    from cryolens.commands import register  # embed, reconstruct, show, map: listed first
 
     register(sub, common)
+    for add in SUBCOMMANDS:
+        add(sub, common)
     return parser
 
 
