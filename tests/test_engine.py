@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import spread_model
 
-from cryolens.engine import Engine, zscore
+from cryolens.engine import Engine, resolve_device, zscore
 from cryolens.errors import DeviceError, InputError
 from cryolens.model import CryoLensConfig, CryoLensVAE
 
@@ -100,6 +100,27 @@ def test_cuda_where_there_is_none_is_a_clear_error():
     with pytest.raises(DeviceError, match="no CUDA"):
         Engine(CryoLensVAE(SMALL), device="cuda")
     assert Engine(CryoLensVAE(SMALL), device="auto").device.type == "cpu"
+
+
+UNUSABLE = ["meta", "xla"] + ([] if torch.backends.mps.is_available() else ["mps"])
+
+
+@pytest.mark.parametrize("device", UNUSABLE)
+def test_a_device_the_engine_cannot_use_is_a_device_error(device):
+    """Not torch's RuntimeError from model.to(), nor (meta) a model whose weights are gone."""
+    model = CryoLensVAE(SMALL)
+    with pytest.raises(DeviceError, match=rf"device '{device}' is not available"):
+        Engine(model, device=device)
+    assert model.mu.weight.device.type == "cpu"
+
+
+def test_a_gpu_index_beyond_the_machines_is_a_device_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(DeviceError, match=r"'cuda:7' was requested but this machine has 2 CUDA "
+                                          r"GPU\(s\): use cuda:0 \.\. cuda:1"):
+        resolve_device("cuda:7")
 
 
 def _extreme_volumes() -> dict[str, np.ndarray]:

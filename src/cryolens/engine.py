@@ -101,7 +101,8 @@ class SplatSet:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA where there is none is an error."""
+    """``auto`` picks CUDA when available; ``cpu``, ``cuda``, ``cuda:N`` (and ``mps`` where
+    PyTorch has it). A device this machine does not have is a :class:`DeviceError`."""
     name = str(device).lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,9 +112,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             "GPU; use --device cpu or auto, or install a CUDA build of PyTorch"
         )
     try:
-        return torch.device(name)
+        target = torch.device(name)
     except RuntimeError as exc:
-        raise DeviceError(f"unknown device {device!r}: use cpu, cuda or auto") from exc
+        raise DeviceError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from exc
+    if target.type == "cuda" and (target.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise DeviceError(f"device {device!r} was requested but this machine has {count} CUDA "
+                          f"GPU(s): use cuda:0 .. cuda:{count - 1}, cuda or auto")
+    mps = getattr(torch.backends, "mps", None)
+    if target.type == "mps" and mps is not None and mps.is_available():
+        return target
+    if target.type not in ("cpu", "cuda"):  # meta, xla, ...: no weights could live there
+        raise DeviceError(f"device {device!r} is not available to the engine: use cpu, cuda, "
+                          "cuda:N or auto")
+    return target
 
 
 def zscore(batch: np.ndarray) -> Normalised:
