@@ -88,6 +88,11 @@ def test_normalisation_is_per_particle(engine, volumes):
     (np.full((1, 48, 48, 48), 1e39), "finite"),
     (np.full((1, 48, 48, 48), "a"), "real numbers"),
     ([np.zeros((48, 48, 48)), np.zeros((48, 48, 47))], "regular"),
+    # the shape the caller passed, not the batch made of it
+    (np.zeros((2, 48, 48), np.float32), "or (48, 48, 48) for one volume, got shape (2, 48, 48)"),
+    (torch.zeros(2, 48, 48), "got shape (2, 48, 48)"),
+    ("particles/particle_000.mrc", "got a str"),
+    (None, "got a NoneType"),
 ])
 def test_bad_input_is_an_input_error(engine, bad, fragment):
     with pytest.raises(InputError, match=None) as info:

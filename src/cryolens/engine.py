@@ -239,13 +239,15 @@ class Engine:
     def box_shape(self) -> tuple[int, int, int]:
         return (self.config.box_size,) * 3
 
-    def _check_shape(self, shape: tuple[int, ...]) -> None:
+    def _check_shape(self, shape: tuple[int, ...], given: object) -> None:
+        """``shape``: the batch's, after a single volume got its leading axis; ``given``: what
+        the caller passed (named in the message)."""
         if len(shape) != 4 or tuple(shape[1:]) != self.box_shape:
-            raise InputError(
-                f"volumes must have shape (N, {', '.join(map(str, self.box_shape))}), "
-                f"got {tuple(shape)}",
-                field="volumes",
-            )
+            box = ", ".join(map(str, self.box_shape))
+            what = (f"shape {tuple(given.shape)}" if getattr(given, "ndim", 0)
+                    else f"a {type(given).__name__}")
+            raise InputError(f"volumes must have shape (N, {box}) or ({box}) for one volume, "
+                             f"got {what}", field="volumes")
         if shape[0] == 0:
             raise InputError("at least one volume is needed", field="volumes")
 
@@ -256,18 +258,19 @@ class Engine:
         except (ValueError, TypeError) as exc:  # ragged nested lists
             raise InputError(f"volumes must be a regular (N, D, H, W) array: {exc}",
                              field="volumes") from exc
+        self._check_shape(array[None].shape if array.ndim == 3 else array.shape,
+                          array if array.ndim else volumes)
         if array.ndim == 3:
             array = array[None]
-        self._check_shape(array.shape)
         if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
             raise InputError(f"volumes must be real numbers, got dtype {array.dtype}", "volumes")
         return array
 
     def _tensor_batch(self, volumes: torch.Tensor) -> torch.Tensor:
         tensor = volumes.detach()
+        self._check_shape((1, *tensor.shape) if tensor.ndim == 3 else tuple(tensor.shape), tensor)
         if tensor.ndim == 3:
             tensor = tensor[None]
-        self._check_shape(tuple(tensor.shape))
         if tensor.dtype.is_complex or tensor.dtype == torch.bool:
             raise InputError(f"volumes must be real numbers, got dtype {tensor.dtype}", "volumes")
         return tensor
