@@ -100,6 +100,33 @@ def test_bad_input_is_an_input_error(engine, bad, fragment):
     assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize("call, name", [
+    (lambda e, v: e.reconstruct(v, segments="false"), "segments"),  # truthy: would mean yes
+    (lambda e, v: e.reconstruct(v, use_predicted_pose="no"), "use_predicted_pose"),
+    (lambda e, v: e.reconstruct(v, final_convolution=None), "final_convolution"),
+    (lambda e, v: e.reconstruct(v, denormalise=0), "denormalise"),
+    (lambda e, v: e.splats(v, include_free="false"), "include_free"),
+    (lambda e, v: Engine(e.model, device="cpu", memory_budget=0), "memory_budget"),
+    (lambda e, v: Engine(e.model, device="cpu", memory_budget=-1), "memory_budget"),
+    (lambda e, v: Engine(e.model, device="cpu", memory_budget="1GB"), "memory_budget"),
+    (lambda e, v: Engine(e.model, device="cpu", max_chunk=0), "max_chunk"),
+    (lambda e, v: Engine(e.model, device="cpu", exact_zscore="false"), "exact_zscore"),
+])
+def test_options_of_the_wrong_type_or_value_are_input_errors_naming_them(engine, volumes, call,
+                                                                        name):
+    with pytest.raises(InputError, match=rf"^{name} must be ") as info:
+        call(engine, volumes[:1])
+    assert info.value.field == name
+
+
+def test_numpy_scalars_and_float_budgets_are_accepted(engine, volumes):
+    other = Engine(engine.model, device="cpu", memory_budget=2e9, max_chunk=np.int64(2),
+                   exact_zscore=np.bool_(True))
+    assert (other.memory_budget, other.max_chunk) == (2_000_000_000, 2)
+    rec = other.reconstruct(volumes[:1], segments=np.bool_(True))
+    assert rec.affinity is not None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_where_there_is_none_is_a_clear_error():
     with pytest.raises(DeviceError, match="no CUDA"):

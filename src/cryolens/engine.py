@@ -9,6 +9,8 @@ through reused pinned buffers on their own streams, overlapping the compute of o
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 import threading
 import warnings
@@ -198,6 +200,12 @@ class Engine:
         allow_tf32: bool = False,
         exact_zscore: bool | None = None,
     ) -> None:
+        allow_tf32 = _switch("allow_tf32", allow_tf32)
+        exact_zscore = None if exact_zscore is None else _switch("exact_zscore", exact_zscore)
+        if memory_budget is not None:
+            memory_budget = _at_least_one("memory_budget", memory_budget, "bytes")
+        if max_chunk is not None:
+            max_chunk = _at_least_one("max_chunk", max_chunk, "particles")
         self.device = resolve_device(device)
         cuda = self.device.type == "cuda"
         if self.device.type == "cpu":
@@ -525,6 +533,10 @@ class Engine:
         and global weight instead; ``final_convolution=False`` returns the centre of the raw
         [0, 1] render; ``segments`` also renders the affinity and free splats on their own.
         """
+        use_predicted_pose = _switch("use_predicted_pose", use_predicted_pose)
+        final_convolution = _switch("final_convolution", final_convolution)
+        segments = _switch("segments", segments)
+        denormalise = _switch("denormalise", denormalise)
         decoder = self.model.decoder
         region = "conv" if final_convolution else "crop"
         n_render = len(decoder.region_axis(region))
@@ -556,6 +568,7 @@ class Engine:
 
     def splats(self, volumes, *, include_free: bool = True) -> SplatSet:
         """The splats each particle decodes to, in its predicted pose; see :class:`SplatSet`."""
+        include_free = _switch("include_free", include_free)
         cfg = self.config
         half = (cfg.render_size - 1) / 2  # grid units -> render voxels
 
@@ -583,6 +596,24 @@ class Engine:
 
 
 _NOT_FINITE = "volumes must be finite: found NaN or infinity (or a value beyond float32 range)"
+
+
+def _switch(name: str, value: object) -> bool:
+    """An on/off argument, which must be a bool: the string "false" (from a config file, say)
+    is truthy, and would silently mean the opposite."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise InputError(f"{name} must be True or False, got {type(value).__name__} "
+                     f"{repr(value)[:40]}", field=name)
+
+
+def _at_least_one(name: str, value: object, unit: str) -> int:
+    """A positive whole number of ``unit`` (a float such as 2e9 is taken as an int)."""
+    if (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value) and value >= 1):
+        return int(value)
+    raise InputError(f"{name} must be a number of {unit}, at least 1, got "
+                     f"{type(value).__name__} {repr(value)[:40]}", field=name)
 
 
 def _np(tensor: torch.Tensor) -> np.ndarray:
