@@ -26,6 +26,7 @@ from cryolens.client import (
     CryoLensClient,
     CryoLensConnectionError,
     CryoLensHTTPError,
+    _volumes,
     retry_wait,
 )
 from cryolens.errors import CryoLensError
@@ -185,6 +186,21 @@ def test_large_stacks_are_split_into_requests(server, client, capsys):
     assert int(batch["n_volumes"]) == 70 and int(batch["num_processed"]) == 70
     np.testing.assert_allclose(batch["embeddings"], whole["embedding"], **TOL)
     assert "70/70" in capsys.readouterr().err  # the tqdm bar of the first call
+
+
+def test_a_stack_is_converted_a_request_at_a_time_not_copied_whole(server):
+    """A float64 stack, a strided view or a memmap is turned into float32 one request's
+    volumes at a time: for a dataset on disk, a whole copy would be the dataset in memory."""
+    stack = particles(6, seed=6).astype(np.float64)
+    kept, stacked = _volumes(stack)
+    assert stacked and kept.dtype == np.float64 and np.shares_memory(kept, stack)
+    reversed_view = stack[::-1]
+    assert np.shares_memory(_volumes(reversed_view)[0], stack)
+    with CryoLensClient(server.url, batch_size=4) as c:
+        expected = c.extract_features(stack.astype(np.float32))["embedding"]
+        np.testing.assert_allclose(c.extract_features(stack)["embedding"], expected, **TOL)
+        np.testing.assert_allclose(c.extract_features(reversed_view)["embedding"],
+                                   expected[::-1], **TOL)
 
 
 def test_async_client_matches(server, client):

@@ -278,7 +278,9 @@ def _first_volume(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _volumes(volumes: Any) -> tuple[np.ndarray, bool]:
-    """(float32 (N, D, H, W), was a stack given)."""
+    """((N, D, H, W) as given, was a stack given). Not converted here: a float64 stack, a
+    strided view or a memmap is turned into float32 a request at a time (:func:`_float32`),
+    never copied whole."""
     array = np.asarray(volumes)
     if array.dtype.kind not in "fiub":
         raise TypeError(f"volumes must be real numbers, got dtype {array.dtype}")
@@ -288,8 +290,12 @@ def _volumes(volumes: Any) -> tuple[np.ndarray, bool]:
     if array.ndim == 4 and array.shape[0] == 0:
         raise ValueError("volumes is an empty stack")
     stacked = array.ndim == 4
-    array = np.ascontiguousarray(array, dtype=np.float32)
     return (array if stacked else array[None]), stacked
+
+
+def _float32(part: np.ndarray) -> np.ndarray:
+    """The volumes of one request as the server reads them: C-contiguous float32."""
+    return np.ascontiguousarray(part, dtype=np.float32)
 
 
 _Plan = Generator[_Request, httpx.Response, Any]
@@ -350,14 +356,15 @@ class _Core:
             start = 0
             while start < total:
                 if self.binary:
-                    part = stack[start:start + self.batch_size]
+                    part = _float32(stack[start:start + self.batch_size])
                     sent = part if (stacked or endpoint.batch) else part[0]
                     response = yield _npy_request(endpoint, sent, options)
                     if response.status_code == 415:  # an old server: JSON from now on
                         self.binary = False
                         continue
                 else:
-                    part = stack[start:start + (self.batch_size if endpoint.batch else 1)]
+                    part = _float32(stack[start:start + (self.batch_size if endpoint.batch
+                                                         else 1)])
                     # the JSON contract: one volume per request, except /batch_process
                     sent = part if endpoint.batch else part[0]
                     response = yield _volume_json_request(endpoint, sent, options)
