@@ -29,7 +29,7 @@ from cryolens.client import (
     _volumes,
     retry_wait,
 )
-from cryolens.errors import CryoLensError
+from cryolens.errors import CryoLensError, InputError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -240,10 +240,31 @@ def test_validation_errors_are_readable(client):
 
 
 def test_wrong_rank_is_refused_before_sending(client):
-    with pytest.raises(ValueError, match=r"\(D, H, W\)"):
+    with pytest.raises(InputError, match=r"\(D, H, W\)"):
         client.extract_features(np.zeros((48, 48)))
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(InputError, match="empty"):
         client.extract_features(np.zeros((0, 48, 48, 48)))
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_volumes_that_are_not_finite_are_refused_naming_them(server, binary):
+    """As JSON, a NaN was sent as the bare token NaN and refused as malformed JSON (400), with
+    no word of where it was; now neither mode sends it."""
+    stack = particles(5, seed=7).astype(np.float64)
+    stack[1, 3, 4, 5] = np.nan
+    stack[3, 0, 0, 0] = 1e39  # beyond float32
+    transport = CountingTransport()
+    with CryoLensClient(server.url, binary=binary, transport=transport) as c:
+        with pytest.raises(InputError, match=r"volume\(s\) \[1, 3\] hold NaN or infinity") \
+                as caught:
+            c.extract_features(stack)
+        assert caught.value.field == "volumes"
+        with pytest.raises(InputError, match=r"volume\(s\) \[0\]"):
+            c.reconstruct(np.full((48, 48, 48), np.inf, np.float32))
+        with pytest.raises(InputError, match="volume must be finite") as caught:
+            c.statistics(np.array([1.0, np.nan]))
+        assert caught.value.field == "volume"
+    assert transport.sent == []
 
 
 def test_unreachable_server():

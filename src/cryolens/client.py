@@ -22,7 +22,8 @@ asks for JSON from the start. Stacks larger than ``batch_size`` are sent in seve
 the results concatenated. A 503 (queue full, model loading) is retried after the server's
 ``Retry-After`` (at most ``max_retries`` times, each wait capped at ``max_retry_wait_s``); any
 other error status raises :class:`CryoLensHTTPError` with the server's message, field, status and
-request id.
+request id. Volumes that are not one volume or a stack, or that hold NaN or infinity, are an
+:class:`~cryolens.errors.InputError` before anything is sent.
 
 The request building and response decoding below are plain functions of bytes and arrays;
 :class:`CryoLensClient` and :class:`AsyncCryoLensClient` only differ in how they send.
@@ -41,7 +42,7 @@ import httpx
 import numpy as np
 
 from cryolens import __version__, formats
-from cryolens.errors import CryoLensError
+from cryolens.errors import CryoLensError, InputError
 
 DEFAULT_URL = "http://localhost:8023"
 #: Seconds to wait for a TCP connection to the server.
@@ -285,10 +286,10 @@ def _volumes(volumes: Any) -> tuple[np.ndarray, bool]:
     if array.dtype.kind not in "fiub":
         raise TypeError(f"volumes must be real numbers, got dtype {array.dtype}")
     if array.ndim not in (3, 4):
-        raise ValueError(f"volumes must be one volume (D, H, W) or a stack (N, D, H, W), "
-                         f"got shape {array.shape}")
+        raise InputError(f"volumes must be one volume (D, H, W) or a stack (N, D, H, W), "
+                         f"got shape {array.shape}", field="volumes")
     if array.ndim == 4 and array.shape[0] == 0:
-        raise ValueError("volumes is an empty stack")
+        raise InputError("volumes is an empty stack", field="volumes")
     stacked = array.ndim == 4
     return (array if stacked else array[None]), stacked
 
@@ -296,6 +297,25 @@ def _volumes(volumes: Any) -> tuple[np.ndarray, bool]:
 def _float32(part: np.ndarray) -> np.ndarray:
     """The volumes of one request as the server reads them: C-contiguous float32."""
     return np.ascontiguousarray(part, dtype=np.float32)
+
+
+def _check_finite(stack: np.ndarray, step: int) -> None:
+    """Refuse NaN, infinity or values beyond float32's range before anything is sent (as JSON
+    a NaN would be refused as malformed, saying nothing of where it is; and a bad volume late
+    in a stack would waste the work of every request before it). Checked ``step`` volumes at
+    a time: never a float32 copy of the whole stack."""
+    if stack.dtype.kind != "f":
+        return
+    bad: list[int] = []
+    for start in range(0, len(stack), step):
+        with np.errstate(over="ignore"):  # beyond float32's range: infinite, refused below
+            part = np.asarray(stack[start:start + step], dtype=np.float32)
+        finite = np.isfinite(part.reshape(len(part), -1)).all(axis=1)
+        bad += (np.flatnonzero(~finite) + start).tolist()
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise InputError(f"volumes must be finite: volume(s) [{shown}] hold NaN or infinity "
+                         "(or a value beyond float32 range); nothing was sent", field="volumes")
 
 
 _Plan = Generator[_Request, httpx.Response, Any]
@@ -336,6 +356,8 @@ class _Core:
 
     def _statistics_plan(self, volume: Any) -> _Plan:
         array = np.asarray(volume)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InputError("volume must be finite: it holds NaN or infinity", field="volume")
         if self.binary:
             response = yield _Request("POST", "/statistics", content=formats.write_npy(array),
                                       headers={"Content-Type": formats.NPY_MEDIA_TYPE})
@@ -348,6 +370,7 @@ class _Core:
     def _volumes_plan(self, endpoint: _Endpoint, volumes: Any, options: dict[str, Any],
                       progress: bool | None) -> _Plan:
         stack, stacked = _volumes(volumes)
+        _check_finite(stack, self.batch_size)
         total = len(stack)
         bar = self._bar(endpoint.path, total, progress if progress is not None
                         else self.progress)
