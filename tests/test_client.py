@@ -232,11 +232,19 @@ def test_server_errors_carry_message_field_status_and_request_id(server, binary,
     assert err.request_id in str(err) and "422" in str(err) and "/extract_features" in str(err)
 
 
-def test_validation_errors_are_readable(client):
-    with pytest.raises(CryoLensHTTPError) as caught:
-        client.batch_process(particles(1), batch_size=0)
-    assert caught.value.status == 422 and isinstance(caught.value.detail, list)
-    assert "batch_size" in str(caught.value)
+@pytest.mark.parametrize("binary", [True, False])
+def test_validation_errors_are_readable_and_name_the_option(server, binary):
+    """A wrong option value is the server's validation error (a list of them), its field the
+    keyword argument at fault, whether it travelled as a query parameter or in a JSON body."""
+    with CryoLensClient(server.url, binary=binary) as c:
+        with pytest.raises(CryoLensHTTPError) as caught:
+            c.batch_process(particles(1), batch_size=0)
+        assert caught.value.status == 422 and isinstance(caught.value.detail, list)
+        assert "batch_size" in str(caught.value) and caught.value.field == "batch_size"
+        with pytest.raises(CryoLensHTTPError, match="'reconstruction', 'features' or 'splats'") \
+                as caught:
+            c.batch_process(particles(1), operation="reconstruct")
+        assert caught.value.field == "operation"
 
 
 def test_wrong_rank_is_refused_before_sending(client):

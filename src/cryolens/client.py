@@ -208,13 +208,25 @@ def _error(response: httpx.Response) -> CryoLensHTTPError:
             body = None
         if isinstance(body, dict):
             detail = body.get("detail", detail)
-            field_name = body.get("field")
+            field_name = body.get("field") or _validation_field(detail)
             request_id = body.get("request_id")
     request_id = response.headers.get("x-request-id") or request_id
     request = response.request
     return CryoLensHTTPError(response.status_code, detail, field=field_name,
                              request_id=request_id, method=request.method,
                              path=request.url.path)
+
+
+def _validation_field(detail: Any) -> str | None:
+    """The option a validation error (a list of ``{"loc", "msg", "type"}``) is about: the
+    first error's ``loc`` without where the option travelled (``query``, ``body``), as the
+    client's keyword argument names it."""
+    if not (isinstance(detail, list) and detail and isinstance(detail[0], dict)):
+        return None
+    loc = [str(part) for part in detail[0].get("loc") or ()]
+    if len(loc) > 1 and loc[0] in ("query", "body", "path", "header"):
+        loc = loc[1:]
+    return loc[0] if loc else None
 
 
 def retry_wait(response: httpx.Response, attempt: int, cap: float) -> float:
