@@ -275,6 +275,23 @@ def test_volumes_that_are_not_finite_are_refused_naming_them(server, binary):
     assert transport.sent == []
 
 
+@pytest.mark.parametrize(("kwargs", "field", "fragment"), [
+    ({"url": "localhost:8023"}, "url", "http:// or https:// address"),  # was 'localhost://'
+    ({"url": "127.0.0.1:8023"}, "url", "http:// or https:// address"),
+    ({"url": "ftp://127.0.0.1"}, "url", "http:// or https:// address"),
+    ({"url": "http://[::1"}, "url", "not a valid URL"),  # was httpx.InvalidURL at a request
+    ({"batch_size": 0}, "batch_size", "at least 1"),
+    ({"batch_size": "8"}, "batch_size", "at least 1"),  # was TypeError: '<' not supported
+])
+def test_wrong_settings_are_refused_when_the_client_is_made(kwargs, field, fragment):
+    for kind in (CryoLensClient, AsyncCryoLensClient):
+        with pytest.raises(InputError, match=re.escape(fragment)) as caught:
+            kind(**kwargs)
+        assert caught.value.field == field
+    with CryoLensClient("https://example.org/cryolens/", batch_size=np.int64(8)) as fine:
+        assert (fine.url, fine.batch_size) == ("https://example.org/cryolens", 8)
+
+
 def test_unreachable_server():
     with CryoLensClient(f"http://127.0.0.1:{free_port()}", connect_timeout=2) as c, \
             pytest.raises(CryoLensConnectionError):

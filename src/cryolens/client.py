@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import numbers
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -330,6 +331,19 @@ def _check_finite(stack: np.ndarray, step: int) -> None:
                          "(or a value beyond float32 range); nothing was sent", field="volumes")
 
 
+def _server_url(url: str) -> str:
+    """``url`` without a trailing slash, checked now: httpx would first complain of a missing
+    scheme (``localhost:8023`` reads as scheme ``localhost``) at the first request."""
+    try:
+        parsed = httpx.URL(str(url))
+    except httpx.InvalidURL as exc:
+        raise InputError(f"url {url!r} is not a valid URL: {exc}", field="url") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InputError(f"url must be the server's http:// or https:// address, such as "
+                         f"{DEFAULT_URL}; got {url!r}", field="url")
+    return str(url).rstrip("/")
+
+
 _Plan = Generator[_Request, httpx.Response, Any]
 
 
@@ -344,11 +358,13 @@ class _Core:
                  read_timeout: float = READ_TIMEOUT_S, max_retries: int = DEFAULT_MAX_RETRIES,
                  max_retry_wait_s: float = MAX_RETRY_WAIT_S,
                  headers: dict[str, str] | None = None) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.url = url.rstrip("/")
+        if (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                or batch_size < 1):
+            raise InputError(f"batch_size must be a whole number of volumes, at least 1, got "
+                             f"{batch_size!r}", field="batch_size")
+        self.url = _server_url(url)
         self.binary = binary
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.progress = progress
         self.max_retries = max_retries
         self.max_retry_wait_s = max_retry_wait_s
