@@ -51,6 +51,7 @@ def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key, value in a.items():
         assert np.shape(value) == np.shape(b[key]), key
+        assert np.asarray(value).dtype == np.asarray(b[key]).dtype, key
         np.testing.assert_allclose(value, b[key], err_msg=key, **TOL)
 
 
@@ -146,6 +147,14 @@ def test_binary_and_json_agree(client, call):
         single_json = CALLS[call](json_client, stack[0])
     assert_same(CALLS[call](client, stack), as_json)
     assert_same(CALLS[call](client, stack[0]), single_json)
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_one_volume_has_the_dtypes_of_a_stack(client, call):
+    """global_weight was float64 for one volume (a number in the answer), float32 for a stack."""
+    stack = particles(2, seed=1)
+    many, one = CALLS[call](client, stack), CALLS[call](client, stack[0])
+    assert {k: v.dtype for k, v in one.items()} == {k: v.dtype for k, v in many.items()}
 
 
 def test_json_sends_one_volume_per_request(server):

@@ -193,10 +193,18 @@ def _is_json(response: httpx.Response) -> bool:
 
 
 def _decode(response: httpx.Response) -> dict[str, np.ndarray]:
-    """The arrays of a 2xx answer, .npz or JSON (an old server ignores ``Accept``)."""
-    if _is_json(response):
-        return _json_arrays(response.json())
-    return formats.read_npz(response.content)
+    """The arrays of a 2xx answer, .npz or JSON (an old server ignores ``Accept``), in the
+    dtypes of a stack's .npz answer whatever the transport and however many volumes: a
+    single volume's ``global_weight`` is a number (float64) in both, and JSON has no int8
+    for ``segment``."""
+    arrays = (_json_arrays(response.json()) if _is_json(response)
+              else formats.read_npz(response.content))
+    for key in PER_VOLUME & arrays.keys():
+        if arrays[key].dtype == np.float64:
+            arrays[key] = arrays[key].astype(np.float32)
+    if "segment" in arrays and arrays["segment"].dtype.kind in "iu":
+        arrays["segment"] = arrays["segment"].astype(np.int8)
+    return arrays
 
 
 def _error(response: httpx.Response) -> CryoLensHTTPError:
@@ -276,11 +284,7 @@ def _count(chunk: dict[str, np.ndarray]) -> int:
 
 def _with_leading_axis(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A single-volume answer in the shape of a one-volume stack."""
-    out = {k: (v[None] if k in PER_VOLUME else v) for k, v in result.items()}
-    for key in PER_VOLUME & out.keys():
-        if out[key].dtype == np.float64:  # e.g. global_weight, a JSON float
-            out[key] = out[key].astype(np.float32)
-    return out
+    return {k: (v[None] if k in PER_VOLUME else v) for k, v in result.items()}
 
 
 def _first_volume(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
