@@ -195,6 +195,8 @@ def test_large_stacks_are_split_into_requests(server, client, capsys):
     assert int(batch["n_volumes"]) == 70 and int(batch["num_processed"]) == 70
     np.testing.assert_allclose(batch["embeddings"], whole["embedding"], **TOL)
     assert "70/70" in capsys.readouterr().err  # the tqdm bar of the first call
+    client.reconstruct(stack[0], progress=True)  # one volume: its bar ends full, not at 0/1
+    assert "1/1" in capsys.readouterr().err
 
 
 def test_a_stack_is_converted_a_request_at_a_time_not_copied_whole(server):

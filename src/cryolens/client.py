@@ -424,12 +424,12 @@ class _Core:
                     sent = part if endpoint.batch else part[0]
                     response = yield _volume_json_request(endpoint, sent, options)
                 result = _decode(response)
+                if bar is not None:
+                    bar.update(len(part))
                 if not stacked and not endpoint.batch:
                     return result  # one volume, answered as one
                 chunks.append(result if sent.ndim == 4 else _with_leading_axis(result))
                 start += len(part)
-                if bar is not None:
-                    bar.update(len(part))
         finally:
             if bar is not None:
                 bar.close()
