@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -307,6 +308,18 @@ def test_unreachable_server():
     with CryoLensClient(f"http://127.0.0.1:{free_port()}", connect_timeout=2) as c, \
             pytest.raises(CryoLensConnectionError):
         c.health()
+
+
+def test_a_read_timeout_names_the_setting_to_change():
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with CryoLensClient(url, read_timeout=0.3) as c, \
+                pytest.raises(CryoLensConnectionError, match=r"no answer within "
+                              r"read_timeout=0\.3 s.*raise read_timeout.*batch_size") as caught:
+            c.extract_features(particles(1))
+    assert isinstance(caught.value.__cause__, httpx.ReadTimeout)
 
 
 # -- stand-in servers for 503 and 415 -----------------------------------------------------------

@@ -372,6 +372,8 @@ class _Core:
         self.progress = progress
         self.max_retries = max_retries
         self.max_retry_wait_s = max_retry_wait_s
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self._http_options: dict[str, Any] = {
             "base_url": self.url,
             "timeout": httpx.Timeout(read_timeout, connect=connect_timeout),
@@ -473,6 +475,21 @@ class _Core:
         return self._volumes_plan(_BATCH, volumes, options, progress)
 
     # -- sending -------------------------------------------------------------------------------
+    def _connection_error(self, request: _Request, exc: httpx.TransportError
+                          ) -> CryoLensConnectionError:
+        """httpx's error, saying which of the client's timeouts ran out, and what to change."""
+        where = f"{request.method} {self.url}{request.path}"
+        if isinstance(exc, httpx.ConnectTimeout):
+            return CryoLensConnectionError(
+                f"{where}: no connection within connect_timeout={self.connect_timeout} s: is "
+                "the server running, and is this its address?")
+        if isinstance(exc, httpx.TimeoutException):
+            return CryoLensConnectionError(
+                f"{where}: no answer within read_timeout={self.read_timeout} s: a large "
+                "stack on a busy or CPU-only server can take longer; raise read_timeout, or "
+                "send fewer volumes a request (batch_size)")
+        return CryoLensConnectionError(f"{where}: {exc!r}")
+
     def _outcome(self, request: _Request, response: httpx.Response, attempt: int
                  ) -> float | None:
         """None: hand the response to the plan; a number: retry after that many seconds.
@@ -522,8 +539,7 @@ class CryoLensClient(_Core):
                                               params=request.params or None,
                                               content=request.content, headers=request.headers)
             except httpx.TransportError as exc:
-                raise CryoLensConnectionError(
-                    f"{request.method} {self.url}{request.path}: {exc!r}") from exc
+                raise self._connection_error(request, exc) from exc
             wait = self._outcome(request, response, attempt)
             if wait is None:
                 return response
@@ -623,8 +639,7 @@ class AsyncCryoLensClient(_Core):
                     request.method, request.path, params=request.params or None,
                     content=request.content, headers=request.headers)
             except httpx.TransportError as exc:
-                raise CryoLensConnectionError(
-                    f"{request.method} {self.url}{request.path}: {exc!r}") from exc
+                raise self._connection_error(request, exc) from exc
             wait = self._outcome(request, response, attempt)
             if wait is None:
                 return response
