@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -26,9 +27,10 @@ from cryolens.client import (
     CryoLensClient,
     CryoLensConnectionError,
     CryoLensHTTPError,
+    _volumes,
     retry_wait,
 )
-from cryolens.errors import CryoLensError
+from cryolens.errors import CryoLensError, InputError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -50,6 +52,7 @@ def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key, value in a.items():
         assert np.shape(value) == np.shape(b[key]), key
+        assert np.asarray(value).dtype == np.asarray(b[key]).dtype, key
         np.testing.assert_allclose(value, b[key], err_msg=key, **TOL)
 
 
@@ -147,6 +150,14 @@ def test_binary_and_json_agree(client, call):
     assert_same(CALLS[call](client, stack[0]), single_json)
 
 
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_one_volume_has_the_dtypes_of_a_stack(client, call):
+    """global_weight was float64 for one volume (a number in the answer), float32 for a stack."""
+    stack = particles(2, seed=1)
+    many, one = CALLS[call](client, stack), CALLS[call](client, stack[0])
+    assert {k: v.dtype for k, v in one.items()} == {k: v.dtype for k, v in many.items()}
+
+
 def test_json_sends_one_volume_per_request(server):
     transport = CountingTransport()
     with CryoLensClient(server.url, binary=False, transport=transport) as c:
@@ -185,6 +196,23 @@ def test_large_stacks_are_split_into_requests(server, client, capsys):
     assert int(batch["n_volumes"]) == 70 and int(batch["num_processed"]) == 70
     np.testing.assert_allclose(batch["embeddings"], whole["embedding"], **TOL)
     assert "70/70" in capsys.readouterr().err  # the tqdm bar of the first call
+    client.reconstruct(stack[0], progress=True)  # one volume: its bar ends full, not at 0/1
+    assert "1/1" in capsys.readouterr().err
+
+
+def test_a_stack_is_converted_a_request_at_a_time_not_copied_whole(server):
+    """A float64 stack, a strided view or a memmap is turned into float32 one request's
+    volumes at a time: for a dataset on disk, a whole copy would be the dataset in memory."""
+    stack = particles(6, seed=6).astype(np.float64)
+    kept, stacked = _volumes(stack)
+    assert stacked and kept.dtype == np.float64 and np.shares_memory(kept, stack)
+    reversed_view = stack[::-1]
+    assert np.shares_memory(_volumes(reversed_view)[0], stack)
+    with CryoLensClient(server.url, batch_size=4) as c:
+        expected = c.extract_features(stack.astype(np.float32))["embedding"]
+        np.testing.assert_allclose(c.extract_features(stack)["embedding"], expected, **TOL)
+        np.testing.assert_allclose(c.extract_features(reversed_view)["embedding"],
+                                   expected[::-1], **TOL)
 
 
 def test_async_client_matches(server, client):
@@ -216,24 +244,82 @@ def test_server_errors_carry_message_field_status_and_request_id(server, binary,
     assert err.request_id in str(err) and "422" in str(err) and "/extract_features" in str(err)
 
 
-def test_validation_errors_are_readable(client):
-    with pytest.raises(CryoLensHTTPError) as caught:
-        client.batch_process(particles(1), batch_size=0)
-    assert caught.value.status == 422 and isinstance(caught.value.detail, list)
-    assert "batch_size" in str(caught.value)
+@pytest.mark.parametrize("binary", [True, False])
+def test_validation_errors_are_readable_and_name_the_option(server, binary):
+    """A wrong option value is the server's validation error (a list of them), its field the
+    keyword argument at fault, whether it travelled as a query parameter or in a JSON body."""
+    with CryoLensClient(server.url, binary=binary) as c:
+        with pytest.raises(CryoLensHTTPError) as caught:
+            c.batch_process(particles(1), batch_size=0)
+        assert caught.value.status == 422 and isinstance(caught.value.detail, list)
+        assert "batch_size" in str(caught.value) and caught.value.field == "batch_size"
+        with pytest.raises(CryoLensHTTPError, match="'reconstruction', 'features' or 'splats'") \
+                as caught:
+            c.batch_process(particles(1), operation="reconstruct")
+        assert caught.value.field == "operation"
 
 
 def test_wrong_rank_is_refused_before_sending(client):
-    with pytest.raises(ValueError, match=r"\(D, H, W\)"):
+    with pytest.raises(InputError, match=r"\(D, H, W\)"):
         client.extract_features(np.zeros((48, 48)))
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(InputError, match="empty"):
         client.extract_features(np.zeros((0, 48, 48, 48)))
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_volumes_that_are_not_finite_are_refused_naming_them(server, binary):
+    """As JSON, a NaN was sent as the bare token NaN and refused as malformed JSON (400), with
+    no word of where it was; now neither mode sends it."""
+    stack = particles(5, seed=7).astype(np.float64)
+    stack[1, 3, 4, 5] = np.nan
+    stack[3, 0, 0, 0] = 1e39  # beyond float32
+    transport = CountingTransport()
+    with CryoLensClient(server.url, binary=binary, transport=transport) as c:
+        with pytest.raises(InputError, match=r"volume\(s\) \[1, 3\] hold NaN or infinity") \
+                as caught:
+            c.extract_features(stack)
+        assert caught.value.field == "volumes"
+        with pytest.raises(InputError, match=r"volume\(s\) \[0\]"):
+            c.reconstruct(np.full((48, 48, 48), np.inf, np.float32))
+        with pytest.raises(InputError, match="volume must be finite") as caught:
+            c.statistics(np.array([1.0, np.nan]))
+        assert caught.value.field == "volume"
+    assert transport.sent == []
+
+
+@pytest.mark.parametrize(("kwargs", "field", "fragment"), [
+    ({"url": "localhost:8023"}, "url", "http:// or https:// address"),  # was 'localhost://'
+    ({"url": "127.0.0.1:8023"}, "url", "http:// or https:// address"),
+    ({"url": "ftp://127.0.0.1"}, "url", "http:// or https:// address"),
+    ({"url": "http://[::1"}, "url", "not a valid URL"),  # was httpx.InvalidURL at a request
+    ({"batch_size": 0}, "batch_size", "at least 1"),
+    ({"batch_size": "8"}, "batch_size", "at least 1"),  # was TypeError: '<' not supported
+])
+def test_wrong_settings_are_refused_when_the_client_is_made(kwargs, field, fragment):
+    for kind in (CryoLensClient, AsyncCryoLensClient):
+        with pytest.raises(InputError, match=re.escape(fragment)) as caught:
+            kind(**kwargs)
+        assert caught.value.field == field
+    with CryoLensClient("https://example.org/cryolens/", batch_size=np.int64(8)) as fine:
+        assert (fine.url, fine.batch_size) == ("https://example.org/cryolens", 8)
 
 
 def test_unreachable_server():
     with CryoLensClient(f"http://127.0.0.1:{free_port()}", connect_timeout=2) as c, \
             pytest.raises(CryoLensConnectionError):
         c.health()
+
+
+def test_a_read_timeout_names_the_setting_to_change():
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with CryoLensClient(url, read_timeout=0.3) as c, \
+                pytest.raises(CryoLensConnectionError, match=r"no answer within "
+                              r"read_timeout=0\.3 s.*raise read_timeout.*batch_size") as caught:
+            c.extract_features(particles(1))
+    assert isinstance(caught.value.__cause__, httpx.ReadTimeout)
 
 
 # -- stand-in servers for 503 and 415 -----------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import spread_model
 
-from cryolens.engine import Engine, zscore
+from cryolens.engine import Engine, resolve_device, zscore
 from cryolens.errors import DeviceError, InputError
 from cryolens.model import CryoLensConfig, CryoLensVAE
 
@@ -88,6 +88,11 @@ def test_normalisation_is_per_particle(engine, volumes):
     (np.full((1, 48, 48, 48), 1e39), "finite"),
     (np.full((1, 48, 48, 48), "a"), "real numbers"),
     ([np.zeros((48, 48, 48)), np.zeros((48, 48, 47))], "regular"),
+    # the shape the caller passed, not the batch made of it
+    (np.zeros((2, 48, 48), np.float32), "or (48, 48, 48) for one volume, got shape (2, 48, 48)"),
+    (torch.zeros(2, 48, 48), "got shape (2, 48, 48)"),
+    ("particles/particle_000.mrc", "got a str"),
+    (None, "got a NoneType"),
 ])
 def test_bad_input_is_an_input_error(engine, bad, fragment):
     with pytest.raises(InputError, match=None) as info:
@@ -95,11 +100,59 @@ def test_bad_input_is_an_input_error(engine, bad, fragment):
     assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize("call, name", [
+    (lambda e, v: e.reconstruct(v, segments="false"), "segments"),  # truthy: would mean yes
+    (lambda e, v: e.reconstruct(v, use_predicted_pose="no"), "use_predicted_pose"),
+    (lambda e, v: e.reconstruct(v, final_convolution=None), "final_convolution"),
+    (lambda e, v: e.reconstruct(v, denormalise=0), "denormalise"),
+    (lambda e, v: e.splats(v, include_free="false"), "include_free"),
+    (lambda e, v: Engine(e.model, device="cpu", memory_budget=0), "memory_budget"),
+    (lambda e, v: Engine(e.model, device="cpu", memory_budget=-1), "memory_budget"),
+    (lambda e, v: Engine(e.model, device="cpu", memory_budget="1GB"), "memory_budget"),
+    (lambda e, v: Engine(e.model, device="cpu", max_chunk=0), "max_chunk"),
+    (lambda e, v: Engine(e.model, device="cpu", exact_zscore="false"), "exact_zscore"),
+])
+def test_options_of_the_wrong_type_or_value_are_input_errors_naming_them(engine, volumes, call,
+                                                                        name):
+    with pytest.raises(InputError, match=rf"^{name} must be ") as info:
+        call(engine, volumes[:1])
+    assert info.value.field == name
+
+
+def test_numpy_scalars_and_float_budgets_are_accepted(engine, volumes):
+    other = Engine(engine.model, device="cpu", memory_budget=2e9, max_chunk=np.int64(2),
+                   exact_zscore=np.bool_(True))
+    assert (other.memory_budget, other.max_chunk) == (2_000_000_000, 2)
+    rec = other.reconstruct(volumes[:1], segments=np.bool_(True))
+    assert rec.affinity is not None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_where_there_is_none_is_a_clear_error():
     with pytest.raises(DeviceError, match="no CUDA"):
         Engine(CryoLensVAE(SMALL), device="cuda")
     assert Engine(CryoLensVAE(SMALL), device="auto").device.type == "cpu"
+
+
+UNUSABLE = ["meta", "xla"] + ([] if torch.backends.mps.is_available() else ["mps"])
+
+
+@pytest.mark.parametrize("device", UNUSABLE)
+def test_a_device_the_engine_cannot_use_is_a_device_error(device):
+    """Not torch's RuntimeError from model.to(), nor (meta) a model whose weights are gone."""
+    model = CryoLensVAE(SMALL)
+    with pytest.raises(DeviceError, match=rf"device '{device}' is not available"):
+        Engine(model, device=device)
+    assert model.mu.weight.device.type == "cpu"
+
+
+def test_a_gpu_index_beyond_the_machines_is_a_device_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(DeviceError, match=r"'cuda:7' was requested but this machine has 2 CUDA "
+                                          r"GPU\(s\): use cuda:0 \.\. cuda:1"):
+        resolve_device("cuda:7")
 
 
 def _extreme_volumes() -> dict[str, np.ndarray]:

@@ -49,6 +49,8 @@ def test_mrc_files_folder_and_both_kinds_of_stack(tmp_path, stack):
         f"{folder}: 3 entries that are not MRC files are not read (more.npy, notes.txt, sub/); "
         "name .npy or HDF5 files, or subfolders, as sources of their own")]
     assert len(open_particles(folder)) == 5
+    with pytest.warns(UserWarning, match=r"3 entries that are not MRC files are not read"):
+        assert len(load_particles(folder)[0]) == 5
     assert (records[3].origin_x, records[3].origin_z) == (300.0, 5.0)
     # several sources in one go, in order
     data, records = load_particles([folder / "p01.mrc", volumes])
@@ -180,8 +182,10 @@ def test_unreadable_mrc_files_are_skipped_and_named_only_when_asked(tmp_path, st
                                                      str(folder / "p2.mrc")]
     assert len(particles.warnings) == 2
     assert particles.warnings[0].startswith(f"skipped {cut}: not a valid MRC file")
-    data, _ = load_particles([folder, tmp_path / "mixed" / "p0.mrc"], skip_unreadable=True)
+    with pytest.warns(UserWarning) as caught:  # load_particles has no set to keep them in
+        data, _ = load_particles([folder, tmp_path / "mixed" / "p0.mrc"], skip_unreadable=True)
     assert np.array_equal(data, stack[[0, 2, 0]])
+    assert [str(w.message) for w in caught] == particles.warnings
     # a wrong voxel size is not unreadable: it stays an error that names the fix
     write_mrc(folder / "p4.mrc", stack[4], voxel_size=20.0)
     with pytest.raises(InputError, match="voxel size 20"):

@@ -22,7 +22,8 @@ asks for JSON from the start. Stacks larger than ``batch_size`` are sent in seve
 the results concatenated. A 503 (queue full, model loading) is retried after the server's
 ``Retry-After`` (at most ``max_retries`` times, each wait capped at ``max_retry_wait_s``); any
 other error status raises :class:`CryoLensHTTPError` with the server's message, field, status and
-request id.
+request id. Volumes that are not one volume or a stack, or that hold NaN or infinity, are an
+:class:`~cryolens.errors.InputError` before anything is sent.
 
 The request building and response decoding below are plain functions of bytes and arrays;
 :class:`CryoLensClient` and :class:`AsyncCryoLensClient` only differ in how they send.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import numbers
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ import httpx
 import numpy as np
 
 from cryolens import __version__, formats
-from cryolens.errors import CryoLensError
+from cryolens.errors import CryoLensError, InputError
 
 DEFAULT_URL = "http://localhost:8023"
 #: Seconds to wait for a TCP connection to the server.
@@ -191,10 +193,18 @@ def _is_json(response: httpx.Response) -> bool:
 
 
 def _decode(response: httpx.Response) -> dict[str, np.ndarray]:
-    """The arrays of a 2xx answer, .npz or JSON (an old server ignores ``Accept``)."""
-    if _is_json(response):
-        return _json_arrays(response.json())
-    return formats.read_npz(response.content)
+    """The arrays of a 2xx answer, .npz or JSON (an old server ignores ``Accept``), in the
+    dtypes of a stack's .npz answer whatever the transport and however many volumes: a
+    single volume's ``global_weight`` is a number (float64) in both, and JSON has no int8
+    for ``segment``."""
+    arrays = (_json_arrays(response.json()) if _is_json(response)
+              else formats.read_npz(response.content))
+    for key in PER_VOLUME & arrays.keys():
+        if arrays[key].dtype == np.float64:
+            arrays[key] = arrays[key].astype(np.float32)
+    if "segment" in arrays and arrays["segment"].dtype.kind in "iu":
+        arrays["segment"] = arrays["segment"].astype(np.int8)
+    return arrays
 
 
 def _error(response: httpx.Response) -> CryoLensHTTPError:
@@ -207,13 +217,25 @@ def _error(response: httpx.Response) -> CryoLensHTTPError:
             body = None
         if isinstance(body, dict):
             detail = body.get("detail", detail)
-            field_name = body.get("field")
+            field_name = body.get("field") or _validation_field(detail)
             request_id = body.get("request_id")
     request_id = response.headers.get("x-request-id") or request_id
     request = response.request
     return CryoLensHTTPError(response.status_code, detail, field=field_name,
                              request_id=request_id, method=request.method,
                              path=request.url.path)
+
+
+def _validation_field(detail: Any) -> str | None:
+    """The option a validation error (a list of ``{"loc", "msg", "type"}``) is about: the
+    first error's ``loc`` without where the option travelled (``query``, ``body``), as the
+    client's keyword argument names it."""
+    if not (isinstance(detail, list) and detail and isinstance(detail[0], dict)):
+        return None
+    loc = [str(part) for part in detail[0].get("loc") or ()]
+    if len(loc) > 1 and loc[0] in ("query", "body", "path", "header"):
+        loc = loc[1:]
+    return loc[0] if loc else None
 
 
 def retry_wait(response: httpx.Response, attempt: int, cap: float) -> float:
@@ -262,11 +284,7 @@ def _count(chunk: dict[str, np.ndarray]) -> int:
 
 def _with_leading_axis(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A single-volume answer in the shape of a one-volume stack."""
-    out = {k: (v[None] if k in PER_VOLUME else v) for k, v in result.items()}
-    for key in PER_VOLUME & out.keys():
-        if out[key].dtype == np.float64:  # e.g. global_weight, a JSON float
-            out[key] = out[key].astype(np.float32)
-    return out
+    return {k: (v[None] if k in PER_VOLUME else v) for k, v in result.items()}
 
 
 def _first_volume(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -278,18 +296,56 @@ def _first_volume(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _volumes(volumes: Any) -> tuple[np.ndarray, bool]:
-    """(float32 (N, D, H, W), was a stack given)."""
+    """((N, D, H, W) as given, was a stack given). Not converted here: a float64 stack, a
+    strided view or a memmap is turned into float32 a request at a time (:func:`_float32`),
+    never copied whole."""
     array = np.asarray(volumes)
     if array.dtype.kind not in "fiub":
         raise TypeError(f"volumes must be real numbers, got dtype {array.dtype}")
     if array.ndim not in (3, 4):
-        raise ValueError(f"volumes must be one volume (D, H, W) or a stack (N, D, H, W), "
-                         f"got shape {array.shape}")
+        raise InputError(f"volumes must be one volume (D, H, W) or a stack (N, D, H, W), "
+                         f"got shape {array.shape}", field="volumes")
     if array.ndim == 4 and array.shape[0] == 0:
-        raise ValueError("volumes is an empty stack")
+        raise InputError("volumes is an empty stack", field="volumes")
     stacked = array.ndim == 4
-    array = np.ascontiguousarray(array, dtype=np.float32)
     return (array if stacked else array[None]), stacked
+
+
+def _float32(part: np.ndarray) -> np.ndarray:
+    """The volumes of one request as the server reads them: C-contiguous float32."""
+    return np.ascontiguousarray(part, dtype=np.float32)
+
+
+def _check_finite(stack: np.ndarray, step: int) -> None:
+    """Refuse NaN, infinity or values beyond float32's range before anything is sent (as JSON
+    a NaN would be refused as malformed, saying nothing of where it is; and a bad volume late
+    in a stack would waste the work of every request before it). Checked ``step`` volumes at
+    a time: never a float32 copy of the whole stack."""
+    if stack.dtype.kind != "f":
+        return
+    bad: list[int] = []
+    for start in range(0, len(stack), step):
+        with np.errstate(over="ignore"):  # beyond float32's range: infinite, refused below
+            part = np.asarray(stack[start:start + step], dtype=np.float32)
+        finite = np.isfinite(part.reshape(len(part), -1)).all(axis=1)
+        bad += (np.flatnonzero(~finite) + start).tolist()
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise InputError(f"volumes must be finite: volume(s) [{shown}] hold NaN or infinity "
+                         "(or a value beyond float32 range); nothing was sent", field="volumes")
+
+
+def _server_url(url: str) -> str:
+    """``url`` without a trailing slash, checked now: httpx would first complain of a missing
+    scheme (``localhost:8023`` reads as scheme ``localhost``) at the first request."""
+    try:
+        parsed = httpx.URL(str(url))
+    except httpx.InvalidURL as exc:
+        raise InputError(f"url {url!r} is not a valid URL: {exc}", field="url") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InputError(f"url must be the server's http:// or https:// address, such as "
+                         f"{DEFAULT_URL}; got {url!r}", field="url")
+    return str(url).rstrip("/")
 
 
 _Plan = Generator[_Request, httpx.Response, Any]
@@ -306,14 +362,18 @@ class _Core:
                  read_timeout: float = READ_TIMEOUT_S, max_retries: int = DEFAULT_MAX_RETRIES,
                  max_retry_wait_s: float = MAX_RETRY_WAIT_S,
                  headers: dict[str, str] | None = None) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.url = url.rstrip("/")
+        if (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                or batch_size < 1):
+            raise InputError(f"batch_size must be a whole number of volumes, at least 1, got "
+                             f"{batch_size!r}", field="batch_size")
+        self.url = _server_url(url)
         self.binary = binary
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.progress = progress
         self.max_retries = max_retries
         self.max_retry_wait_s = max_retry_wait_s
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self._http_options: dict[str, Any] = {
             "base_url": self.url,
             "timeout": httpx.Timeout(read_timeout, connect=connect_timeout),
@@ -330,6 +390,8 @@ class _Core:
 
     def _statistics_plan(self, volume: Any) -> _Plan:
         array = np.asarray(volume)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InputError("volume must be finite: it holds NaN or infinity", field="volume")
         if self.binary:
             response = yield _Request("POST", "/statistics", content=formats.write_npy(array),
                                       headers={"Content-Type": formats.NPY_MEDIA_TYPE})
@@ -342,6 +404,7 @@ class _Core:
     def _volumes_plan(self, endpoint: _Endpoint, volumes: Any, options: dict[str, Any],
                       progress: bool | None) -> _Plan:
         stack, stacked = _volumes(volumes)
+        _check_finite(stack, self.batch_size)
         total = len(stack)
         bar = self._bar(endpoint.path, total, progress if progress is not None
                         else self.progress)
@@ -350,24 +413,25 @@ class _Core:
             start = 0
             while start < total:
                 if self.binary:
-                    part = stack[start:start + self.batch_size]
+                    part = _float32(stack[start:start + self.batch_size])
                     sent = part if (stacked or endpoint.batch) else part[0]
                     response = yield _npy_request(endpoint, sent, options)
                     if response.status_code == 415:  # an old server: JSON from now on
                         self.binary = False
                         continue
                 else:
-                    part = stack[start:start + (self.batch_size if endpoint.batch else 1)]
+                    part = _float32(stack[start:start + (self.batch_size if endpoint.batch
+                                                         else 1)])
                     # the JSON contract: one volume per request, except /batch_process
                     sent = part if endpoint.batch else part[0]
                     response = yield _volume_json_request(endpoint, sent, options)
                 result = _decode(response)
+                if bar is not None:
+                    bar.update(len(part))
                 if not stacked and not endpoint.batch:
                     return result  # one volume, answered as one
                 chunks.append(result if sent.ndim == 4 else _with_leading_axis(result))
                 start += len(part)
-                if bar is not None:
-                    bar.update(len(part))
         finally:
             if bar is not None:
                 bar.close()
@@ -411,6 +475,21 @@ class _Core:
         return self._volumes_plan(_BATCH, volumes, options, progress)
 
     # -- sending -------------------------------------------------------------------------------
+    def _connection_error(self, request: _Request, exc: httpx.TransportError
+                          ) -> CryoLensConnectionError:
+        """httpx's error, saying which of the client's timeouts ran out, and what to change."""
+        where = f"{request.method} {self.url}{request.path}"
+        if isinstance(exc, httpx.ConnectTimeout):
+            return CryoLensConnectionError(
+                f"{where}: no connection within connect_timeout={self.connect_timeout} s: is "
+                "the server running, and is this its address?")
+        if isinstance(exc, httpx.TimeoutException):
+            return CryoLensConnectionError(
+                f"{where}: no answer within read_timeout={self.read_timeout} s: a large "
+                "stack on a busy or CPU-only server can take longer; raise read_timeout, or "
+                "send fewer volumes a request (batch_size)")
+        return CryoLensConnectionError(f"{where}: {exc!r}")
+
     def _outcome(self, request: _Request, response: httpx.Response, attempt: int
                  ) -> float | None:
         """None: hand the response to the plan; a number: retry after that many seconds.
@@ -460,8 +539,7 @@ class CryoLensClient(_Core):
                                               params=request.params or None,
                                               content=request.content, headers=request.headers)
             except httpx.TransportError as exc:
-                raise CryoLensConnectionError(
-                    f"{request.method} {self.url}{request.path}: {exc!r}") from exc
+                raise self._connection_error(request, exc) from exc
             wait = self._outcome(request, response, attempt)
             if wait is None:
                 return response
@@ -561,8 +639,7 @@ class AsyncCryoLensClient(_Core):
                     request.method, request.path, params=request.params or None,
                     content=request.content, headers=request.headers)
             except httpx.TransportError as exc:
-                raise CryoLensConnectionError(
-                    f"{request.method} {self.url}{request.path}: {exc!r}") from exc
+                raise self._connection_error(request, exc) from exc
             wait = self._outcome(request, response, attempt)
             if wait is None:
                 return response

@@ -9,6 +9,8 @@ through reused pinned buffers on their own streams, overlapping the compute of o
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 import threading
 import warnings
@@ -101,7 +103,8 @@ class SplatSet:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA where there is none is an error."""
+    """``auto`` picks CUDA when available; ``cpu``, ``cuda``, ``cuda:N`` (and ``mps`` where
+    PyTorch has it). A device this machine does not have is a :class:`DeviceError`."""
     name = str(device).lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,9 +114,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             "GPU; use --device cpu or auto, or install a CUDA build of PyTorch"
         )
     try:
-        return torch.device(name)
+        target = torch.device(name)
     except RuntimeError as exc:
-        raise DeviceError(f"unknown device {device!r}: use cpu, cuda or auto") from exc
+        raise DeviceError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from exc
+    if target.type == "cuda" and (target.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise DeviceError(f"device {device!r} was requested but this machine has {count} CUDA "
+                          f"GPU(s): use cuda:0 .. cuda:{count - 1}, cuda or auto")
+    mps = getattr(torch.backends, "mps", None)
+    if target.type == "mps" and mps is not None and mps.is_available():
+        return target
+    if target.type not in ("cpu", "cuda"):  # meta, xla, ...: no weights could live there
+        raise DeviceError(f"device {device!r} is not available to the engine: use cpu, cuda, "
+                          "cuda:N or auto")
+    return target
 
 
 def zscore(batch: np.ndarray) -> Normalised:
@@ -186,6 +200,12 @@ class Engine:
         allow_tf32: bool = False,
         exact_zscore: bool | None = None,
     ) -> None:
+        allow_tf32 = _switch("allow_tf32", allow_tf32)
+        exact_zscore = None if exact_zscore is None else _switch("exact_zscore", exact_zscore)
+        if memory_budget is not None:
+            memory_budget = _at_least_one("memory_budget", memory_budget, "bytes")
+        if max_chunk is not None:
+            max_chunk = _at_least_one("max_chunk", max_chunk, "particles")
         self.device = resolve_device(device)
         cuda = self.device.type == "cuda"
         if self.device.type == "cpu":
@@ -227,13 +247,15 @@ class Engine:
     def box_shape(self) -> tuple[int, int, int]:
         return (self.config.box_size,) * 3
 
-    def _check_shape(self, shape: tuple[int, ...]) -> None:
+    def _check_shape(self, shape: tuple[int, ...], given: object) -> None:
+        """``shape``: the batch's, after a single volume got its leading axis; ``given``: what
+        the caller passed (named in the message)."""
         if len(shape) != 4 or tuple(shape[1:]) != self.box_shape:
-            raise InputError(
-                f"volumes must have shape (N, {', '.join(map(str, self.box_shape))}), "
-                f"got {tuple(shape)}",
-                field="volumes",
-            )
+            box = ", ".join(map(str, self.box_shape))
+            what = (f"shape {tuple(given.shape)}" if getattr(given, "ndim", 0)
+                    else f"a {type(given).__name__}")
+            raise InputError(f"volumes must have shape (N, {box}) or ({box}) for one volume, "
+                             f"got {what}", field="volumes")
         if shape[0] == 0:
             raise InputError("at least one volume is needed", field="volumes")
 
@@ -244,18 +266,19 @@ class Engine:
         except (ValueError, TypeError) as exc:  # ragged nested lists
             raise InputError(f"volumes must be a regular (N, D, H, W) array: {exc}",
                              field="volumes") from exc
+        self._check_shape(array[None].shape if array.ndim == 3 else array.shape,
+                          array if array.ndim else volumes)
         if array.ndim == 3:
             array = array[None]
-        self._check_shape(array.shape)
         if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
             raise InputError(f"volumes must be real numbers, got dtype {array.dtype}", "volumes")
         return array
 
     def _tensor_batch(self, volumes: torch.Tensor) -> torch.Tensor:
         tensor = volumes.detach()
+        self._check_shape((1, *tensor.shape) if tensor.ndim == 3 else tuple(tensor.shape), tensor)
         if tensor.ndim == 3:
             tensor = tensor[None]
-        self._check_shape(tuple(tensor.shape))
         if tensor.dtype.is_complex or tensor.dtype == torch.bool:
             raise InputError(f"volumes must be real numbers, got dtype {tensor.dtype}", "volumes")
         return tensor
@@ -510,6 +533,10 @@ class Engine:
         and global weight instead; ``final_convolution=False`` returns the centre of the raw
         [0, 1] render; ``segments`` also renders the affinity and free splats on their own.
         """
+        use_predicted_pose = _switch("use_predicted_pose", use_predicted_pose)
+        final_convolution = _switch("final_convolution", final_convolution)
+        segments = _switch("segments", segments)
+        denormalise = _switch("denormalise", denormalise)
         decoder = self.model.decoder
         region = "conv" if final_convolution else "crop"
         n_render = len(decoder.region_axis(region))
@@ -541,6 +568,7 @@ class Engine:
 
     def splats(self, volumes, *, include_free: bool = True) -> SplatSet:
         """The splats each particle decodes to, in its predicted pose; see :class:`SplatSet`."""
+        include_free = _switch("include_free", include_free)
         cfg = self.config
         half = (cfg.render_size - 1) / 2  # grid units -> render voxels
 
@@ -568,6 +596,24 @@ class Engine:
 
 
 _NOT_FINITE = "volumes must be finite: found NaN or infinity (or a value beyond float32 range)"
+
+
+def _switch(name: str, value: object) -> bool:
+    """An on/off argument, which must be a bool: the string "false" (from a config file, say)
+    is truthy, and would silently mean the opposite."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise InputError(f"{name} must be True or False, got {type(value).__name__} "
+                     f"{repr(value)[:40]}", field=name)
+
+
+def _at_least_one(name: str, value: object, unit: str) -> int:
+    """A positive whole number of ``unit`` (a float such as 2e9 is taken as an int)."""
+    if (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value) and value >= 1):
+        return int(value)
+    raise InputError(f"{name} must be a number of {unit}, at least 1, got "
+                     f"{type(value).__name__} {repr(value)[:40]}", field=name)
 
 
 def _np(tensor: torch.Tensor) -> np.ndarray:

@@ -814,8 +814,14 @@ def _skipped_warnings(skipped: list[tuple[Path, str]], shown: int = 10) -> list[
 
 
 def load_particles(sources, **kwargs) -> tuple[np.ndarray, list[ParticleRecord]]:
-    """Every particle of ``sources`` at once: (N, box, box, box) float32 and the records."""
+    """Every particle of ``sources`` at once: (N, box, box, box) float32 and the records.
+
+    What :attr:`ParticleSet.warnings` would hold (MRC files skipped with ``skip_unreadable``,
+    entries of a folder that are not read, a copick run read at another voxel spacing) is
+    issued as a :class:`UserWarning` each: with no set to hold them, they would be lost."""
     particles = open_particles(sources, **kwargs)
+    for message in particles.warnings:
+        warnings.warn(message, UserWarning, stacklevel=2)
     try:
         batch = particles.read(particles.items)
     finally:
