@@ -185,6 +185,11 @@ _TORCH_HOST_DTYPES = {np.dtype(t) for t in ("float16", "float32", "float64", "in
 class Engine:
     """A loaded CryoLens model and the batch operations on it.
 
+    The engine takes ``model`` as it is: it is moved to ``device`` and put in eval mode in place
+    (``nn.Module.to`` moves a module's own parameters), so two engines on different devices need
+    two models (``copy.deepcopy(model)``), and a model being trained needs ``model.train()``
+    again after it has been given to an engine. :meth:`from_checkpoint` loads a model of its own.
+
     ``exact_zscore`` (default: True on the CPU, False on CUDA) z-scores on the host with numpy,
     bit-exact with CryoLens; False z-scores on the engine's device (:func:`zscore_tensor`).
     """
