@@ -137,10 +137,6 @@ def _add_info_routes(app: FastAPI, settings: Settings) -> None:
     async def health() -> ORJSONResponse:
         return ORJSONResponse({"status": "healthy"})
 
-    # HEAD as its own route: one route with two methods gives both the same OpenAPI operationId
-    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False,
-                      name="health_head")
-
     @app.get("/ready", response_model=schemas.HealthResponse,
              summary="Readiness: 200 once the model is loaded and warmed up, 503 before",
              responses={503: {"model": schemas.ErrorResponse}})
