@@ -1,6 +1,7 @@
-"""Large JSON volumes are parsed a plane at a time (so the parsing thread yields the GIL to the
-event loop): same numbers as one ``orjson.loads``, and for every kind of bad volume the same
-status and message a small body gets."""
+"""Large JSON volumes are parsed a piece (a plane or a few) at a time, so the parsing thread
+yields the GIL to the event loop: same numbers as one ``orjson.loads``, and for every kind of
+bad volume the same status and message a small body gets. The same for /statistics' arrays of
+any shape."""
 from __future__ import annotations
 
 import numpy as np
@@ -187,3 +188,114 @@ def test_a_huge_body_for_one_volume_is_refused_without_parsing_it_whole(volume, 
     assert got[:2] == ("InputError", "input_volume"), got
     assert "must be one volume of shape (48, 48, 48)" in got[2] and "bytes" in got[2], got
     assert max(parsed, default=0) < 100  # only the options went through orjson whole
+
+
+# -- /statistics: arrays of any shape, read as the route reads them --------------------------
+def parse_statistics(body: bytes, field: str = "volume"):
+    return codecs.read_large_json(body, lambda text: codecs.loads_with_raw_field(text, field),
+                                  lambda payload: codecs.array_of_numbers(payload[field], field))
+
+
+def plain_statistics(body: bytes, field: str = "volume"):
+    return codecs.numeric_array(codecs.loads_object(body)[field], field, dtype=np.float64)
+
+
+@pytest.mark.parametrize("shape", [(70_000,), (350, 200), (35, 40, 50), (5, 7, 40, 50)])
+@pytest.mark.parametrize("piece_bytes", [1, codecs.PIECE_BYTES])
+def test_large_arrays_of_any_shape_read_in_pieces_equal_one_parse(shape, piece_bytes,
+                                                                  monkeypatch):
+    monkeypatch.setattr(codecs, "PIECE_BYTES", piece_bytes)  # 1: one element per piece
+    parsed, loads_object = [], codecs.loads_object
+    monkeypatch.setattr(codecs, "loads_object", lambda text: parsed.append(len(text)) or
+                        loads_object(text))
+    rng = np.random.default_rng(2)
+    noise, ints = rng.standard_normal(shape), rng.integers(-999, 999, shape)
+    mixed = noise.tolist()  # integers in some elements and floats in others
+    mixed[: len(mixed) // 2] = ints[: len(mixed) // 2].tolist()
+    for field, value in (("volume", noise), ("volume", ints), ("volume_data", mixed)):
+        body = orjson.dumps({"note": "volume", field: value, "n": 1},
+                            option=orjson.OPT_SERIALIZE_NUMPY)
+        assert len(body) >= codecs.PLANE_WISE_BYTES
+        parsed.clear()
+        got = parse_statistics(body, field)
+        assert max(parsed) < 100  # only the other fields went through one orjson.loads
+        assert got.dtype == np.float64 and got.shape == shape
+        assert np.array_equal(got, plain_statistics(body, field))
+
+
+def field_text(body: bytes, field: str = "volume") -> bytes:
+    """The JSON text of ``field`` in a body made by :func:`body_text`."""
+    return body[body.index(b"[", body.index(field.encode())):body.rindex(b',"use_segmented')]
+
+
+def first_value(token: bytes):
+    """Put ``token`` in place of the first number of a volume."""
+    def make(text: bytes) -> bytes:
+        at = text.index(b"[[[") + 3
+        return text[:at] + token + text[min(text.index(b",", at), text.index(b"]", at)):]
+    return make
+
+
+# in place of a number, so that no row is ragged; 1e39 is no mistake in float64
+STATISTICS_MISTAKES = {**MISTAKES, "null value": first_value(b"null"),
+                       "boolean value": first_value(b"false"),
+                       "string value": first_value(b'"5"'), "object value": first_value(b"{}"),
+                       "no mistake in float64": first_value(b"1e39"),
+                       "beyond float64": first_value(b"-1e400")}
+
+
+@pytest.mark.parametrize("mistake", list(STATISTICS_MISTAKES))
+def test_a_mistake_in_a_large_statistics_array_is_named_as_in_a_small_body(volume, mistake,
+                                                                          monkeypatch):
+    """Under SPLIT_THRESHOLD_BYTES as for a small body; past it, as the array parsed alone (or,
+    for a body broken around it, a 400 naming the body). The same numbers when it is no
+    mistake for float64 (1e39)."""
+    wrong = STATISTICS_MISTAKES[mistake](body_text(volume, "volume"))
+    plain = outcome(plain_statistics, wrong)
+    got = outcome(parse_statistics, wrong)
+    assert np.array_equal(got, plain) if isinstance(plain, np.ndarray) else got == plain
+    monkeypatch.setattr(codecs, "SPLIT_THRESHOLD_BYTES", codecs.PLANE_WISE_BYTES)
+    got = outcome(parse_statistics, wrong)
+    if isinstance(plain, np.ndarray):
+        assert np.array_equal(got, plain)
+    elif got[1] == "volume":
+        text = field_text(wrong)
+        assert got == outcome(lambda t: codecs.numeric_array(
+            codecs.loads_json(t, "volume"), "volume", dtype=np.float64, text=t), text)
+    else:
+        assert got[:2] == ("MalformedBody", "body"), got
+
+
+def test_a_huge_bad_statistics_array_is_refused_without_parsing_it_whole(volume, monkeypatch):
+    monkeypatch.setattr(codecs, "SPLIT_THRESHOLD_BYTES", codecs.PLANE_WISE_BYTES)
+    monkeypatch.setattr(codecs, "MAX_VOLUME_JSON_BYTES", codecs.PLANE_WISE_BYTES)
+    parsed, plain = [], codecs.loads_json
+    monkeypatch.setattr(codecs, "loads_json", lambda text, field="body": parsed.append(
+        len(text)) or plain(text, field))
+    got = outcome(parse_statistics, first_value(b"null")(body_text(volume, "volume")))
+    assert got[:2] == ("InputError", "volume"), got
+    assert "not parsed whole" in got[2] and "null" in got[2], got
+    assert max(parsed, default=0) < 100
+
+
+#: Arrays read a piece at a time (or refused there and read whole): edge cases of the cutting.
+EDGE_ARRAYS = [b"[1]", b"[ 1 ,\n2 ]", b"[-0, 1e-400, 1E2, 7]", b"[[1] ,\r\n [2]]", b"[[[1]],[[2]]]",
+               b"[[], []]", b"[]", b"[ ]", b"[[1],5]", b"[5,[1]]", b"[[1],[2,3]]", b"[[1],,[2]]",
+               b"[[1],[2],]", b"[,[1]]", b"[1,,2]", b"[1,2,]", b"[[[1]],[2]]", b"[1 2]",
+               b"[[1] [2]]", b"[[1],[2]] ", b" [[1]]"]
+
+
+@pytest.mark.parametrize("text", EDGE_ARRAYS)
+@pytest.mark.parametrize("piece_bytes", [1, codecs.PIECE_BYTES])
+def test_edge_arrays_in_a_large_body_are_judged_as_alone(text, piece_bytes, monkeypatch):
+    monkeypatch.setattr(codecs, "PIECE_BYTES", piece_bytes)
+    monkeypatch.setattr(codecs, "SPLIT_THRESHOLD_BYTES", codecs.PLANE_WISE_BYTES)
+    body = b'{"pad": "' + b"x" * codecs.PLANE_WISE_BYTES + b'", "volume": ' + text + b"}"
+    got = outcome(parse_statistics, body)
+    alone = outcome(lambda t: codecs.numeric_array(codecs.loads_json(t, "volume"), "volume",
+                                                   dtype=np.float64, text=t), text.strip())
+    if isinstance(alone, np.ndarray):
+        assert isinstance(got, np.ndarray) and got.shape == alone.shape
+        assert np.array_equal(got, alone)
+    else:
+        assert got == alone

@@ -266,7 +266,7 @@ def test_matrix_is_wide():
 
 
 @pytest.mark.parametrize("method, path, allow", [
-    ("PUT", "/statistics", "GET, POST"), ("GET", "/reconstruct", "POST"),
+    ("PUT", "/statistics", "GET, HEAD, POST"), ("GET", "/reconstruct", "POST"),
     ("POST", "/health", "GET, HEAD")])
 def test_405_allow_lists_every_method_of_the_path(server, method, path, allow):
     response = requests.request(method, server.url + path, timeout=10)

@@ -346,6 +346,35 @@ def test_large_batch_bodies_cost_memory_in_proportion(model):
         proc.stop()
 
 
+def test_a_large_json_statistics_body_is_read_in_pieces(model):
+    """A 24 MB JSON volume to POST /statistics is read a piece at a time, as the model
+    endpoints read theirs: numpy's statistics, and peak RSS grows by at most 3x the body (one
+    orjson.loads of it grew it 5x); as large and not an array of numbers, a 422 naming the
+    field, with no growth beyond the body."""
+    proc = start_cli_server(model)
+    try:
+        volume = np.random.default_rng(0).standard_normal((48, 160, 160))
+        body = orjson.dumps({"volume": volume}, option=orjson.OPT_SERIALIZE_NUMPY)
+        before = vm_kib(proc.process.pid, "VmHWM")
+        response = requests.post(proc.url + "/statistics", data=body, headers=J, timeout=60)
+        grown = (vm_kib(proc.process.pid, "VmHWM") - before) * 1024
+        assert response.status_code == 200, response.text
+        stats = response.json()
+        assert stats["shape"] == [48, 160, 160]
+        np.testing.assert_allclose([stats[k] for k in ("mean", "std", "min", "max")],
+                                   [volume.mean(), volume.std(), volume.min(), volume.max()],
+                                   rtol=1e-12)
+        assert grown <= 3 * len(body), f"peak grew {grown / len(body):.1f}x the body"
+
+        bad = body[:-2] + b",null]}"  # a null after the last plane
+        response = requests.post(proc.url + "/statistics", data=bad, headers=J, timeout=60)
+        assert response.status_code == 422 and response.json()["field"] == "volume"
+        assert "not parsed whole" in response.json()["detail"]
+        assert health_ok(proc)
+    finally:
+        proc.stop()
+
+
 # -- shutdown -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("stalled", [False, True], ids=["idle", "stalled client"])
 def test_sigterm_exits_0_within_the_drain_timeout(model, stalled):

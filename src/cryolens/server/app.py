@@ -26,6 +26,7 @@ from cryolens.server.metrics import Metrics
 from cryolens.server.middleware import (
     BodyLimitMiddleware,
     ErrorMiddleware,
+    HeadAsGet,
     RepeatFilter,
     RequestContextMiddleware,
     RequestIdFilter,
@@ -82,7 +83,9 @@ def create_app(settings: Settings | None = None, *, engine=None) -> FastAPI:
     handlers.install(app, settings.retry_after_s)
     docs.add_routes(app)
     model_paths = routes.add_routes(app, settings)
-    # innermost first: the lane runs inside every middleware below, as the routes do
+    # innermost first: the lane runs inside every middleware below, as the routes do; HEAD is
+    # turned into GET inside the lane, so the lane's POSTs never pass through it
+    app.add_middleware(HeadAsGet)
     app.add_middleware(ModelLane, paths=model_paths, routes=app.router.routes,
                        exception_handlers=app.exception_handlers)
     app.add_middleware(ErrorMiddleware, metrics=metrics)

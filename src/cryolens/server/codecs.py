@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any, TypeVar
 
 import numpy as np
@@ -107,9 +108,9 @@ def read_json_volumes(body: bytes, field: str, box: tuple[int, ...], max_volumes
 
     ``field`` holds one volume, or with ``batch`` a list of them. ``options`` sees the payload
     (without the volumes parsed) before any volume is read, so a wrong option is named first.
-    Bodies of :data:`PLANE_WISE_BYTES` or more are parsed a volume and a plane at a time; when
-    that finds a mistake in a body under :data:`SPLIT_THRESHOLD_BYTES`, the body is parsed
-    again whole, so the client hears of it exactly as for a small body. Larger bodies are
+    Bodies of :data:`PLANE_WISE_BYTES` or more are parsed a volume and a piece (a plane or a
+    few) at a time (:func:`read_large_json`): a mistake in a body under
+    :data:`SPLIT_THRESHOLD_BYTES` is named exactly as for a small body; larger bodies are
     never parsed whole (nor is a volume of :data:`MAX_VOLUME_JSON_BYTES` or more).
     """
     # no 'true'/'false' anywhere: the volumes need no boolean check of their own
@@ -123,11 +124,24 @@ def read_json_volumes(body: bytes, field: str, box: tuple[int, ...], max_volumes
             return chosen, volumes(payload[field], field, box, max_volumes, text)
         return chosen, volume(payload[field], field, box, text)[None]
 
+    def split(body: bytes) -> dict[str, Any]:
+        if batch:
+            return loads_with_split_array(body, field, max_volumes)
+        return loads_with_raw_field(body, field, box[0])
+
+    return read_large_json(body, split, read)
+
+
+def read_large_json(body: bytes, split: Callable[[bytes], dict[str, Any]],
+                    read: Callable[[dict[str, Any]], T]) -> T:
+    """``read(payload)`` of a JSON object body. A body of :data:`PLANE_WISE_BYTES` or more is
+    parsed by ``split`` instead, which leaves its volumes as JSON text (:class:`_RawJSON`) for
+    ``read`` to take a piece at a time; when that finds a mistake in a body under
+    :data:`SPLIT_THRESHOLD_BYTES`, the body is parsed again whole, so the client hears of it
+    exactly as for a small body. Larger bodies are never parsed whole."""
     if len(body) >= PLANE_WISE_BYTES:
         try:
-            if batch:
-                return read(loads_with_split_array(body, field, max_volumes))
-            return read(loads_with_raw_field(body, field, box[0]))
+            return read(split(body))
         except CryoLensError:
             if len(body) >= SPLIT_THRESHOLD_BYTES:
                 raise
@@ -153,11 +167,13 @@ def loads_with_split_array(body: bytes, field: str, max_volumes: int) -> dict[st
     return loads_object(body)
 
 
-def loads_with_raw_field(body: bytes, field: str, planes: int) -> dict[str, Any]:
+def loads_with_raw_field(body: bytes, field: str, planes: int | None = None
+                         ) -> dict[str, Any]:
     """Like :func:`loads_object`, but in a body of :data:`PLANE_WISE_BYTES` or more the value
-    of ``field`` (one volume of ``planes`` planes) comes back unparsed, as a
-    :class:`_RawJSON` that :func:`volume` reads a plane at a time. A body this path cannot
-    read raises; :func:`read_json_volumes` then parses it whole, which names the mistake."""
+    of ``field`` (an array: one volume of at most ``planes`` planes, or of any shape when
+    ``planes`` is None) comes back unparsed, as a :class:`_RawJSON` that :func:`volume` and
+    :func:`array_of_numbers` read a piece at a time. A body this path cannot read raises;
+    :func:`read_large_json` then parses it whole, which names the mistake."""
     if len(body) >= PLANE_WISE_BYTES:
         return _split_top_level_array(body, field, planes, whole=True)
     return loads_object(body)
@@ -165,9 +181,9 @@ def loads_with_raw_field(body: bytes, field: str, planes: int) -> dict[str, Any]
 
 #: Bodies at least this large have their volume array parsed element by element.
 SPLIT_THRESHOLD_BYTES = 8 * 1024**2
-#: JSON volumes at least this large are parsed a plane at a time: one ``orjson.loads`` of a
-#: 1.2 MB particle holds the GIL ~9 ms and building its array ~6 ms more, the event loop
-#: (``/health`` included) waiting meanwhile; a plane is ~0.3 ms.
+#: JSON volumes at least this large are parsed a piece at a time (:data:`PIECE_BYTES`): one
+#: ``orjson.loads`` of a 1.2 MB particle holds the GIL ~9 ms and building its array ~6 ms
+#: more, the event loop (``/health`` included) waiting meanwhile; a plane is ~0.3 ms.
 PLANE_WISE_BYTES = 256 * 1024
 #: One volume's JSON is never this large (a 48^3 volume of 25-character numbers is 2.8 MB):
 #: a larger one is refused without parsing it whole.
@@ -186,8 +202,8 @@ _QUOTE, _BACKSLASH = ord('"'), ord("\\")
 _LSQ, _RSQ, _LCURLY, _RCURLY = ord("["), ord("]"), ord("{"), ord("}")
 
 
-def _split_top_level_array(body: bytes, field: str, max_volumes: int, whole: bool = False
-                           ) -> dict[str, Any]:
+def _split_top_level_array(body: bytes, field: str, max_volumes: int | None,
+                           whole: bool = False) -> dict[str, Any]:
     if body.find(b"\\") >= 0:
         # escapes make quote counting unsound; a big volume batch never needs them
         raise MalformedBody(f"body: a JSON body of {SPLIT_THRESHOLD_BYTES} bytes or more may "
@@ -257,18 +273,44 @@ def _key_positions(body: bytes, field: str, limit: int = 16) -> list[int]:
     """Where ``"field"`` occurs followed by a colon, as a key does (at which depth, and whether
     inside a string, the scan tells); at most ``limit``. A string value equal to the field's
     name is not followed by a colon in valid JSON."""
-    needle, found = b'"' + field.encode() + b'"', []
-    at = body.find(needle)  # bytes.find: twice as fast as a regular expression here
+    found: list[int] = []
+    at = _next_key(body, field, 0)
+    while at >= 0:
+        if len(found) == limit:
+            raise MalformedBody(f"body names {field} more than {limit} times", field="body")
+        found.append(at)
+        at = _next_key(body, field, at + 1)
+    return found
+
+
+def names_key(body: bytes, key: str) -> bool:
+    """Does the JSON text name ``key`` as a key anywhere (its quoted name, then a colon)?"""
+    return _next_key(body, key, 0) >= 0
+
+
+def _next_key(body: bytes, field: str, start: int) -> int:
+    """The first ``"field"`` from ``start`` on that is followed by a colon, or -1."""
+    needle = b'"' + field.encode() + b'"'
+    at = _find(body, needle, start)
     while at >= 0:
         after = at + len(needle)
         while body[after:after + 1] in _WHITESPACE_BYTES:
             after += 1
         if body[after:after + 1] == b":":
-            if len(found) == limit:
-                raise MalformedBody(f"body names {field} more than {limit} times", field="body")
-            found.append(at)
-        at = body.find(needle, at + 1)
-    return found
+            return at
+        at = _find(body, needle, at + 1)
+    return -1
+
+
+def _find(body: bytes, needle: bytes, start: int) -> int:
+    """``body.find(needle, start)`` a :data:`SCAN_CHUNK_BYTES` window at a time: one search
+    through a 200 MB body held the GIL (and the event loop) ~100 ms. (bytes.find: twice as
+    fast as a regular expression here.)"""
+    for low in range(start, len(body), SCAN_CHUNK_BYTES):
+        at = body.find(needle, low, low + SCAN_CHUNK_BYTES + len(needle) - 1)
+        if at >= 0:
+            return at
+    return -1
 
 
 #: Each JSON whitespace byte on its own (``b"" in`` a tuple is False: the end of the body).
@@ -299,17 +341,19 @@ def _check_gap(gap: memoryview, field: str, index: int, first: bool, last: bool)
 
 class _Scan:
     """Brackets and quotes of a body, a chunk at a time: nesting depth, string state, where the
-    top-level key ``field`` and its array are, and each volume's first and last byte."""
+    top-level key ``field`` and its array are, and each volume's first and last byte (none
+    when ``max_volumes`` is None: the array is then only found, whatever it holds)."""
 
-    def __init__(self, keys: list[int], max_volumes: int, field: str) -> None:
+    def __init__(self, keys: list[int], max_volumes: int | None, field: str) -> None:
         self.keys = np.asarray(keys, np.int64)
         self.max_volumes, self.field = max_volumes, field
         self.depth, self.in_string = 0, 0
         self.key: int | None = None
         self.array: int | None = None
         self.close: int | None = None
-        self.starts = np.empty(max_volumes + 1, np.int64)
-        self.ends = np.empty(max_volumes + 1, np.int64)
+        slots = 0 if max_volumes is None else max_volumes + 1
+        self.starts = np.empty(slots, np.int64)
+        self.ends = np.empty(slots, np.int64)
         self.count = self.ended = 0
         self.no_array = False
         self.is_object = False  # the key's value is an object (only its end is tracked)
@@ -359,7 +403,7 @@ class _Scan:
         if len(closing):
             inside &= positions < positions[closing[0]]
             self.close = int(positions[closing[0]])
-        if self.is_object:
+        if self.is_object or self.max_volumes is None:
             return
         opens = positions[inside & (step == 1) & (after == 3)]
         ends = positions[inside & (step == -1) & (after == 2)]
@@ -463,7 +507,7 @@ def volumes(value: Any, field: str, box: tuple[int, ...], max_volumes: int,
                               f"accepted per request", field=field)
     out = None
     for i, item in enumerate(value):
-        one = volume(item, f"{field}[{i}]", box, text)  # raw JSON: a plane at a time
+        one = volume(item, f"{field}[{i}]", box, text)  # raw JSON: a piece at a time
         if out is None:
             out = np.empty((len(value), *box), np.float32)
         out[i] = one
@@ -471,63 +515,141 @@ def volumes(value: Any, field: str, box: tuple[int, ...], max_volumes: int,
 
 
 def volume_from_json(text: memoryview, field: str, box: tuple[int, ...]) -> np.ndarray:
-    """One particle from its JSON text, a plane at a time (the parsing thread then yields the
-    GIL between planes, and holds one plane of Python floats at once). Whatever is not a plain
-    array of ``box[0]`` arrays of numbers goes through :func:`volume` whole, which names the
-    problem exactly as for a small body; the numbers are the same either way."""
+    """One particle from its JSON text, a piece (a plane or a few) at a time
+    (:func:`_read_pieces`). Whatever is not an array of numbers of shape ``box`` goes through
+    :func:`volume` whole, which names the problem exactly as for a small body; the numbers are
+    the same either way."""
+    array = _read_pieces(text, np.float32, box)
+    if array is not None:
+        return array
+    if len(text) >= MAX_VOLUME_JSON_BYTES:  # parsed whole, it would take seconds and GBs
+        raise InputError(
+            f"{field} must be one volume of shape {_shape_text(box)}, but its JSON is "
+            f"{len(text)} bytes, more than one volume ever takes (a few MB)", field=field)
     raw = bytes(text)
+    return volume(loads_json(raw, field), field, box, raw)
 
-    def whole() -> np.ndarray:
-        if len(raw) >= MAX_VOLUME_JSON_BYTES:  # parsed whole, it would take seconds and GBs
-            raise InputError(
-                f"{field} must be one volume of shape {_shape_text(box)}, but its JSON is "
-                f"{len(raw)} bytes, more than one volume ever takes (a few MB)", field=field)
-        return volume(loads_json(raw, field), field, box, raw)
 
-    planes = _element_slices(raw)
-    if planes is None or len(planes) != box[0] or b"t" in raw or b"f" in raw:
-        return whole()  # numbers never hold a 't' or an 'f': that is a boolean
-    out = np.empty(box, np.float32)
-    for i, (start, end) in enumerate(planes):
-        piece = raw[start:end + 1]
-        # a plane with a fraction or an exponent anywhere is float64 in numpy's own reading
+def array_of_numbers(value: Any, field: str, dtype: type = np.float64) -> np.ndarray:
+    """A non-empty array of numbers of any shape (nested lists, or their JSON text from a large
+    body) -> a ``dtype`` array, checked as by :func:`numeric_array`. JSON text is read a piece
+    at a time; text that is not such an array is parsed whole, to name the mistake exactly as
+    for a small body, unless it is :data:`MAX_VOLUME_JSON_BYTES` or more: then it is refused
+    without parsing it whole (every such array that is well formed reads piece by piece)."""
+    if not isinstance(value, _RawJSON):
+        return numeric_array(value, field, dtype=dtype)
+    array = _read_pieces(value.text, dtype)
+    if array is not None:
+        return array
+    if len(value.text) >= MAX_VOLUME_JSON_BYTES:
+        raise InputError(
+            f"{field} must be a non-empty array of finite numbers (nested lists of equal "
+            f"lengths; no booleans, null, strings or objects), and this one is not; at "
+            f"{len(value.text)} bytes its JSON is not parsed whole to say where", field=field)
+    raw = bytes(value.text)
+    return numeric_array(loads_json(raw, field), field, dtype=dtype, text=raw)
+
+
+#: A large JSON array is parsed about this many bytes at a time: whole elements (a plane of a
+#: volume, or a few), cut at the array's own commas, so that no piece holds the GIL for long.
+PIECE_BYTES = 64 * 1024
+_COMMA = ord(",")
+
+
+def _read_pieces(text: memoryview, dtype: type, shape: tuple[int, ...] | None = None
+                 ) -> np.ndarray | None:
+    """The JSON array ``text`` (from its ``[`` to the matching ``]``, as :class:`_RawJSON`
+    holds) as one ``dtype`` array, parsed a piece at a time: elements between two of the
+    array's own commas, in brackets, through one ``orjson.loads`` and ``np.array``. The thread
+    yields the GIL between pieces and holds one piece of Python objects at once. None when the
+    text is not a non-empty array of numbers of equal-length lists (strings, objects,
+    booleans, null, ragged, not finite in ``dtype``) or, given ``shape``, not of that shape:
+    the caller then reads it whole, which names the mistake."""
+    cuts = _piece_cuts(text)
+    if cuts is None:
+        return None
+    edges, count = cuts
+    if shape is not None and count != shape[0]:
+        return None
+    out: np.ndarray | None = None
+    filled = 0
+    for start, end in pairwise(edges):
+        piece = b"".join((b"[", text[start + 1:end], b"]"))
+        if b"t" in piece or b"f" in piece:  # numbers never hold a 't' or an 'f': a boolean
+            return None
+        # a piece with a fraction or an exponent anywhere is float64 in numpy's own reading
         # too; saying so up front makes np.array 40 % faster (a null becomes NaN: see below)
         floats = b"." in piece or b"e" in piece or b"E" in piece
         try:
-            plane = np.array(orjson.loads(piece), dtype=np.float64 if floats else None)
+            part = np.array(orjson.loads(piece), dtype=np.float64 if floats else None)
         except (orjson.JSONDecodeError, ValueError, TypeError, OverflowError):
-            return whole()
-        if plane.shape != box[1:] or plane.dtype.kind not in _NUMERIC_KINDS:
-            return whole()
+            return None
+        if part.dtype.kind not in _NUMERIC_KINDS or not len(part):
+            return None
+        if out is None:
+            rest = part.shape[1:] if shape is None else shape[1:]
+            out = np.empty((count, *rest), dtype)
+        if part.shape[1:] != out.shape[1:] or filled + len(part) > count:
+            return None
         with np.errstate(over="ignore", invalid="ignore"):
-            out[i] = plane  # float64 or int64 to float32, as numeric_array's astype
-    if not np.isfinite(out).all():
-        return whole()
+            out[filled:filled + len(part)] = part  # as numeric_array's astype
+        filled += len(part)
+    if out is None or filled != count or not np.isfinite(out).all():
+        return None
     return out
 
 
-def _element_slices(raw: bytes) -> list[tuple[int, int]] | None:
-    """(first, last) byte of each element of a JSON array of arrays holding no strings or
-    objects, when the text is exactly that (elements separated by commas, JSON whitespace
-    around); else None."""
-    data = np.frombuffer(raw, np.uint8)
-    if (data == _QUOTE).any() or (data == _LCURLY).any():
+def _piece_cuts(text: memoryview) -> tuple[list[int], int] | None:
+    """Where :func:`_read_pieces` cuts the JSON array ``text``: its opening bracket, the comma
+    after the last element that ends in each :data:`PIECE_BYTES` of text, and its closing
+    bracket; and how many elements it has. The elements are arrays when the first one is (the
+    planes of a volume: only brackets are looked at), else numbers (then the array holds no
+    other bracket, and its commas are the cuts). Scanned :data:`SCAN_CHUNK_BYTES` at a time.
+    None when the text holds a string or an object, or is not one such array."""
+    data = np.frombuffer(text, np.uint8)
+    if len(data) < 2 or data[0] != _LSQ or data[-1] != _RSQ:
         return None
-    brackets = np.flatnonzero((data == _LSQ) | (data == _RSQ))
-    if len(brackets) < 2:
-        return None
-    step = np.where(data[brackets] == _LSQ, 1, -1)
-    depth = np.cumsum(step)
-    if depth.min() < 0 or depth[-1] != 0 or (depth[:-1] == 0).any() or step[0] != 1:
-        return None
-    opens = brackets[(step == 1) & (depth == 2)].tolist()
-    closes = brackets[(step == -1) & (depth == 1)].tolist()
-    first, last = int(brackets[0]), int(brackets[-1])
-    if raw[:first].strip(JSON_WHITESPACE) or raw[last + 1:].strip(JSON_WHITESPACE):
-        return None
-    gaps = zip([first, *closes], [*opens, last], strict=True)
-    for i, (after, before) in enumerate(gaps):
-        separator = b"" if i in (0, len(opens)) else b","
-        if raw[after + 1:before].strip(JSON_WHITESPACE) != separator:
+    nested = data[_NON_SPACE.search(text, 1).start()] == _LSQ
+    edges, count, depth = [0], 0 if nested else 1, 0
+    for offset in range(0, len(data), SCAN_CHUNK_BYTES):
+        chunk = data[offset:offset + SCAN_CHUNK_BYTES]
+        if (chunk == _QUOTE).any() or (chunk == _LCURLY).any():
             return None
-    return list(zip(opens, closes, strict=True))
+        brackets = np.flatnonzero((chunk == _LSQ) | (chunk == _RSQ))
+        opening = chunk[brackets] == _LSQ
+        after = depth + np.cumsum(np.where(opening, 1, -1), dtype=np.int64)
+        closed = np.flatnonzero(after < 1)
+        if len(closed) and (len(closed) > 1 or brackets[closed[0]] + offset != len(data) - 1):
+            return None  # the array closes before its last byte
+        depth = int(after[-1]) if len(after) else depth
+        if nested:
+            ends = brackets[~opening & (after == 1)] + offset  # each element's last byte
+            count += len(ends)
+            cuts = [_comma_after(data, end) for end in _last_per_window(ends).tolist()]
+            if None in cuts:
+                return None
+            edges.extend(cut for cut in cuts if cut != len(data) - 1)
+        else:
+            if len(brackets) > (offset == 0) + (offset + len(chunk) == len(data)):
+                return None  # a bracket inside an array of numbers
+            commas = np.flatnonzero(chunk == _COMMA) + offset
+            count += len(commas)
+            edges.extend(_last_per_window(commas).tolist())
+    edges.append(len(data) - 1)
+    return edges, count
+
+
+def _last_per_window(positions: np.ndarray) -> np.ndarray:
+    """The last of ``positions`` (ascending) in each :data:`PIECE_BYTES` of text (a chunk of
+    :data:`SCAN_CHUNK_BYTES`, a multiple, holds whole windows)."""
+    window = positions // PIECE_BYTES
+    return positions[np.append(window[1:] != window[:-1], True)] if len(positions) else positions
+
+
+def _comma_after(data: np.ndarray, end: int) -> int | None:
+    """The comma that follows an element ending at ``end`` (JSON whitespace between), the
+    array's closing bracket when it was the last one, else None."""
+    at = end + 1
+    while at < len(data) - 1 and int(data[at]) in JSON_WHITESPACE:
+        at += 1
+    return at if data[at] == _COMMA or at == len(data) - 1 else None

@@ -52,12 +52,14 @@ def error_entries(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route accepts on this path (GET implies HEAD, as Starlette has it)."""
+    """Every method some route accepts on this path; GET implies HEAD (``HeadAsGet``)."""
     methods: set[str] = set()
     for route in request.app.router.routes:
         match, _ = route.matches({**request.scope, "method": "GET"})
         if match != Match.NONE and getattr(route, "methods", None):
             methods |= set(route.methods)
+    if "GET" in methods:
+        methods.add("HEAD")
     return sorted(methods)
 
 

@@ -1,6 +1,6 @@
 """ASGI middleware, outermost first: request context (id, metrics, log tag), body limit,
-and the last-resort 500. Pure ASGI (no BaseHTTPMiddleware), so streaming and disconnects
-pass through untouched."""
+the last-resort 500, and HEAD answered as GET. Pure ASGI (no BaseHTTPMiddleware), so
+streaming and disconnects pass through untouched."""
 from __future__ import annotations
 
 import asyncio
@@ -227,6 +227,40 @@ class ErrorMiddleware:
             response = ORJSONResponse({"detail": "internal error", "request_id": rid},
                                       status_code=500)
             await response(scope, receive, send)
+
+
+class HeadAsGet:
+    """HEAD on every route that answers GET: the request goes on as a GET, and its status and
+    headers (``Content-Length`` of the GET body included) go back without the body. FastAPI's
+    routes, unlike Starlette's, take only the methods they name, so without this a GET route
+    answered HEAD (load balancers, uptime checks, ``curl -I``) with 405. A path with no GET
+    answers HEAD as it answers GET: 405 and its ``Allow``.
+
+    The body is dropped here rather than left to the server (uvicorn drops it too, reading its
+    own scope's method, which stays HEAD): a HEAD answer carrying bytes would corrupt a
+    keep-alive connection. Only HEAD requests do any work here."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        as_get = {**scope, "method": "GET"}
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b""}
+            await send(message)
+
+        try:
+            await self.app(as_get, receive, headers_only)
+        finally:
+            if "route" in as_get:  # what the router matched: metrics label requests by it
+                scope["route"] = as_get["route"]
 
 
 class RepeatFilter(logging.Filter):

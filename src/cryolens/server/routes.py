@@ -137,10 +137,6 @@ def _add_info_routes(app: FastAPI, settings: Settings) -> None:
     async def health() -> ORJSONResponse:
         return ORJSONResponse({"status": "healthy"})
 
-    # HEAD as its own route: one route with two methods gives both the same OpenAPI operationId
-    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False,
-                      name="health_head")
-
     @app.get("/ready", response_model=schemas.HealthResponse,
              summary="Readiness: 200 once the model is loaded and warmed up, 503 before",
              responses={503: {"model": schemas.ErrorResponse}})
@@ -352,7 +348,7 @@ def _add_model_routes(app: FastAPI, settings: Settings) -> tuple[str, ...]:
 # -- statistics -------------------------------------------------------------------------------
 def _statistics(value: Any, field: str) -> dict[str, Any]:
     array = value if isinstance(value, np.ndarray) else \
-        codecs.numeric_array(value, field, dtype=np.float64)
+        codecs.array_of_numbers(value, field, dtype=np.float64)
     if array.size == 0:
         raise InputError(f"{field} is empty: expected at least one number", field=field)
     if array.dtype.kind == "f" and not np.isfinite(array).all():  # .npy and MRC bodies
@@ -362,6 +358,25 @@ def _statistics(value: Any, field: str) -> dict[str, Any]:
         raise InputError(f"{field}: the statistics overflow float64 (values near 1.8e308)",
                          field=field)
     return stats
+
+
+def _statistics_json(body: bytes) -> dict[str, Any]:
+    """Statistics of a JSON body's ``volume`` (or its alias ``volume_data``). A large body's
+    volume is read from its JSON text a piece at a time, as the model endpoints read theirs
+    (:func:`codecs.read_large_json`), never parsed whole."""
+    def split(body: bytes) -> dict[str, Any]:
+        # the field left as text: the one the payload rule below will pick
+        alias = not codecs.names_key(body, "volume") and codecs.names_key(body, "volume_data")
+        return codecs.loads_with_raw_field(body, "volume_data" if alias else "volume")
+
+    def read(payload: dict[str, Any]) -> dict[str, Any]:
+        field = "volume_data" if "volume" not in payload and "volume_data" in payload \
+            else "volume"
+        if field not in payload:
+            raise InputError(f"{field} is required", field=field)
+        return _statistics(payload[field], field)
+
+    return codecs.read_large_json(body, split, read)
 
 
 def _add_statistics_routes(app: FastAPI, settings: Settings) -> None:
@@ -391,16 +406,7 @@ def _add_statistics_routes(app: FastAPI, settings: Settings) -> None:
     async def _statistics_post(request: Request) -> ORJSONResponse:
         if codecs.is_json_content_type(bodies.media_type(request)):
             body = await request.body()
-
-            def run() -> dict[str, Any]:
-                payload = codecs.loads_object(body)
-                field = "volume_data" if "volume" not in payload and "volume_data" in payload \
-                    else "volume"
-                if field not in payload:
-                    raise InputError(f"{field} is required", field=field)
-                return _statistics(payload[field], field)
-
-            return ORJSONResponse(await bodies.off_loop(request, run))
+            return ORJSONResponse(await bodies.off_loop(request, lambda: _statistics_json(body)))
         read = await bodies.binary_reader(request)
         return ORJSONResponse(await bodies.off_loop(
             request, lambda: _statistics(read().data, "body")))
