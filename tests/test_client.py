@@ -483,3 +483,35 @@ def test_client_alone_installs_and_works_without_torch(server, tmp_path):
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok without torch"
+
+
+def test_a_stack_answered_in_many_requests_is_never_held_twice(server):
+    """Each request's arrays are written into one array per field for the whole stack as they
+    come (not kept in a list, then concatenated), and neither a request's body nor an answer's
+    outlives its request (httpx keeps its responses in reference cycles that only the cyclic
+    garbage collector frees). tracemalloc sees numpy's buffers and bytes alike, so its peak
+    counts every copy alive at once."""
+    import gc
+    import tracemalloc
+
+    n, batch = 24, 3
+    stack = particles(n, seed=5)
+    with CryoLensClient(server.url, batch_size=batch) as client:
+        client.reconstruct(stack[:batch])  # connection and first-call allocations out of the way
+        gc.collect()
+        tracemalloc.start()
+        try:
+            out = client.reconstruct(stack)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert_same(out, _one_request(server, stack))  # the same as one request's answer
+    whole = sum(v.nbytes for v in out.values())  # 32 MB: volume and its two parts, 24 each
+    answer = whole * batch // n  # one request's share
+    # a few of one request's copies at once (body, parts, arrays), never the stack's twice
+    assert peak < whole + 6 * answer, f"peak {peak / 1e6:.1f} MB for {whole / 1e6:.1f} MB"
+
+
+def _one_request(server, stack):
+    with CryoLensClient(server.url, batch_size=len(stack)) as client:
+        return client.reconstruct(stack)

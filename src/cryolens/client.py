@@ -18,8 +18,10 @@ Transfer is binary by default: the volumes go out as one ``.npy`` body (options 
 parameters) and the answer comes back as ``.npz`` (``Accept: application/x-npz``). A server
 that does not read ``.npy`` (it answers 415) is spoken to in JSON from then on, one volume per
 request (the JSON contract is single-volume except for ``/batch_process``); ``binary=False``
-asks for JSON from the start. Stacks larger than ``batch_size`` are sent in several requests and
-the results concatenated. A 503 (queue full, model loading) is retried after the server's
+asks for JSON from the start. Stacks larger than ``batch_size`` are sent in several requests,
+each answer written into one array per field for the whole stack as it comes, so a stack's
+answers are held once (no request's body or answer outlives it). A 503 (queue full, model
+loading) is retried after the server's
 ``Retry-After`` (at most ``max_retries`` times, each wait capped at ``max_retry_wait_s``); any
 other error status raises :class:`CryoLensHTTPError` with the server's message, field, status and
 request id. Volumes that are not one volume or a stack, or that hold NaN or infinity, are an
@@ -35,7 +37,7 @@ import email.utils
 import json
 import numbers
 import time
-from collections.abc import Generator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +136,37 @@ _RECONSTRUCT = _Endpoint("/reconstruct", "input_volume", False)
 _FEATURES = _Endpoint("/extract_features", "input_volume", False)
 _SPLATS = _Endpoint("/extract_gaussian_splats", "input_volume", False)
 _BATCH = _Endpoint("/batch_process", "input_volumes", True)
+
+
+def _send_args(request: _Request, body: Any) -> dict[str, Any]:
+    """``httpx`` arguments for ``request``, its body given as ``body`` (a one-shot stream of
+    it, :func:`_once` or :func:`_once_async`) with its length. httpx keeps each response in a
+    reference cycle (the response's stream refers back to it) that only Python's cyclic garbage
+    collector frees, and with it the request and its body: a stack's bodies, tens of MB each,
+    would pile up between collections. A generator lets go of the body once it is sent, and
+    :func:`_detached` keeps the answer's body outside the cycle."""
+    headers = dict(request.headers)
+    if request.content is not None:
+        headers["Content-Length"] = str(len(request.content))
+    return {"method": request.method, "url": request.path, "params": request.params or None,
+            "content": None if request.content is None else body, "headers": headers}
+
+
+def _once(body: bytes | None) -> Iterator[bytes]:
+    if body:
+        yield body
+
+
+async def _once_async(body: bytes | None) -> AsyncIterator[bytes]:
+    if body:
+        yield body
+
+
+def _detached(streamed: httpx.Response, raw: bytes) -> httpx.Response:
+    """A response holding the body ``raw`` as it came (decoded here as httpx decodes any), not
+    tied to the connection's stream, so that it is freed as soon as it is dropped."""
+    return httpx.Response(streamed.status_code, headers=streamed.headers, content=raw,
+                          request=streamed.request)
 
 
 def _query_value(value: Any) -> str:
@@ -257,29 +290,43 @@ def retry_wait(response: httpx.Response, attempt: int, cap: float) -> float:
     return min(max(wait, 0.0), cap)
 
 
-def _merge(chunks: list[dict[str, np.ndarray]], total: int) -> dict[str, np.ndarray]:
-    """Results of several requests (each with a leading n on per-volume fields) as one."""
-    if len(chunks) == 1:
-        out = dict(chunks[0])
-    else:
-        out = {}
-        for key in chunks[0]:
-            values = [chunk[key] for chunk in chunks]
-            per_volume = key in PER_VOLUME or (key not in SHARED and all(  # a newer field
-                v.ndim and v.shape[0] == _count(c) for v, c in zip(values, chunks, strict=True)))
+class _Gathered:
+    """The answers to a stack's requests, gathered into one as they come: each per-volume array
+    is written into one array for every volume, allocated at the first answer, so the answers
+    are never held twice (as a list of them and their concatenation). A stack answered in one
+    request is kept as it came."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.filled = total, 0
+        self.arrays: dict[str, np.ndarray] = {}  # per-volume fields, filled in place
+        self.others: dict[str, list[np.ndarray]] = {}  # the rest, one entry per answer
+        self.counts: list[int] = []
+
+    def add(self, chunk: dict[str, np.ndarray], n: int) -> None:
+        if not self.counts:
+            for key, value in chunk.items():
+                if key in PER_VOLUME and value.ndim and n < self.total:
+                    self.arrays[key] = np.empty((self.total, *value.shape[1:]), value.dtype)
+                else:
+                    self.others[key] = []
+        for key, array in self.arrays.items():
+            array[self.filled:self.filled + n] = chunk[key]
+        for key, values in self.others.items():
+            values.append(chunk[key])
+        self.filled += n
+        self.counts.append(n)
+
+    def result(self) -> dict[str, np.ndarray]:
+        out = dict(self.arrays)
+        for key, values in self.others.items():
+            per_volume = len(values) > 1 and key not in SHARED and all(  # a newer field
+                v.ndim and v.shape[0] == n for v, n in zip(values, self.counts, strict=True))
             out[key] = np.concatenate(values) if per_volume else values[0]
-    for key in COUNTS & out.keys():
-        out[key] = np.asarray(total)
-    if "reconstruction" in out:
-        out["reconstruction_shape"] = np.asarray(out["reconstruction"].shape)
-    return out
-
-
-def _count(chunk: dict[str, np.ndarray]) -> int:
-    for key in PER_VOLUME & chunk.keys():
-        if chunk[key].ndim:
-            return chunk[key].shape[0]
-    return -1
+        for key in COUNTS & out.keys():
+            out[key] = np.asarray(self.total)
+        if "reconstruction" in out:
+            out["reconstruction_shape"] = np.asarray(out["reconstruction"].shape)
+        return out
 
 
 def _with_leading_axis(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -408,7 +455,7 @@ class _Core:
         total = len(stack)
         bar = self._bar(endpoint.path, total, progress if progress is not None
                         else self.progress)
-        chunks = []
+        gathered = _Gathered(total)
         try:
             start = 0
             while start < total:
@@ -430,12 +477,12 @@ class _Core:
                     bar.update(len(part))
                 if not stacked and not endpoint.batch:
                     return result  # one volume, answered as one
-                chunks.append(result if sent.ndim == 4 else _with_leading_axis(result))
+                gathered.add(result if sent.ndim == 4 else _with_leading_axis(result), len(part))
                 start += len(part)
         finally:
             if bar is not None:
                 bar.close()
-        merged = _merge(chunks, total)
+        merged = gathered.result()
         if not stacked:  # one volume sent to /batch_process: answered without the leading N
             return _first_volume(merged)
         if "input_shape" in merged and not endpoint.batch:
@@ -535,9 +582,8 @@ class CryoLensClient(_Core):
         attempt = 0
         while True:
             try:
-                response = self._http.request(request.method, request.path,
-                                              params=request.params or None,
-                                              content=request.content, headers=request.headers)
+                with self._http.stream(**_send_args(request, _once(request.content))) as got:
+                    response = _detached(got, b"".join(got.iter_raw()))
             except httpx.TransportError as exc:
                 raise self._connection_error(request, exc) from exc
             wait = self._outcome(request, response, attempt)
@@ -635,9 +681,9 @@ class AsyncCryoLensClient(_Core):
         attempt = 0
         while True:
             try:
-                response = await self._http.request(
-                    request.method, request.path, params=request.params or None,
-                    content=request.content, headers=request.headers)
+                args = _send_args(request, _once_async(request.content))
+                async with self._http.stream(**args) as got:
+                    response = _detached(got, b"".join([part async for part in got.aiter_raw()]))
             except httpx.TransportError as exc:
                 raise self._connection_error(request, exc) from exc
             wait = self._outcome(request, response, attempt)
