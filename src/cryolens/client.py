@@ -22,7 +22,8 @@ asks for JSON from the start. Stacks larger than ``batch_size`` are sent in seve
 each answer written into one array per field for the whole stack as it comes, so a stack's
 answers are held once (no request's body or answer outlives it). A 503 (queue full, model
 loading) is retried after the server's
-``Retry-After`` (at most ``max_retries`` times, each wait capped at ``max_retry_wait_s``); any
+``Retry-After`` (at most ``max_retries`` times, each wait capped at ``max_retry_wait_s``); a 413
+to several volumes halves ``batch_size`` (a ``RuntimeWarning`` says so) and sends them again; any
 other error status raises :class:`CryoLensHTTPError` with the server's message, field, status and
 request id. Volumes that are not one volume or a stack, or that hold NaN or infinity, are an
 :class:`~cryolens.errors.InputError` before anything is sent.
@@ -37,6 +38,7 @@ import email.utils
 import json
 import numbers
 import time
+import warnings
 from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,6 +125,7 @@ class _Request:
     params: dict[str, str] = field(default_factory=dict)
     content: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    volumes: int = 0  # how many volumes the body holds (a 413 to several: send fewer)
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,8 @@ def _npy_request(endpoint: _Endpoint, volumes: np.ndarray, options: dict[str, An
                     params={k: _query_value(v) for k, v in options.items() if v is not None},
                     content=formats.write_npy(volumes),
                     headers={"Content-Type": formats.NPY_MEDIA_TYPE,
-                             "Accept": formats.NPZ_MEDIA_TYPE})
+                             "Accept": formats.NPZ_MEDIA_TYPE},
+                    volumes=len(volumes) if volumes.ndim == 4 else 1)
 
 
 def _json_request(path: str, payload: dict[str, Any]) -> _Request:
@@ -193,7 +197,9 @@ def _volume_json_request(endpoint: _Endpoint, volumes: np.ndarray, options: dict
                          ) -> _Request:
     payload = {k: v for k, v in options.items() if v is not None}
     payload[endpoint.json_field] = volumes.tolist()
-    return _json_request(endpoint.path, payload)
+    request = _json_request(endpoint.path, payload)
+    request.volumes = len(volumes) if volumes.ndim == 4 else 1
+    return request
 
 
 def _as_array(value: Any) -> np.ndarray:
@@ -472,6 +478,9 @@ class _Core:
                     # the JSON contract: one volume per request, except /batch_process
                     sent = part if endpoint.batch else part[0]
                     response = yield _volume_json_request(endpoint, sent, options)
+                if response.status_code == 413:  # more than the server takes: send fewer
+                    self._fewer_volumes(len(part), response)
+                    continue
                 result = _decode(response)
                 if bar is not None:
                     bar.update(len(part))
@@ -488,6 +497,15 @@ class _Core:
         if "input_shape" in merged and not endpoint.batch:
             merged["input_shape"] = np.asarray(stack.shape)
         return merged
+
+    def _fewer_volumes(self, sent: int, response: httpx.Response) -> None:
+        """A server that refused ``sent`` volumes in one request (413: its ``--max-volumes``
+        or body limit is below this client's ``batch_size``) gets half as many a request from
+        now on, which the caller is told once per halving."""
+        self.batch_size = max(1, sent // 2)
+        warnings.warn(f"{self.url} refused {sent} volumes in one request "
+                      f"({_error(response).detail}); sending {self.batch_size} a request "
+                      "from now on (the client's batch_size)", RuntimeWarning, stacklevel=5)
 
     @staticmethod
     def _bar(path: str, total: int, wanted: bool):
@@ -540,11 +558,13 @@ class _Core:
     def _outcome(self, request: _Request, response: httpx.Response, attempt: int
                  ) -> float | None:
         """None: hand the response to the plan; a number: retry after that many seconds.
-        Raises for an error status the plan does not handle (all but a 415 to ``.npy``)."""
+        Raises for an error status the plan does not handle (all but a 415 to ``.npy`` and a
+        413 to several volumes)."""
         if response.status_code == 503 and attempt < self.max_retries:
             return retry_wait(response, attempt, self.max_retry_wait_s)
         sent_npy = request.headers.get("Content-Type") == formats.NPY_MEDIA_TYPE
-        if response.is_success or (response.status_code == 415 and sent_npy):
+        if (response.is_success or (response.status_code == 415 and sent_npy)
+                or (response.status_code == 413 and request.volumes > 1)):
             return None
         raise _error(response)
 
