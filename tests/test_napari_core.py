@@ -104,6 +104,13 @@ def test_settings_round_trip_and_bad_files(tmp_path):
     assert core.Settings.load(path) == core.Settings()
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", "null", '"http://gpu-box:9000"', "5"])
+def test_settings_that_are_json_but_not_an_object_are_the_defaults(tmp_path, text):
+    path = tmp_path / "settings.json"
+    path.write_text(text)
+    assert core.Settings.load(path) == core.Settings()
+
+
 def test_settings_path_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("NAPARI_CRYOLENS_SETTINGS", str(tmp_path / "s.json"))
     assert core.settings_path() == tmp_path / "s.json"

@@ -227,6 +227,8 @@ class Settings:
             stored = json.loads(path.read_text())
         except (OSError, ValueError):
             return cls()
+        if not isinstance(stored, dict):  # valid JSON, but not the object save() writes
+            return cls()
         known = {f.name: f.type for f in fields(cls)}
         defaults = cls()
         values = {k: v for k, v in stored.items() if k in known
