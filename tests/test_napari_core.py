@@ -129,6 +129,22 @@ def test_down_server_is_described_not_raised():
     assert "\n" not in message
 
 
+def test_server_errors_are_one_line_with_status_and_request_id_once():
+    from cryolens.client import CryoLensHTTPError
+
+    invalid = CryoLensHTTPError(422, [{"loc": ["query", "use_predicted_pose"],
+                                       "msg": "Input should be a valid boolean"}],
+                                request_id="abc", method="POST", path="/reconstruct")
+    assert core.describe_error(invalid, "x") == (
+        "CryoLens server error 422: query.use_predicted_pose: Input should be a valid boolean "
+        "(request id abc)")
+    proxy = CryoLensHTTPError(502, "<html>\n<head><title>502 Bad Gateway</title></head>\n"
+                              + "<body>" + "x" * 5000 + "</body>\n</html>\n")
+    message = core.describe_error(proxy, "x")
+    assert message.startswith("CryoLens server error 502: <html> <head><title>502 Bad Gateway")
+    assert "\n" not in message and len(message) < 600
+
+
 def test_plugin_imports_neither_torch_nor_the_server():
     """The widget's modules load where only numpy, httpx and cryolens.client are."""
     code = ("import sys; import napari_cryolens.core as c; c.ServerBackend('http://x:1'); "

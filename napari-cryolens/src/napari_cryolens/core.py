@@ -28,6 +28,8 @@ DEFAULT_CHECKPOINT = "demo"
 #: Tomograms with more voxels than this get their fill value from a strided sample.
 EXACT_MEAN_LIMIT = 256 * 1024 * 1024
 SEGMENTS = ("affinity", "free")
+#: Longest server message shown (a proxy's error page is a whole HTML document).
+MAX_DETAIL_CHARS = 400
 
 
 # -- geometry ----------------------------------------------------------------------------------
@@ -200,10 +202,21 @@ def describe_error(exc: BaseException, where: str) -> str:
         return (f"CryoLens: could not reach the server at {where} ({exc.__cause__ or exc}). "
                 "Start one with `cryolens serve`, fix the URL, or switch to local mode.")
     if isinstance(exc, CryoLensHTTPError):
-        detail = exc.detail if isinstance(exc.detail, str) else str(exc)
         rid = f" (request id {exc.request_id})" if exc.request_id else ""
-        return f"CryoLens server error {exc.status}: {detail}{rid}"
+        return f"CryoLens server error {exc.status}: {_detail_text(exc.detail)}{rid}"
     return f"CryoLens: {type(exc).__name__}: {exc}"
+
+
+def _detail_text(detail: Any) -> str:
+    """A server's error detail on one line: a string as it is, validation errors (a list of
+    ``{"loc", "msg"}``) as ``loc: msg; ...``."""
+    if isinstance(detail, list):
+        text = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}"
+                         if isinstance(e, dict) else str(e) for e in detail)
+    else:
+        text = str(detail)
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_DETAIL_CHARS else text[:MAX_DETAIL_CHARS] + "..."
 
 
 # -- settings ----------------------------------------------------------------------------------
