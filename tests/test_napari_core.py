@@ -145,6 +145,16 @@ def test_server_errors_are_one_line_with_status_and_request_id_once():
     assert "\n" not in message and len(message) < 600
 
 
+def test_check_in_local_mode_loads_the_checkpoint():
+    """The Check button's tooltip says it loads the local model: a wrong checkpoint is found
+    then, not at the first reconstruction."""
+    pytest.importorskip("torch", reason="local mode needs PyTorch")
+    from cryolens.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        core.LocalBackend("/no/such/model.safetensors").describe()
+
+
 def test_plugin_imports_neither_torch_nor_the_server():
     """The widget's modules load where only numpy, httpx and cryolens.client are."""
     code = ("import sys; import napari_cryolens.core as c; c.ServerBackend('http://x:1'); "

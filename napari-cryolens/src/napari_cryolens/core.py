@@ -177,7 +177,8 @@ class LocalBackend:
             return self._engine
 
     def describe(self) -> str:
-        return f"local engine: checkpoint {self.checkpoint}"
+        """Loads the model (a wrong checkpoint raises here), then names it and its device."""
+        return f"local engine: checkpoint {self.checkpoint} on {self.engine.device}"
 
     def reconstruct(self, boxes: np.ndarray, options: Options) -> dict[str, np.ndarray]:
         from cryolens.operations import Operation, run
