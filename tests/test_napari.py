@@ -248,6 +248,18 @@ def test_a_down_server_is_a_message_not_a_traceback(make_napari_viewer, qtbot):
                for r in notification_manager.records)
 
 
+def test_a_mistyped_url_is_a_message_and_the_widget_stays_usable(make_napari_viewer, qtbot):
+    _, widget, _, points = viewer_with_picks(make_napari_viewer)
+    widget.url.setText("localhost:8023")  # no http://
+    points.selected_data = {0}
+    widget.reconstruct_selected()
+    assert "url must be the server's http:// or https:// address" in widget.messages[-1]
+    assert not widget.busy
+    assert widget.check_button.isEnabled() and not widget.cancel_button.isEnabled()
+    widget.check_button.click()
+    assert len(widget.messages) == 2 and "got 'localhost:8023'" in widget.messages[-1]
+
+
 def test_a_server_error_shows_the_servers_message(make_napari_viewer, qtbot, server):
     _, widget, _, points = viewer_with_picks(make_napari_viewer)
     widget.url.setText(server.url + "/no-such-prefix")

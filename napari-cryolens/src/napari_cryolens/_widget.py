@@ -252,6 +252,9 @@ class CryoLensWidget(QWidget):
         job = self._job_for(indices)
         if job is None:
             return
+        backend = self._checked_backend()
+        if backend is None:
+            return
         from napari.qt.threading import create_worker
 
         self._job = job
@@ -259,11 +262,6 @@ class CryoLensWidget(QWidget):
         self.progress.setValue(0)
         self._set_running(True)
         self.status.setText(f"reconstructing {len(indices)} pick(s)...")
-        try:
-            backend = self.backend()
-        except ImportError as exc:
-            self._set_running(False)
-            return self._say(f"CryoLens: {exc}", error=True)
         self.worker = create_worker(_run_job, backend, job, _start_thread=False)
         self.worker.yielded.connect(self._on_chunk)
         self.worker.errored.connect(self._on_error)
@@ -282,7 +280,10 @@ class CryoLensWidget(QWidget):
     def check(self) -> None:
         from napari.qt.threading import create_worker
 
-        worker = create_worker(lambda b: b.describe(), self.backend(), _start_thread=False)
+        backend = self._checked_backend()
+        if backend is None:
+            return
+        worker = create_worker(lambda b: b.describe(), backend, _start_thread=False)
         worker.returned.connect(lambda text: self._say(f"CryoLens: {text}"))
         worker.errored.connect(self._on_error)
         worker.start()
@@ -304,6 +305,15 @@ class CryoLensWidget(QWidget):
                              else core.LocalBackend(s.checkpoint))
             self._backend_key = key
         return self._backend
+
+    def _checked_backend(self) -> core.ServerBackend | core.LocalBackend | None:
+        """:meth:`backend`, or None once the user is told why there is none (a URL the client
+        refuses, such as one without http://; the client not installed)."""
+        try:
+            return self.backend()
+        except Exception as exc:  # noqa: BLE001 - shown to the user, not raised in a Qt slot
+            self._on_error(exc)
+            return None
 
     def _layer(self, name: str, kind):
         if name and name in self.viewer.layers and isinstance(self.viewer.layers[name], kind):
