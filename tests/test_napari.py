@@ -248,6 +248,21 @@ def test_a_down_server_is_a_message_not_a_traceback(make_napari_viewer, qtbot):
                for r in notification_manager.records)
 
 
+def test_no_picks_is_a_message_not_an_endless_progress_bar(make_napari_viewer, qtbot):
+    _, widget, _, _ = viewer_with_picks(make_napari_viewer, np.zeros((0, 3)))
+    widget.reconstruct_all()
+    assert not widget.busy
+    assert widget.messages == ["CryoLens: no picks to reconstruct in 'picks'"]
+    assert widget.progress.maximum() > 0  # a range of 0..0 is Qt's endless busy indicator
+
+
+def test_progress_counts_the_picks_that_exist(make_napari_viewer, qtbot):
+    _, widget, _, _ = viewer_with_picks(make_napari_viewer)
+    widget.url.setText(f"http://127.0.0.1:{free_port()}")  # nothing there: a quick failure
+    run_and_wait(qtbot, widget, widget.reconstruct, [0, 2, 99])  # 99: since removed
+    assert widget.progress.maximum() == 2
+
+
 def test_a_mistyped_url_is_a_message_and_the_widget_stays_usable(make_napari_viewer, qtbot):
     _, widget, _, points = viewer_with_picks(make_napari_viewer)
     widget.url.setText("localhost:8023")  # no http://

@@ -252,16 +252,19 @@ class CryoLensWidget(QWidget):
         job = self._job_for(indices)
         if job is None:
             return
+        if not job.indices:
+            return self._say(f"CryoLens: no picks to reconstruct in {job.points_name!r}",
+                             error=True)
         backend = self._checked_backend()
         if backend is None:
             return
         from napari.qt.threading import create_worker
 
         self._job = job
-        self.progress.setRange(0, len(indices))
+        self.progress.setRange(0, len(job.indices))
         self.progress.setValue(0)
         self._set_running(True)
-        self.status.setText(f"reconstructing {len(indices)} pick(s)...")
+        self.status.setText(f"reconstructing {len(job.indices)} pick(s)...")
         self.worker = create_worker(_run_job, backend, job, _start_thread=False)
         self.worker.yielded.connect(self._on_chunk)
         self.worker.errored.connect(self._on_error)
