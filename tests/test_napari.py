@@ -263,6 +263,16 @@ def test_progress_counts_the_picks_that_exist(make_napari_viewer, qtbot):
     assert widget.progress.maximum() == 2
 
 
+def test_picks_outside_the_tomogram_are_skipped_and_named(make_napari_viewer, qtbot):
+    picks = [[32, 80, 80], [500, 80, 80], [32, -30, 80], [63.4, 159.4, -0.4]]  # last: inside
+    _, widget, _, _ = viewer_with_picks(make_napari_viewer, picks)
+    widget.url.setText(f"http://127.0.0.1:{free_port()}")  # nothing there: a quick failure
+    run_and_wait(qtbot, widget, widget.reconstruct_all)
+    assert widget.messages[0] == ("CryoLens: 2 pick(s) of 'picks' lie outside the tomogram "
+                                  "'tomogram' and were skipped: 1, 2")
+    assert widget.progress.maximum() == 2
+
+
 def test_a_mistyped_url_is_a_message_and_the_widget_stays_usable(make_napari_viewer, qtbot):
     _, widget, _, points = viewer_with_picks(make_napari_viewer)
     widget.url.setText("localhost:8023")  # no http://

@@ -47,6 +47,12 @@ def test_boxes_are_the_tomogram_around_the_pick_padded_with_its_mean():
         np.testing.assert_array_equal(box, padded[z:z + 48, y:y + 48, x:x + 48])
 
 
+def test_inside_is_a_centre_voxel_within_the_tomogram():
+    centres = np.array([[0, 0, 0], [63, 99, 89], [-1, 5, 5], [5, 100, 5], [5, 5, 90]])
+    assert core.inside(centres, (64, 100, 90)).tolist() == [True, True, False, False, False]
+    assert core.inside(np.zeros((0, 3), int), (64, 100, 90)).shape == (0,)
+
+
 def test_box_translate_puts_box_voxel_over_its_tomogram_voxel():
     scale, translate = np.array([10.0, 10.0, 10.0]), np.array([5.0, -20.0, 30.0])
     centre = np.array([2, 5, 158])

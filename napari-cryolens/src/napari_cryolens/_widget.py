@@ -337,8 +337,19 @@ class CryoLensWidget(QWidget):
         indices = [i for i in indices if 0 <= i < len(picks.data)]
         voxels = core.pick_voxels(picks.data[indices], picks.scale, picks.translate,
                                   tomogram.scale, tomogram.translate)
+        centres = core.centre_voxels(voxels)
+        inside = core.inside(centres, data.shape)
+        if not inside.all():
+            outside = [i for i, keep in zip(indices, inside, strict=True) if not keep]
+            shown = ", ".join(map(str, outside[:10])) + (", ..." if len(outside) > 10 else "")
+            self._say(f"CryoLens: {len(outside)} pick(s) of {picks.name!r} lie outside the "
+                      f"tomogram {tomogram.name!r} and were skipped: {shown}", error=True)
+            indices = [i for i, keep in zip(indices, inside, strict=True) if keep]
+            centres = centres[inside]
+            if not indices:
+                return None
         return Job(indices=indices, data=data, fill=self._fills[key],
-                   centres=core.centre_voxels(voxels), scale=np.asarray(tomogram.scale),
+                   centres=centres, scale=np.asarray(tomogram.scale),
                    translate=np.asarray(tomogram.translate), points_name=picks.name,
                    options=core.Options(use_predicted_pose=bool(self.pose.currentData()),
                                         segments=self.segments.isChecked(),

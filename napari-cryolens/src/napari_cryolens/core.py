@@ -48,6 +48,13 @@ def centre_voxels(voxels: np.ndarray) -> np.ndarray:
     return np.floor(np.asarray(voxels, np.float64) + 0.5).astype(np.int64).reshape(-1, 3)
 
 
+def inside(centres: np.ndarray, shape) -> np.ndarray:
+    """(N,) bool: whether each centre voxel (z, y, x) lies in a tomogram of ``shape``. A pick
+    outside has no particle to reconstruct (its box is the fill value, or mostly so)."""
+    centres = np.asarray(centres).reshape(-1, 3)
+    return np.all((centres >= 0) & (centres < np.asarray(shape)[-3:]), axis=1)
+
+
 def fill_value(data) -> float:
     """The tomogram's mean (a strided sample's mean for very large or lazy arrays)."""
     size = int(np.prod(data.shape))
