@@ -273,6 +273,21 @@ def test_picks_outside_the_tomogram_are_skipped_and_named(make_napari_viewer, qt
     assert widget.progress.maximum() == 2
 
 
+def test_renamed_layers_stay_chosen(make_napari_viewer, qtbot):
+    viewer, widget, tomo, points = viewer_with_picks(make_napari_viewer)
+    viewer.add_image(np.zeros((8, 8, 8), np.float32), name="another tomogram")
+    viewer.add_points(np.zeros((1, 3)), name="other picks")
+    widget.tomogram.setCurrentText("tomogram")
+    widget.picks.setCurrentText("picks")
+    tomo.name = "TS_01"
+    points.name = "ribosomes"
+    assert (widget.tomogram.currentText(), widget.picks.currentText()) == ("TS_01", "ribosomes")
+    widget.url.setText(f"http://127.0.0.1:{free_port()}")  # nothing there: a quick failure
+    points.selected_data = {0}
+    run_and_wait(qtbot, widget, widget.reconstruct_selected)
+    assert widget.messages[-1].startswith("CryoLens: could not reach the server")
+
+
 def test_a_mistyped_url_is_a_message_and_the_widget_stays_usable(make_napari_viewer, qtbot):
     _, widget, _, points = viewer_with_picks(make_napari_viewer)
     widget.url.setText("localhost:8023")  # no http://

@@ -195,23 +195,28 @@ class CryoLensWidget(QWidget):
         self.settings.save()
 
     def refresh_layers(self, *_) -> None:
-        """Offer the 3-D Image layers as tomograms and the 3-D Points layers as picks."""
+        """Offer the 3-D Image layers as tomograms and the 3-D Points layers as picks (each
+        item holds its layer, so that a chosen layer stays chosen when it is renamed)."""
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self.refresh_layers)  # once: napari ignores repeats
         for combo, kind in ((self.tomogram, Image), (self.picks, Points)):
-            current = combo.currentText()
-            names = [layer.name for layer in self.viewer.layers
-                     if isinstance(layer, kind) and layer.ndim == 3
-                     and not layer.name.startswith("cryolens ")]
+            current = combo.currentData()
+            layers = [layer for layer in self.viewer.layers
+                      if isinstance(layer, kind) and layer.ndim == 3
+                      and not layer.name.startswith("cryolens ")]
             combo.blockSignals(True)
             combo.clear()
-            combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
+            for layer in layers:
+                combo.addItem(layer.name, layer)
+            chosen = [i for i, layer in enumerate(layers) if layer is current]
+            if chosen:
+                combo.setCurrentIndex(chosen[0])
             combo.blockSignals(False)
         self._watch_picks()
 
     # -- live picking --------------------------------------------------------------------
     def _watch_picks(self, *_) -> None:
-        layer = self._layer(self.picks.currentText(), Points) if self.live.isChecked() else None
+        layer = self._chosen(self.picks, Points) if self.live.isChecked() else None
         if layer is self._watched:
             return
         if self._watched is not None:
@@ -229,7 +234,7 @@ class CryoLensWidget(QWidget):
 
     # -- actions -------------------------------------------------------------------------
     def reconstruct_selected(self) -> None:
-        layer = self._layer(self.picks.currentText(), Points)
+        layer = self._chosen(self.picks, Points)
         if layer is None:
             return self._say("CryoLens: choose a Points layer of picks first", error=True)
         selected = sorted(layer.selected_data)
@@ -239,7 +244,7 @@ class CryoLensWidget(QWidget):
         self.reconstruct(selected)
 
     def reconstruct_all(self) -> None:
-        layer = self._layer(self.picks.currentText(), Points)
+        layer = self._chosen(self.picks, Points)
         if layer is None:
             return self._say("CryoLens: choose a Points layer of picks first", error=True)
         self.reconstruct(list(range(len(layer.data))))
@@ -318,14 +323,14 @@ class CryoLensWidget(QWidget):
             self._on_error(exc)
             return None
 
-    def _layer(self, name: str, kind):
-        if name and name in self.viewer.layers and isinstance(self.viewer.layers[name], kind):
-            return self.viewer.layers[name]
-        return None
+    def _chosen(self, combo: QComboBox, kind):
+        """The layer chosen in ``combo``, while it is in the viewer."""
+        layer = combo.currentData()
+        return layer if isinstance(layer, kind) and layer in self.viewer.layers else None
 
     def _job_for(self, indices: list[int]) -> Job | None:
-        tomogram = self._layer(self.tomogram.currentText(), Image)
-        picks = self._layer(self.picks.currentText(), Points)
+        tomogram = self._chosen(self.tomogram, Image)
+        picks = self._chosen(self.picks, Points)
         if tomogram is None or picks is None:
             self._say("CryoLens: choose a 3-D tomogram (Image) and picks (Points) layer",
                       error=True)
@@ -435,7 +440,7 @@ class CryoLensWidget(QWidget):
             layer.refresh()
 
     def _recolour(self, *_) -> None:
-        layer = self._layer(self.picks.currentText(), Points)
+        layer = self._chosen(self.picks, Points)
         stored = self.embeddings.get(layer.name, {}) if layer is not None else {}
         if not self.colour.isChecked() or layer is None or len(stored) < 2:
             return
