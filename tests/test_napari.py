@@ -288,6 +288,28 @@ def test_renamed_layers_stay_chosen(make_napari_viewer, qtbot):
     assert widget.messages[-1].startswith("CryoLens: could not reach the server")
 
 
+def test_the_fill_value_is_computed_off_the_gui_thread_once(make_napari_viewer, qtbot,
+                                                           monkeypatch, server):
+    """A lazy tomogram's fill value reads a sample of all of it (1.1 s for a 200x1000x1000
+    zarr array on local disk): that is worker work, done once per tomogram."""
+    import threading
+
+    threads = []
+
+    def fill_value(data):
+        threads.append(threading.current_thread())
+        return float(np.mean(data, dtype=np.float64))
+
+    monkeypatch.setattr(core, "fill_value", fill_value)
+    _, widget, _, points = viewer_with_picks(make_napari_viewer)
+    widget.url.setText(server.url)
+    for pick in (0, 1):
+        points.selected_data = {pick}
+        run_and_wait(qtbot, widget, widget.reconstruct_selected)
+    assert len(threads) == 1 and threads[0] is not threading.main_thread()
+    assert "cryolens pick 1" in widget.viewer.layers
+
+
 def test_a_mistyped_url_is_a_message_and_the_widget_stays_usable(make_napari_viewer, qtbot):
     _, widget, _, points = viewer_with_picks(make_napari_viewer)
     widget.url.setText("localhost:8023")  # no http://

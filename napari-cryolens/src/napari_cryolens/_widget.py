@@ -40,7 +40,10 @@ class Job:
 
     indices: list[int]
     data: object  # the tomogram array (numpy, dask or zarr)
-    fill: float
+    #: the tomogram's mean, for boxes past its edge: None until the worker has computed it (for
+    #: a lazy array it reads a sample of the whole tomogram, too slow for the GUI thread)
+    fill: float | None
+    fill_key: int  # the tomogram array's id, under which the widget keeps the fill value
     centres: np.ndarray  # (N, 3) voxels
     scale: np.ndarray
     translate: np.ndarray
@@ -336,9 +339,6 @@ class CryoLensWidget(QWidget):
                       error=True)
             return None
         data = tomogram.data[0] if tomogram.multiscale else tomogram.data
-        key = id(data)
-        if key not in self._fills:
-            self._fills = {key: core.fill_value(data)}
         indices = [i for i in indices if 0 <= i < len(picks.data)]
         voxels = core.pick_voxels(picks.data[indices], picks.scale, picks.translate,
                                   tomogram.scale, tomogram.translate)
@@ -353,7 +353,7 @@ class CryoLensWidget(QWidget):
             centres = centres[inside]
             if not indices:
                 return None
-        return Job(indices=indices, data=data, fill=self._fills[key],
+        return Job(indices=indices, data=data, fill=self._fills.get(id(data)), fill_key=id(data),
                    centres=centres, scale=np.asarray(tomogram.scale),
                    translate=np.asarray(tomogram.translate), points_name=picks.name,
                    options=core.Options(use_predicted_pose=bool(self.pose.currentData()),
@@ -380,6 +380,7 @@ class CryoLensWidget(QWidget):
             return
         if job is None:
             return
+        self._fills = {job.fill_key: job.fill}  # computed by the worker before any chunk
         try:
             if job.combined:
                 self._paste(job, chunk)
@@ -466,6 +467,8 @@ def _run_job(backend, job: Job):
     """Worker thread: cut each chunk's boxes, reconstruct them, make their layers and yield a
     :class:`Chunk` (or a message, then stop, when the backend fails). At most :data:`AHEAD`
     chunks ahead of the viewer; none once the run is cancelled."""
+    if job.fill is None:
+        job.fill = core.fill_value(job.data)
     for start in range(0, len(job.indices), job.batch_size):
         while not job.ahead.acquire(timeout=0.1):
             if job.cancelled.is_set():
