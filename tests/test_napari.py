@@ -234,6 +234,36 @@ def test_batch_can_be_cancelled(make_napari_viewer, qtbot, server):
     assert widget.progress.value() == done
 
 
+class InstantBackend:
+    """Answers every box at once with an empty reconstruction: the widget's side alone."""
+
+    url = "instant"
+
+    def reconstruct(self, boxes, options):
+        return {"reconstruction": np.zeros((len(boxes), 48, 48, 48), np.float32)}
+
+
+def test_closing_the_viewer_mid_run_ends_the_worker(make_napari_viewer, qtbot):
+    """napari asks a closing window's workers to quit (and waits for every worker when the
+    application quits): a worker waiting for the viewer to show its chunks must still stop."""
+    rng = np.random.default_rng(4)
+    picks = rng.uniform(0, 1, (40, 3)) * (np.array(SHAPE) - 1)
+    viewer, widget, _, _ = viewer_with_picks(make_napari_viewer, picks)
+    widget.backend = InstantBackend
+    widget.batch_size.setValue(1)
+    widget.reconstruct_all()
+    worker, job = widget.worker, widget._job
+    ended = []
+    worker.finished.connect(lambda: ended.append(True))
+    qtbot.waitUntil(lambda: widget.progress.value() > 0, timeout=WAIT_MS)
+    viewer.close()  # the widget goes with it: nothing shows the chunks the worker fetched
+    try:
+        qtbot.waitUntil(lambda: bool(ended), timeout=10_000)
+    finally:
+        job.cancelled.set()  # without the fix, lets the stuck worker go (pytest would hang)
+        qtbot.waitUntil(lambda: bool(ended), timeout=10_000)
+
+
 def test_a_down_server_is_a_message_not_a_traceback(make_napari_viewer, qtbot):
     from napari.utils.notifications import notification_manager
 

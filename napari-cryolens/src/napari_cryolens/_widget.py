@@ -373,8 +373,10 @@ class CryoLensWidget(QWidget):
         (show_error if error else show_info)(message)
 
     # -- results (GUI thread) ------------------------------------------------------------
-    def _on_chunk(self, chunk: Chunk | str) -> None:
+    def _on_chunk(self, chunk: Chunk | str | None) -> None:
         job = self._job
+        if chunk is None:  # the worker waiting for the viewer (see _run_job)
+            return
         if isinstance(chunk, str):  # a failure the worker described
             self._say(chunk, error=True)
             return
@@ -466,13 +468,17 @@ class CryoLensWidget(QWidget):
 def _run_job(backend, job: Job):
     """Worker thread: cut each chunk's boxes, reconstruct them, make their layers and yield a
     :class:`Chunk` (or a message, then stop, when the backend fails). At most :data:`AHEAD`
-    chunks ahead of the viewer; none once the run is cancelled."""
+    chunks ahead of the viewer; none once the run is cancelled. While it waits for the viewer
+    it yields None now and then: napari asks the workers of a closing window (and every worker
+    when the application quits, waiting for them) to quit, and a generator worker sees that
+    only between yields."""
     if job.fill is None:
         job.fill = core.fill_value(job.data)
     for start in range(0, len(job.indices), job.batch_size):
         while not job.ahead.acquire(timeout=0.1):
             if job.cancelled.is_set():
                 return
+            yield None
         if job.cancelled.is_set():
             return
         part = slice(start, start + job.batch_size)
