@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 from napari.layers import Image, Points
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -69,8 +71,11 @@ class Chunk:
     indices: list[int]
     centres: np.ndarray
     arrays: dict[str, np.ndarray]
-    #: Image layers made in the worker thread (napari layers are plain models until added)
-    layers: list = field(default_factory=list)
+    #: each pick's Image layers, made in the worker thread (napari layers are plain models
+    #: until added)
+    layers: list[list[Image]] = field(default_factory=list)
+    #: picks whose layers the viewer has added
+    shown: int = 0
 
 
 class CryoLensWidget(QWidget):
@@ -93,6 +98,12 @@ class CryoLensWidget(QWidget):
         self.latencies: list[float] = []
         #: messages shown to the user, newest last (also napari notifications)
         self.messages: list[str] = []
+        #: chunks whose layers are still to be added, one pick a turn of the event loop
+        self._showing: deque[Chunk] = deque()
+        self._show_timer = QTimer(self)
+        self._show_timer.setSingleShot(True)
+        self._show_timer.setInterval(0)
+        self._show_timer.timeout.connect(self._show_next)
         self._build()
         self.refresh_layers()
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed,
@@ -280,13 +291,16 @@ class CryoLensWidget(QWidget):
         self.worker.start()
 
     def cancel(self) -> None:
-        """Stop after the request in flight; what arrived so far stays."""
+        """Stop: no request after the one in flight, and no more layers; those shown stay."""
         self._pending.clear()
+        self._showing.clear()
         if self._job is not None:
             self._job.cancelled.set()
         if self.worker is not None:
             self.worker.quit()
             self.status.setText("cancelling...")
+        elif self._job is not None:
+            self._done()
 
     def check(self) -> None:
         from napari.qt.threading import create_worker
@@ -301,7 +315,8 @@ class CryoLensWidget(QWidget):
 
     @property
     def busy(self) -> bool:
-        return self.worker is not None
+        """A run is going on: its worker, or its layers still being added."""
+        return self.worker is not None or bool(self._showing)
 
     # -- helpers -------------------------------------------------------------------------
     def backend(self) -> core.ServerBackend | core.LocalBackend:
@@ -383,22 +398,53 @@ class CryoLensWidget(QWidget):
         if job is None:
             return
         self._fills = {job.fill_key: job.fill}  # computed by the worker before any chunk
+        if job.cancelled.is_set():  # the answer to the request in flight at Cancel
+            return
+        if not job.combined:
+            self._showing.append(chunk)
+            self._show_timer.start()
+            return
         try:
-            if job.combined:
-                self._paste(job, chunk)
-            for layer in chunk.layers:
-                self._place(layer)
-            if "embedding" in chunk.arrays:
-                stored = self.embeddings.setdefault(job.points_name, {})
-                for row, index in enumerate(chunk.indices):
-                    stored[index] = np.asarray(chunk.arrays["embedding"][row])
-            now = time.perf_counter()
-            self.latencies.extend([now - job.started] * len(chunk.indices))
-            self.progress.setValue(self.progress.value() + len(chunk.indices))
-            self.status.setText(f"{self.progress.value()} of {self.progress.maximum()} picks done")
+            self._paste(job, chunk)
+            self._count(job, chunk, range(len(chunk.indices)))
             self._recolour()
         finally:
             job.ahead.release()  # shown (or failed): the worker may fetch one more
+
+    def _show_next(self) -> None:
+        """Add the next pick's layers. napari takes ~0.2 s to add an Image layer: a pick per
+        turn of the event loop keeps the viewer responsive while a chunk is shown."""
+        job = self._job
+        if not self._showing or job is None:
+            return
+        chunk = self._showing[0]
+        row = chunk.shown
+        chunk.shown += 1
+        try:
+            for layer in chunk.layers[row]:
+                self._place(layer)
+            self._count(job, chunk, [row])
+            if chunk.shown == len(chunk.indices):
+                self._recolour()
+        finally:
+            if chunk.shown == len(chunk.indices):
+                self._showing.popleft()
+                job.ahead.release()  # shown (or failed): the worker may fetch one more
+            if self._showing:
+                self._show_timer.start()
+            elif self.worker is None:
+                self._done()
+
+    def _count(self, job: Job, chunk: Chunk, rows) -> None:
+        """These rows of a chunk are shown: their embeddings, latencies and progress."""
+        if "embedding" in chunk.arrays:
+            stored = self.embeddings.setdefault(job.points_name, {})
+            for row in rows:
+                stored[chunk.indices[row]] = np.asarray(chunk.arrays["embedding"][row])
+        now = time.perf_counter()
+        self.latencies.extend([now - job.started] * len(rows))
+        self.progress.setValue(self.progress.value() + len(rows))
+        self.status.setText(f"{self.progress.value()} of {self.progress.maximum()} picks done")
 
     def _place(self, layer: Image) -> None:
         """Add a reconstruction's layer, or update the one of the same name (a pick redone)."""
@@ -458,6 +504,10 @@ class CryoLensWidget(QWidget):
 
     def _on_finished(self) -> None:
         self.worker = None
+        if not self._showing:  # else the last pick shown ends the run
+            self._done()
+
+    def _done(self) -> None:
         self._job = None
         self._set_running(False)
         if self._pending:
@@ -497,17 +547,20 @@ def _run_job(backend, job: Job):
 
 
 def _layers(job: Job, chunk: Chunk):
-    """One Image layer per pick (and per segment), over its particle."""
+    """Each pick's Image layers, over its particle: its reconstruction (and its segments)."""
     for row, (index, centre) in enumerate(zip(chunk.indices, chunk.centres, strict=True)):
         translate = core.box_translate(centre, job.scale, job.translate)
         meta = {"cryolens": {"pick": index, "picks": job.points_name,
                              "centre_voxel": [int(c) for c in centre],
                              "options": vars(job.options)}}
+        layers = []
         for segment in (None, *core.SEGMENTS):
             key = "reconstruction" if segment is None else f"{segment}_reconstruction"
             if key in chunk.arrays and (segment is None or job.options.segments):
                 volume = chunk.arrays[key][row]
-                yield Image(volume, name=core.layer_name(index, segment), scale=job.scale,
-                            translate=translate, colormap=COLORMAPS[segment],
-                            contrast_limits=core.contrast_limits(volume), blending="additive",
-                            opacity=0.8, metadata=meta)
+                layers.append(Image(volume, name=core.layer_name(index, segment),
+                                    scale=job.scale, translate=translate,
+                                    colormap=COLORMAPS[segment],
+                                    contrast_limits=core.contrast_limits(volume),
+                                    blending="additive", opacity=0.8, metadata=meta))
+        yield layers
