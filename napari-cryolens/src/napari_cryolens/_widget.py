@@ -89,7 +89,8 @@ class CryoLensWidget(QWidget):
         self._backend_key: tuple | None = None
         self.worker = None
         self._job: Job | None = None
-        self._pending: list[int] = []
+        #: picks asked for during a run, in order (a dict: queueing thousands stays linear)
+        self._pending: dict[int, None] = {}
         self._watched: Points | None = None
         self._fills: dict[int, float] = {}
         #: points layer name -> {pick index: embedding}
@@ -266,7 +267,7 @@ class CryoLensWidget(QWidget):
     def reconstruct(self, indices: list[int]) -> None:
         """Reconstruct these picks of the chosen Points layer (queued if a run is going on)."""
         if self.busy:
-            self._pending.extend(i for i in indices if i not in self._pending)
+            self._pending.update(dict.fromkeys(indices))
             return
         job = self._job_for(indices)
         if job is None:
@@ -511,7 +512,7 @@ class CryoLensWidget(QWidget):
         self._job = None
         self._set_running(False)
         if self._pending:
-            pending, self._pending = self._pending, []
+            pending, self._pending = list(self._pending), {}
             self.reconstruct(pending)
 
 
