@@ -399,6 +399,23 @@ def test_the_fill_value_is_computed_off_the_gui_thread_once(make_napari_viewer, 
     assert "cryolens pick 1" in widget.viewer.layers
 
 
+def test_rotated_sheared_or_affine_layers_are_refused_not_misplaced(make_napari_viewer, qtbot):
+    """Boxes are cut and placed by scale and translate: with a rotation the box was cut around
+    another voxel (the pick at voxel (32, 80, 80) of a tomogram rotated 30 degrees got the box
+    around (32, 29, 109)), and the reconstruction drawn unrotated."""
+    _, widget, tomo, points = viewer_with_picks(make_napari_viewer)
+    tomo.rotate = 30
+    widget.reconstruct_all()
+    assert not widget.busy
+    assert widget.messages[-1] == (
+        "CryoLens: layer 'tomogram' is rotated, sheared or has an affine transform; boxes are "
+        "cut and placed by scale and translate only, so set it to the identity first")
+    tomo.rotate = 0
+    points.affine = np.diag([1.0, 2.0, 1.0, 1.0])
+    widget.reconstruct_all()
+    assert not widget.busy and "layer 'picks' is rotated" in widget.messages[-1]
+
+
 def test_a_mistyped_url_is_a_message_and_the_widget_stays_usable(make_napari_viewer, qtbot):
     _, widget, _, points = viewer_with_picks(make_napari_viewer)
     widget.url.setText("localhost:8023")  # no http://

@@ -354,6 +354,12 @@ class CryoLensWidget(QWidget):
             self._say("CryoLens: choose a 3-D tomogram (Image) and picks (Points) layer",
                       error=True)
             return None
+        for layer in (tomogram, picks):
+            if _rotated(layer):
+                self._say(f"CryoLens: layer {layer.name!r} is rotated, sheared or has an affine "
+                          "transform; boxes are cut and placed by scale and translate only, so "
+                          "set it to the identity first", error=True)
+                return None
         data = tomogram.data[0] if tomogram.multiscale else tomogram.data
         indices = [i for i in indices if 0 <= i < len(picks.data)]
         voxels = core.pick_voxels(picks.data[indices], picks.scale, picks.translate,
@@ -514,6 +520,13 @@ class CryoLensWidget(QWidget):
         if self._pending:
             pending, self._pending = list(self._pending), {}
             self.reconstruct(pending)
+
+
+def _rotated(layer) -> bool:
+    """Whether a layer's data reaches the world through more than a scale and a translation."""
+    eye = np.eye(layer.ndim)
+    return (not np.allclose(layer.rotate, eye) or bool(np.any(layer.shear))
+            or not np.allclose(layer.affine.affine_matrix, np.eye(layer.ndim + 1)))
 
 
 def _run_job(backend, job: Job):
