@@ -416,6 +416,21 @@ def test_rotated_sheared_or_affine_layers_are_refused_not_misplaced(make_napari_
     assert not widget.busy and "layer 'picks' is rotated" in widget.messages[-1]
 
 
+def test_a_2d_points_layer_is_not_offered_and_the_message_says_why(make_napari_viewer, qtbot):
+    """A Points layer made while the viewer showed only 2-D layers is 2-D: it is in the layer
+    list but not in the widget's chooser."""
+    from napari_cryolens._widget import CryoLensWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_points(np.zeros((3, 2)), name="picks")
+    viewer.add_image(tomogram(), name="tomogram")
+    widget = CryoLensWidget(viewer)
+    assert widget.picks.count() == 0
+    widget.reconstruct_all()
+    assert widget.messages[-1] == ("CryoLens: choose a 3-D (z, y, x) Points layer of picks "
+                                   "first; 2-D and 4-D ones are not offered")
+
+
 def test_a_mistyped_url_is_a_message_and_the_widget_stays_usable(make_napari_viewer, qtbot):
     _, widget, _, points = viewer_with_picks(make_napari_viewer)
     widget.url.setText("localhost:8023")  # no http://

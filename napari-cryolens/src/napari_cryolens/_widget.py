@@ -64,6 +64,9 @@ class Job:
 
 #: How many chunks the worker fetches before the viewer has shown the first of them.
 AHEAD = 2
+#: A Points layer made while the viewer showed 2-D layers is 2-D: listed by napari, not here.
+NO_PICKS_LAYER = ("CryoLens: choose a 3-D (z, y, x) Points layer of picks first; 2-D and 4-D "
+                  "ones are not offered")
 
 
 @dataclass
@@ -251,7 +254,7 @@ class CryoLensWidget(QWidget):
     def reconstruct_selected(self) -> None:
         layer = self._chosen(self.picks, Points)
         if layer is None:
-            return self._say("CryoLens: choose a Points layer of picks first", error=True)
+            return self._say(NO_PICKS_LAYER, error=True)
         selected = sorted(layer.selected_data)
         if not selected:
             return self._say("CryoLens: select one or more picks first (select mode, click)",
@@ -261,7 +264,7 @@ class CryoLensWidget(QWidget):
     def reconstruct_all(self) -> None:
         layer = self._chosen(self.picks, Points)
         if layer is None:
-            return self._say("CryoLens: choose a Points layer of picks first", error=True)
+            return self._say(NO_PICKS_LAYER, error=True)
         self.reconstruct(list(range(len(layer.data))))
 
     def reconstruct(self, indices: list[int]) -> None:
