@@ -75,6 +75,22 @@ def test_fill_value_of_a_large_lazy_array_is_a_sample_mean():
     assert core.fill_value(Lazy(data)) == pytest.approx(3.0)
 
 
+def test_fill_value_is_the_mean_of_the_finite_voxels():
+    """A masked region of NaN must not make every box past the edge NaN too."""
+    tomo = np.full((40, 40, 40), 2.0, np.float32)
+    tomo[:, :, 30:] = np.nan
+    tomo[0, 0, 0] = np.inf
+    assert core.fill_value(tomo) == pytest.approx(2.0)
+
+    class Lazy:  # the sampled path
+        shape = tomo.shape
+
+        def __getitem__(self, key):
+            return tomo[key]
+
+    assert core.fill_value(Lazy()) == pytest.approx(2.0)
+
+
 def test_contrast_limits_are_ordered_and_finite():
     vol = np.zeros((48, 48, 48), np.float32)
     assert core.contrast_limits(vol) == (0.0, 1.0)

@@ -56,13 +56,19 @@ def inside(centres: np.ndarray, shape) -> np.ndarray:
 
 
 def fill_value(data) -> float:
-    """The tomogram's mean (a strided sample's mean for very large or lazy arrays)."""
+    """The mean of the tomogram's finite voxels (of a strided sample's, for very large or lazy
+    arrays): a masked region of NaN must not make every box past the edge NaN as well."""
     size = int(np.prod(data.shape))
     if isinstance(data, np.ndarray) and size <= EXACT_MEAN_LIMIT:
-        return float(data.mean(dtype=np.float64))
-    step = max(1, round((size / 8_000_000) ** (1 / 3)))
-    sample = np.asarray(data[::step, ::step, ::step], np.float64)
-    return float(sample.mean())
+        sample = data
+    else:
+        step = max(1, round((size / 8_000_000) ** (1 / 3)))
+        sample = np.asarray(data[::step, ::step, ::step])
+    mean = float(sample.mean(dtype=np.float64))
+    if not np.isfinite(mean):  # NaN or infinity somewhere (rare): only then a masked copy
+        finite = sample[np.isfinite(sample)]
+        mean = float(finite.mean(dtype=np.float64)) if finite.size else 0.0
+    return mean
 
 
 def cut_boxes(data, centres: np.ndarray, fill: float) -> np.ndarray:
