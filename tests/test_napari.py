@@ -182,6 +182,23 @@ def test_segments_and_predicted_pose_are_layers_of_their_own(make_napari_viewer,
     assert not stored.final_convolution
 
 
+def test_picks_whose_box_holds_nan_are_skipped_and_named(make_napari_viewer, qtbot, server):
+    """A masked (NaN) region: the picks whose box reaches it are named and skipped, the rest
+    reconstructed. The client refused the whole request, numbering its volumes from 0 in each
+    request, and the run stopped there."""
+    data = tomogram()
+    data[:, :, 150:] = np.nan
+    viewer, widget, _, _ = viewer_with_picks(make_napari_viewer, data=data)
+    widget.url.setText(server.url)
+    widget.batch_size.setValue(2)
+    run_and_wait(qtbot, widget, widget.reconstruct_all)
+    assert widget.messages == [("CryoLens: 1 pick(s) of 'picks' have NaN or infinity in their "
+                                "box and were skipped: 1")]
+    names = {layer.name for layer in viewer.layers}
+    assert {"cryolens pick 0", "cryolens pick 2", "cryolens pick 3"} <= names
+    assert "cryolens pick 1" not in names
+
+
 def test_batch_over_many_picks_finishes_and_colours_them(make_napari_viewer, qtbot, server):
     rng = np.random.default_rng(3)
     picks = rng.uniform(0, 1, (60, 3)) * (np.array(SHAPE) - 1)

@@ -371,9 +371,9 @@ class CryoLensWidget(QWidget):
         inside = core.inside(centres, data.shape)
         if not inside.all():
             outside = [i for i, keep in zip(indices, inside, strict=True) if not keep]
-            shown = ", ".join(map(str, outside[:10])) + (", ..." if len(outside) > 10 else "")
             self._say(f"CryoLens: {len(outside)} pick(s) of {picks.name!r} lie outside the "
-                      f"tomogram {tomogram.name!r} and were skipped: {shown}", error=True)
+                      f"tomogram {tomogram.name!r} and were skipped: {core.listed(outside)}",
+                      error=True)
             indices = [i for i, keep in zip(indices, inside, strict=True) if keep]
             centres = centres[inside]
             if not indices:
@@ -534,11 +534,12 @@ def _rotated(layer) -> bool:
 
 def _run_job(backend, job: Job):
     """Worker thread: cut each chunk's boxes, reconstruct them, make their layers and yield a
-    :class:`Chunk` (or a message, then stop, when the backend fails). At most :data:`AHEAD`
-    chunks ahead of the viewer; none once the run is cancelled. While it waits for the viewer
-    it yields None now and then: napari asks the workers of a closing window (and every worker
-    when the application quits, waiting for them) to quit, and a generator worker sees that
-    only between yields."""
+    :class:`Chunk`; or a message: picks skipped (their box holds NaN or infinity, which the
+    client refuses for the whole request), or the backend's failure, after which it stops.
+    At most :data:`AHEAD` chunks ahead of the viewer; none once the run is cancelled. While it
+    waits for the viewer it yields None now and then: napari asks the workers of a closing
+    window (and every worker when the application quits, waiting for them) to quit, and a
+    generator worker sees that only between yields."""
     if job.fill is None:
         job.fill = core.fill_value(job.data)
     for start in range(0, len(job.indices), job.batch_size):
@@ -549,15 +550,25 @@ def _run_job(backend, job: Job):
         if job.cancelled.is_set():
             return
         part = slice(start, start + job.batch_size)
-        centres = job.centres[part]
+        indices, centres = job.indices[part], job.centres[part]
         boxes = core.cut_boxes(job.data, centres, job.fill)
+        finite = np.isfinite(boxes.reshape(len(boxes), -1)).all(axis=1)
+        if not finite.all():
+            bad = [i for i, ok in zip(indices, finite, strict=True) if not ok]
+            yield (f"CryoLens: {len(bad)} pick(s) of {job.points_name!r} have NaN or infinity "
+                   f"in their box and were skipped: {core.listed(bad)}")
+            indices = [i for i, ok in zip(indices, finite, strict=True) if ok]
+            centres, boxes = centres[finite], boxes[finite]
+            if not indices:
+                job.ahead.release()  # no chunk for the viewer to show
+                continue
         try:
             arrays = backend.reconstruct(boxes, job.options)
         except Exception as exc:  # noqa: BLE001 - shown to the user, not raised
             where = getattr(backend, "url", "local engine")
             yield core.describe_error(exc, where)
             return
-        chunk = Chunk(job.indices[part], centres, arrays)
+        chunk = Chunk(indices, centres, arrays)
         if not job.combined:
             chunk.layers = list(_layers(job, chunk))
         yield chunk

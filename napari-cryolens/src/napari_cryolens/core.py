@@ -55,6 +55,12 @@ def inside(centres: np.ndarray, shape) -> np.ndarray:
     return np.all((centres >= 0) & (centres < np.asarray(shape)[-3:]), axis=1)
 
 
+def listed(indices) -> str:
+    """Pick numbers for a message: ``1, 2, 5`` (the first ten, then ``...``)."""
+    indices = list(indices)
+    return ", ".join(map(str, indices[:10])) + (", ..." if len(indices) > 10 else "")
+
+
 def fill_value(data) -> float:
     """The mean of the tomogram's finite voxels (of a strided sample's, for very large or lazy
     arrays): a masked region of NaN must not make every box past the edge NaN as well."""
