@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -181,6 +182,23 @@ def test_segments_and_predicted_pose_are_layers_of_their_own(make_napari_viewer,
     assert not stored.final_convolution
 
 
+def test_picks_whose_box_holds_nan_are_skipped_and_named(make_napari_viewer, qtbot, server):
+    """A masked (NaN) region: the picks whose box reaches it are named and skipped, the rest
+    reconstructed. The client refused the whole request, numbering its volumes from 0 in each
+    request, and the run stopped there."""
+    data = tomogram()
+    data[:, :, 150:] = np.nan
+    viewer, widget, _, _ = viewer_with_picks(make_napari_viewer, data=data)
+    widget.url.setText(server.url)
+    widget.batch_size.setValue(2)
+    run_and_wait(qtbot, widget, widget.reconstruct_all)
+    assert widget.messages == [("CryoLens: 1 pick(s) of 'picks' have NaN or infinity in their "
+                                "box and were skipped: 1")]
+    names = {layer.name for layer in viewer.layers}
+    assert {"cryolens pick 0", "cryolens pick 2", "cryolens pick 3"} <= names
+    assert "cryolens pick 1" not in names
+
+
 def test_batch_over_many_picks_finishes_and_colours_them(make_napari_viewer, qtbot, server):
     rng = np.random.default_rng(3)
     picks = rng.uniform(0, 1, (60, 3)) * (np.array(SHAPE) - 1)
@@ -234,6 +252,96 @@ def test_batch_can_be_cancelled(make_napari_viewer, qtbot, server):
     assert widget.progress.value() == done
 
 
+class InstantBackend:
+    """Answers every box at once with an empty reconstruction: the widget's side alone."""
+
+    url = "instant"
+
+    def reconstruct(self, boxes, options):
+        return {"reconstruction": np.zeros((len(boxes), 48, 48, 48), np.float32)}
+
+
+class HeldBackend(InstantBackend):
+    """Answers once ``release`` is set: a run that goes on while the test acts."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def reconstruct(self, boxes, options):
+        self.release.wait(WAIT_MS / 1000)
+        return super().reconstruct(boxes, options)
+
+
+def test_picks_queued_during_a_run_cost_one_comparison_each(make_napari_viewer, qtbot):
+    """Pressing Reconstruct all again during a run over thousands of picks queues them: that
+    compared each with every one queued before it (3.8 s of frozen viewer for 20 000)."""
+
+    class Index(int):
+        compared = 0
+
+        def __eq__(self, other):
+            Index.compared += 1
+            return int.__eq__(self, other)
+
+        __hash__ = int.__hash__
+
+    _, widget, _, _ = viewer_with_picks(make_napari_viewer)
+    held = HeldBackend()
+    widget.backend = lambda: held
+    widget.reconstruct([0])
+    try:
+        for _ in range(2):
+            widget.reconstruct([Index(i) for i in range(3000)])
+    finally:
+        held.release.set()
+    assert Index.compared <= 2 * 3000
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    assert sum(layer.name.startswith("cryolens pick ") for layer in widget.viewer.layers) == 4
+
+
+def test_the_viewer_turns_between_picks_layers(make_napari_viewer, qtbot):
+    """napari takes ~0.2 s to add an Image layer: a chunk of 16 added in one go froze the
+    viewer for 3-7 s. Each pick's layers are added in a turn of the event loop of their own."""
+    from qtpy.QtCore import QTimer
+
+    rng = np.random.default_rng(5)
+    picks = rng.uniform(0, 1, (12, 3)) * (np.array(SHAPE) - 1)
+    viewer, widget, _, _ = viewer_with_picks(make_napari_viewer, picks)
+    widget.backend = InstantBackend
+    widget.batch_size.setValue(12)  # one chunk
+    turns = [0]
+    ticker = QTimer()
+    ticker.timeout.connect(lambda: turns.__setitem__(0, turns[0] + 1))
+    ticker.start(0)
+    added_at = []
+    viewer.layers.events.inserted.connect(lambda event: added_at.append(turns[0]))
+    run_and_wait(qtbot, widget, widget.reconstruct_all)
+    ticker.stop()
+    assert len(added_at) == 12 and widget.progress.value() == 12
+    assert (np.diff(added_at) > 0).all(), added_at  # the event loop turned between any two
+
+
+def test_closing_the_viewer_mid_run_ends_the_worker(make_napari_viewer, qtbot):
+    """napari asks a closing window's workers to quit (and waits for every worker when the
+    application quits): a worker waiting for the viewer to show its chunks must still stop."""
+    rng = np.random.default_rng(4)
+    picks = rng.uniform(0, 1, (40, 3)) * (np.array(SHAPE) - 1)
+    viewer, widget, _, _ = viewer_with_picks(make_napari_viewer, picks)
+    widget.backend = InstantBackend
+    widget.batch_size.setValue(1)
+    widget.reconstruct_all()
+    worker, job = widget.worker, widget._job
+    ended = []
+    worker.finished.connect(lambda: ended.append(True))
+    qtbot.waitUntil(lambda: widget.progress.value() > 0, timeout=WAIT_MS)
+    viewer.close()  # the widget goes with it: nothing shows the chunks the worker fetched
+    try:
+        qtbot.waitUntil(lambda: bool(ended), timeout=10_000)
+    finally:
+        job.cancelled.set()  # without the fix, lets the stuck worker go (pytest would hang)
+        qtbot.waitUntil(lambda: bool(ended), timeout=10_000)
+
+
 def test_a_down_server_is_a_message_not_a_traceback(make_napari_viewer, qtbot):
     from napari.utils.notifications import notification_manager
 
@@ -246,6 +354,110 @@ def test_a_down_server_is_a_message_not_a_traceback(make_napari_viewer, qtbot):
     assert "Traceback" not in widget.messages[-1]
     assert any(str(r.message).startswith("CryoLens: could not reach")
                for r in notification_manager.records)
+
+
+def test_no_picks_is_a_message_not_an_endless_progress_bar(make_napari_viewer, qtbot):
+    _, widget, _, _ = viewer_with_picks(make_napari_viewer, np.zeros((0, 3)))
+    widget.reconstruct_all()
+    assert not widget.busy
+    assert widget.messages == ["CryoLens: no picks to reconstruct in 'picks'"]
+    assert widget.progress.maximum() > 0  # a range of 0..0 is Qt's endless busy indicator
+
+
+def test_progress_counts_the_picks_that_exist(make_napari_viewer, qtbot):
+    _, widget, _, _ = viewer_with_picks(make_napari_viewer)
+    widget.url.setText(f"http://127.0.0.1:{free_port()}")  # nothing there: a quick failure
+    run_and_wait(qtbot, widget, widget.reconstruct, [0, 2, 99])  # 99: since removed
+    assert widget.progress.maximum() == 2
+
+
+def test_picks_outside_the_tomogram_are_skipped_and_named(make_napari_viewer, qtbot):
+    picks = [[32, 80, 80], [500, 80, 80], [32, -30, 80], [63.4, 159.4, -0.4]]  # last: inside
+    _, widget, _, _ = viewer_with_picks(make_napari_viewer, picks)
+    widget.url.setText(f"http://127.0.0.1:{free_port()}")  # nothing there: a quick failure
+    run_and_wait(qtbot, widget, widget.reconstruct_all)
+    assert widget.messages[0] == ("CryoLens: 2 pick(s) of 'picks' lie outside the tomogram "
+                                  "'tomogram' and were skipped: 1, 2")
+    assert widget.progress.maximum() == 2
+
+
+def test_renamed_layers_stay_chosen(make_napari_viewer, qtbot):
+    viewer, widget, tomo, points = viewer_with_picks(make_napari_viewer)
+    viewer.add_image(np.zeros((8, 8, 8), np.float32), name="another tomogram")
+    viewer.add_points(np.zeros((1, 3)), name="other picks")
+    widget.tomogram.setCurrentText("tomogram")
+    widget.picks.setCurrentText("picks")
+    tomo.name = "TS_01"
+    points.name = "ribosomes"
+    assert (widget.tomogram.currentText(), widget.picks.currentText()) == ("TS_01", "ribosomes")
+    widget.url.setText(f"http://127.0.0.1:{free_port()}")  # nothing there: a quick failure
+    points.selected_data = {0}
+    run_and_wait(qtbot, widget, widget.reconstruct_selected)
+    assert widget.messages[-1].startswith("CryoLens: could not reach the server")
+
+
+def test_the_fill_value_is_computed_off_the_gui_thread_once(make_napari_viewer, qtbot,
+                                                           monkeypatch, server):
+    """A lazy tomogram's fill value reads a sample of all of it (1.1 s for a 200x1000x1000
+    zarr array on local disk): that is worker work, done once per tomogram."""
+    threads = []
+
+    def fill_value(data):
+        threads.append(threading.current_thread())
+        return float(np.mean(data, dtype=np.float64))
+
+    monkeypatch.setattr(core, "fill_value", fill_value)
+    _, widget, _, points = viewer_with_picks(make_napari_viewer)
+    widget.url.setText(server.url)
+    for pick in (0, 1):
+        points.selected_data = {pick}
+        run_and_wait(qtbot, widget, widget.reconstruct_selected)
+    assert len(threads) == 1 and threads[0] is not threading.main_thread()
+    assert "cryolens pick 1" in widget.viewer.layers
+
+
+def test_rotated_sheared_or_affine_layers_are_refused_not_misplaced(make_napari_viewer, qtbot):
+    """Boxes are cut and placed by scale and translate: with a rotation the box was cut around
+    another voxel (the pick at voxel (32, 80, 80) of a tomogram rotated 30 degrees got the box
+    around (32, 29, 109)), and the reconstruction drawn unrotated."""
+    _, widget, tomo, points = viewer_with_picks(make_napari_viewer)
+    tomo.rotate = 30
+    widget.reconstruct_all()
+    assert not widget.busy
+    assert widget.messages[-1] == (
+        "CryoLens: layer 'tomogram' is rotated, sheared or has an affine transform; boxes are "
+        "cut and placed by scale and translate only, so set it to the identity first")
+    tomo.rotate = 0
+    points.affine = np.diag([1.0, 2.0, 1.0, 1.0])
+    widget.reconstruct_all()
+    assert not widget.busy and "layer 'picks' is rotated" in widget.messages[-1]
+
+
+def test_a_2d_points_layer_is_not_offered_and_the_message_says_why(make_napari_viewer, qtbot):
+    """A Points layer made while the viewer showed only 2-D layers is 2-D: it is in the layer
+    list but not in the widget's chooser."""
+    from napari_cryolens._widget import CryoLensWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_points(np.zeros((3, 2)), name="picks")
+    viewer.add_image(tomogram(), name="tomogram")
+    widget = CryoLensWidget(viewer)
+    assert widget.picks.count() == 0
+    widget.reconstruct_all()
+    assert widget.messages[-1] == ("CryoLens: choose a 3-D (z, y, x) Points layer of picks "
+                                   "first; 2-D and 4-D ones are not offered")
+
+
+def test_a_mistyped_url_is_a_message_and_the_widget_stays_usable(make_napari_viewer, qtbot):
+    _, widget, _, points = viewer_with_picks(make_napari_viewer)
+    widget.url.setText("localhost:8023")  # no http://
+    points.selected_data = {0}
+    widget.reconstruct_selected()
+    assert "url must be the server's http:// or https:// address" in widget.messages[-1]
+    assert not widget.busy
+    assert widget.check_button.isEnabled() and not widget.cancel_button.isEnabled()
+    widget.check_button.click()
+    assert len(widget.messages) == 2 and "got 'localhost:8023'" in widget.messages[-1]
 
 
 def test_a_server_error_shows_the_servers_message(make_napari_viewer, qtbot, server):

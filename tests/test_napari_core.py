@@ -47,6 +47,12 @@ def test_boxes_are_the_tomogram_around_the_pick_padded_with_its_mean():
         np.testing.assert_array_equal(box, padded[z:z + 48, y:y + 48, x:x + 48])
 
 
+def test_inside_is_a_centre_voxel_within_the_tomogram():
+    centres = np.array([[0, 0, 0], [63, 99, 89], [-1, 5, 5], [5, 100, 5], [5, 5, 90]])
+    assert core.inside(centres, (64, 100, 90)).tolist() == [True, True, False, False, False]
+    assert core.inside(np.zeros((0, 3), int), (64, 100, 90)).shape == (0,)
+
+
 def test_box_translate_puts_box_voxel_over_its_tomogram_voxel():
     scale, translate = np.array([10.0, 10.0, 10.0]), np.array([5.0, -20.0, 30.0])
     centre = np.array([2, 5, 158])
@@ -67,6 +73,22 @@ def test_fill_value_of_a_large_lazy_array_is_a_sample_mean():
 
     data = np.full((40, 40, 40), 3.0, np.float32)
     assert core.fill_value(Lazy(data)) == pytest.approx(3.0)
+
+
+def test_fill_value_is_the_mean_of_the_finite_voxels():
+    """A masked region of NaN must not make every box past the edge NaN too."""
+    tomo = np.full((40, 40, 40), 2.0, np.float32)
+    tomo[:, :, 30:] = np.nan
+    tomo[0, 0, 0] = np.inf
+    assert core.fill_value(tomo) == pytest.approx(2.0)
+
+    class Lazy:  # the sampled path
+        shape = tomo.shape
+
+        def __getitem__(self, key):
+            return tomo[key]
+
+    assert core.fill_value(Lazy()) == pytest.approx(2.0)
 
 
 def test_contrast_limits_are_ordered_and_finite():
@@ -104,6 +126,13 @@ def test_settings_round_trip_and_bad_files(tmp_path):
     assert core.Settings.load(path) == core.Settings()
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", "null", '"http://gpu-box:9000"', "5"])
+def test_settings_that_are_json_but_not_an_object_are_the_defaults(tmp_path, text):
+    path = tmp_path / "settings.json"
+    path.write_text(text)
+    assert core.Settings.load(path) == core.Settings()
+
+
 def test_settings_path_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("NAPARI_CRYOLENS_SETTINGS", str(tmp_path / "s.json"))
     assert core.settings_path() == tmp_path / "s.json"
@@ -120,6 +149,32 @@ def test_down_server_is_described_not_raised():
     message = core.describe_error(info.value, backend.url)
     assert message.startswith("CryoLens: could not reach the server at http://127.0.0.1:9")
     assert "\n" not in message
+
+
+def test_server_errors_are_one_line_with_status_and_request_id_once():
+    from cryolens.client import CryoLensHTTPError
+
+    invalid = CryoLensHTTPError(422, [{"loc": ["query", "use_predicted_pose"],
+                                       "msg": "Input should be a valid boolean"}],
+                                request_id="abc", method="POST", path="/reconstruct")
+    assert core.describe_error(invalid, "x") == (
+        "CryoLens server error 422: query.use_predicted_pose: Input should be a valid boolean "
+        "(request id abc)")
+    proxy = CryoLensHTTPError(502, "<html>\n<head><title>502 Bad Gateway</title></head>\n"
+                              + "<body>" + "x" * 5000 + "</body>\n</html>\n")
+    message = core.describe_error(proxy, "x")
+    assert message.startswith("CryoLens server error 502: <html> <head><title>502 Bad Gateway")
+    assert "\n" not in message and len(message) < 600
+
+
+def test_check_in_local_mode_loads_the_checkpoint():
+    """The Check button's tooltip says it loads the local model: a wrong checkpoint is found
+    then, not at the first reconstruction."""
+    pytest.importorskip("torch", reason="local mode needs PyTorch")
+    from cryolens.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        core.LocalBackend("/no/such/model.safetensors").describe()
 
 
 def test_plugin_imports_neither_torch_nor_the_server():

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 from napari.layers import Image, Points
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -40,7 +42,10 @@ class Job:
 
     indices: list[int]
     data: object  # the tomogram array (numpy, dask or zarr)
-    fill: float
+    #: the tomogram's mean, for boxes past its edge: None until the worker has computed it (for
+    #: a lazy array it reads a sample of the whole tomogram, too slow for the GUI thread)
+    fill: float | None
+    fill_key: int  # the tomogram array's id, under which the widget keeps the fill value
     centres: np.ndarray  # (N, 3) voxels
     scale: np.ndarray
     translate: np.ndarray
@@ -59,6 +64,9 @@ class Job:
 
 #: How many chunks the worker fetches before the viewer has shown the first of them.
 AHEAD = 2
+#: A Points layer made while the viewer showed 2-D layers is 2-D: listed by napari, not here.
+NO_PICKS_LAYER = ("CryoLens: choose a 3-D (z, y, x) Points layer of picks first; 2-D and 4-D "
+                  "ones are not offered")
 
 
 @dataclass
@@ -66,8 +74,11 @@ class Chunk:
     indices: list[int]
     centres: np.ndarray
     arrays: dict[str, np.ndarray]
-    #: Image layers made in the worker thread (napari layers are plain models until added)
-    layers: list = field(default_factory=list)
+    #: each pick's Image layers, made in the worker thread (napari layers are plain models
+    #: until added)
+    layers: list[list[Image]] = field(default_factory=list)
+    #: picks whose layers the viewer has added
+    shown: int = 0
 
 
 class CryoLensWidget(QWidget):
@@ -81,7 +92,8 @@ class CryoLensWidget(QWidget):
         self._backend_key: tuple | None = None
         self.worker = None
         self._job: Job | None = None
-        self._pending: list[int] = []
+        #: picks asked for during a run, in order (a dict: queueing thousands stays linear)
+        self._pending: dict[int, None] = {}
         self._watched: Points | None = None
         self._fills: dict[int, float] = {}
         #: points layer name -> {pick index: embedding}
@@ -90,6 +102,12 @@ class CryoLensWidget(QWidget):
         self.latencies: list[float] = []
         #: messages shown to the user, newest last (also napari notifications)
         self.messages: list[str] = []
+        #: chunks whose layers are still to be added, one pick a turn of the event loop
+        self._showing: deque[Chunk] = deque()
+        self._show_timer = QTimer(self)
+        self._show_timer.setSingleShot(True)
+        self._show_timer.setInterval(0)
+        self._show_timer.timeout.connect(self._show_next)
         self._build()
         self.refresh_layers()
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed,
@@ -195,23 +213,28 @@ class CryoLensWidget(QWidget):
         self.settings.save()
 
     def refresh_layers(self, *_) -> None:
-        """Offer the 3-D Image layers as tomograms and the 3-D Points layers as picks."""
+        """Offer the 3-D Image layers as tomograms and the 3-D Points layers as picks (each
+        item holds its layer, so that a chosen layer stays chosen when it is renamed)."""
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self.refresh_layers)  # once: napari ignores repeats
         for combo, kind in ((self.tomogram, Image), (self.picks, Points)):
-            current = combo.currentText()
-            names = [layer.name for layer in self.viewer.layers
-                     if isinstance(layer, kind) and layer.ndim == 3
-                     and not layer.name.startswith("cryolens ")]
+            current = combo.currentData()
+            layers = [layer for layer in self.viewer.layers
+                      if isinstance(layer, kind) and layer.ndim == 3
+                      and not layer.name.startswith("cryolens ")]
             combo.blockSignals(True)
             combo.clear()
-            combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
+            for layer in layers:
+                combo.addItem(layer.name, layer)
+            chosen = [i for i, layer in enumerate(layers) if layer is current]
+            if chosen:
+                combo.setCurrentIndex(chosen[0])
             combo.blockSignals(False)
         self._watch_picks()
 
     # -- live picking --------------------------------------------------------------------
     def _watch_picks(self, *_) -> None:
-        layer = self._layer(self.picks.currentText(), Points) if self.live.isChecked() else None
+        layer = self._chosen(self.picks, Points) if self.live.isChecked() else None
         if layer is self._watched:
             return
         if self._watched is not None:
@@ -229,9 +252,9 @@ class CryoLensWidget(QWidget):
 
     # -- actions -------------------------------------------------------------------------
     def reconstruct_selected(self) -> None:
-        layer = self._layer(self.picks.currentText(), Points)
+        layer = self._chosen(self.picks, Points)
         if layer is None:
-            return self._say("CryoLens: choose a Points layer of picks first", error=True)
+            return self._say(NO_PICKS_LAYER, error=True)
         selected = sorted(layer.selected_data)
         if not selected:
             return self._say("CryoLens: select one or more picks first (select mode, click)",
@@ -239,31 +262,32 @@ class CryoLensWidget(QWidget):
         self.reconstruct(selected)
 
     def reconstruct_all(self) -> None:
-        layer = self._layer(self.picks.currentText(), Points)
+        layer = self._chosen(self.picks, Points)
         if layer is None:
-            return self._say("CryoLens: choose a Points layer of picks first", error=True)
+            return self._say(NO_PICKS_LAYER, error=True)
         self.reconstruct(list(range(len(layer.data))))
 
     def reconstruct(self, indices: list[int]) -> None:
         """Reconstruct these picks of the chosen Points layer (queued if a run is going on)."""
         if self.busy:
-            self._pending.extend(i for i in indices if i not in self._pending)
+            self._pending.update(dict.fromkeys(indices))
             return
         job = self._job_for(indices)
         if job is None:
             return
+        if not job.indices:
+            return self._say(f"CryoLens: no picks to reconstruct in {job.points_name!r}",
+                             error=True)
+        backend = self._checked_backend()
+        if backend is None:
+            return
         from napari.qt.threading import create_worker
 
         self._job = job
-        self.progress.setRange(0, len(indices))
+        self.progress.setRange(0, len(job.indices))
         self.progress.setValue(0)
         self._set_running(True)
-        self.status.setText(f"reconstructing {len(indices)} pick(s)...")
-        try:
-            backend = self.backend()
-        except ImportError as exc:
-            self._set_running(False)
-            return self._say(f"CryoLens: {exc}", error=True)
+        self.status.setText(f"reconstructing {len(job.indices)} pick(s)...")
         self.worker = create_worker(_run_job, backend, job, _start_thread=False)
         self.worker.yielded.connect(self._on_chunk)
         self.worker.errored.connect(self._on_error)
@@ -271,25 +295,32 @@ class CryoLensWidget(QWidget):
         self.worker.start()
 
     def cancel(self) -> None:
-        """Stop after the request in flight; what arrived so far stays."""
+        """Stop: no request after the one in flight, and no more layers; those shown stay."""
         self._pending.clear()
+        self._showing.clear()
         if self._job is not None:
             self._job.cancelled.set()
         if self.worker is not None:
             self.worker.quit()
             self.status.setText("cancelling...")
+        elif self._job is not None:
+            self._done()
 
     def check(self) -> None:
         from napari.qt.threading import create_worker
 
-        worker = create_worker(lambda b: b.describe(), self.backend(), _start_thread=False)
+        backend = self._checked_backend()
+        if backend is None:
+            return
+        worker = create_worker(lambda b: b.describe(), backend, _start_thread=False)
         worker.returned.connect(lambda text: self._say(f"CryoLens: {text}"))
         worker.errored.connect(self._on_error)
         worker.start()
 
     @property
     def busy(self) -> bool:
-        return self.worker is not None
+        """A run is going on: its worker, or its layers still being added."""
+        return self.worker is not None or bool(self._showing)
 
     # -- helpers -------------------------------------------------------------------------
     def backend(self) -> core.ServerBackend | core.LocalBackend:
@@ -305,27 +336,50 @@ class CryoLensWidget(QWidget):
             self._backend_key = key
         return self._backend
 
-    def _layer(self, name: str, kind):
-        if name and name in self.viewer.layers and isinstance(self.viewer.layers[name], kind):
-            return self.viewer.layers[name]
-        return None
+    def _checked_backend(self) -> core.ServerBackend | core.LocalBackend | None:
+        """:meth:`backend`, or None once the user is told why there is none (a URL the client
+        refuses, such as one without http://; the client not installed)."""
+        try:
+            return self.backend()
+        except Exception as exc:  # noqa: BLE001 - shown to the user, not raised in a Qt slot
+            self._on_error(exc)
+            return None
+
+    def _chosen(self, combo: QComboBox, kind):
+        """The layer chosen in ``combo``, while it is in the viewer."""
+        layer = combo.currentData()
+        return layer if isinstance(layer, kind) and layer in self.viewer.layers else None
 
     def _job_for(self, indices: list[int]) -> Job | None:
-        tomogram = self._layer(self.tomogram.currentText(), Image)
-        picks = self._layer(self.picks.currentText(), Points)
+        tomogram = self._chosen(self.tomogram, Image)
+        picks = self._chosen(self.picks, Points)
         if tomogram is None or picks is None:
             self._say("CryoLens: choose a 3-D tomogram (Image) and picks (Points) layer",
                       error=True)
             return None
+        for layer in (tomogram, picks):
+            if _rotated(layer):
+                self._say(f"CryoLens: layer {layer.name!r} is rotated, sheared or has an affine "
+                          "transform; boxes are cut and placed by scale and translate only, so "
+                          "set it to the identity first", error=True)
+                return None
         data = tomogram.data[0] if tomogram.multiscale else tomogram.data
-        key = id(data)
-        if key not in self._fills:
-            self._fills = {key: core.fill_value(data)}
         indices = [i for i in indices if 0 <= i < len(picks.data)]
         voxels = core.pick_voxels(picks.data[indices], picks.scale, picks.translate,
                                   tomogram.scale, tomogram.translate)
-        return Job(indices=indices, data=data, fill=self._fills[key],
-                   centres=core.centre_voxels(voxels), scale=np.asarray(tomogram.scale),
+        centres = core.centre_voxels(voxels)
+        inside = core.inside(centres, data.shape)
+        if not inside.all():
+            outside = [i for i, keep in zip(indices, inside, strict=True) if not keep]
+            self._say(f"CryoLens: {len(outside)} pick(s) of {picks.name!r} lie outside the "
+                      f"tomogram {tomogram.name!r} and were skipped: {core.listed(outside)}",
+                      error=True)
+            indices = [i for i, keep in zip(indices, inside, strict=True) if keep]
+            centres = centres[inside]
+            if not indices:
+                return None
+        return Job(indices=indices, data=data, fill=self._fills.get(id(data)), fill_key=id(data),
+                   centres=centres, scale=np.asarray(tomogram.scale),
                    translate=np.asarray(tomogram.translate), points_name=picks.name,
                    options=core.Options(use_predicted_pose=bool(self.pose.currentData()),
                                         segments=self.segments.isChecked(),
@@ -344,29 +398,63 @@ class CryoLensWidget(QWidget):
         (show_error if error else show_info)(message)
 
     # -- results (GUI thread) ------------------------------------------------------------
-    def _on_chunk(self, chunk: Chunk | str) -> None:
+    def _on_chunk(self, chunk: Chunk | str | None) -> None:
         job = self._job
+        if chunk is None:  # the worker waiting for the viewer (see _run_job)
+            return
         if isinstance(chunk, str):  # a failure the worker described
             self._say(chunk, error=True)
             return
         if job is None:
             return
+        self._fills = {job.fill_key: job.fill}  # computed by the worker before any chunk
+        if job.cancelled.is_set():  # the answer to the request in flight at Cancel
+            return
+        if not job.combined:
+            self._showing.append(chunk)
+            self._show_timer.start()
+            return
         try:
-            if job.combined:
-                self._paste(job, chunk)
-            for layer in chunk.layers:
-                self._place(layer)
-            if "embedding" in chunk.arrays:
-                stored = self.embeddings.setdefault(job.points_name, {})
-                for row, index in enumerate(chunk.indices):
-                    stored[index] = np.asarray(chunk.arrays["embedding"][row])
-            now = time.perf_counter()
-            self.latencies.extend([now - job.started] * len(chunk.indices))
-            self.progress.setValue(self.progress.value() + len(chunk.indices))
-            self.status.setText(f"{self.progress.value()} of {self.progress.maximum()} picks done")
+            self._paste(job, chunk)
+            self._count(job, chunk, range(len(chunk.indices)))
             self._recolour()
         finally:
             job.ahead.release()  # shown (or failed): the worker may fetch one more
+
+    def _show_next(self) -> None:
+        """Add the next pick's layers. napari takes ~0.2 s to add an Image layer: a pick per
+        turn of the event loop keeps the viewer responsive while a chunk is shown."""
+        job = self._job
+        if not self._showing or job is None:
+            return
+        chunk = self._showing[0]
+        row = chunk.shown
+        chunk.shown += 1
+        try:
+            for layer in chunk.layers[row]:
+                self._place(layer)
+            self._count(job, chunk, [row])
+            if chunk.shown == len(chunk.indices):
+                self._recolour()
+        finally:
+            if chunk.shown == len(chunk.indices):
+                self._showing.popleft()
+                job.ahead.release()  # shown (or failed): the worker may fetch one more
+            if self._showing:
+                self._show_timer.start()
+            elif self.worker is None:
+                self._done()
+
+    def _count(self, job: Job, chunk: Chunk, rows) -> None:
+        """These rows of a chunk are shown: their embeddings, latencies and progress."""
+        if "embedding" in chunk.arrays:
+            stored = self.embeddings.setdefault(job.points_name, {})
+            for row in rows:
+                stored[chunk.indices[row]] = np.asarray(chunk.arrays["embedding"][row])
+        now = time.perf_counter()
+        self.latencies.extend([now - job.started] * len(rows))
+        self.progress.setValue(self.progress.value() + len(rows))
+        self.status.setText(f"{self.progress.value()} of {self.progress.maximum()} picks done")
 
     def _place(self, layer: Image) -> None:
         """Add a reconstruction's layer, or update the one of the same name (a pick redone)."""
@@ -411,7 +499,7 @@ class CryoLensWidget(QWidget):
             layer.refresh()
 
     def _recolour(self, *_) -> None:
-        layer = self._layer(self.picks.currentText(), Points)
+        layer = self._chosen(self.picks, Points)
         stored = self.embeddings.get(layer.name, {}) if layer is not None else {}
         if not self.colour.isChecked() or layer is None or len(stored) < 2:
             return
@@ -426,50 +514,81 @@ class CryoLensWidget(QWidget):
 
     def _on_finished(self) -> None:
         self.worker = None
+        if not self._showing:  # else the last pick shown ends the run
+            self._done()
+
+    def _done(self) -> None:
         self._job = None
         self._set_running(False)
         if self._pending:
-            pending, self._pending = self._pending, []
+            pending, self._pending = list(self._pending), {}
             self.reconstruct(pending)
+
+
+def _rotated(layer) -> bool:
+    """Whether a layer's data reaches the world through more than a scale and a translation."""
+    eye = np.eye(layer.ndim)
+    return (not np.allclose(layer.rotate, eye) or bool(np.any(layer.shear))
+            or not np.allclose(layer.affine.affine_matrix, np.eye(layer.ndim + 1)))
 
 
 def _run_job(backend, job: Job):
     """Worker thread: cut each chunk's boxes, reconstruct them, make their layers and yield a
-    :class:`Chunk` (or a message, then stop, when the backend fails). At most :data:`AHEAD`
-    chunks ahead of the viewer; none once the run is cancelled."""
+    :class:`Chunk`; or a message: picks skipped (their box holds NaN or infinity, which the
+    client refuses for the whole request), or the backend's failure, after which it stops.
+    At most :data:`AHEAD` chunks ahead of the viewer; none once the run is cancelled. While it
+    waits for the viewer it yields None now and then: napari asks the workers of a closing
+    window (and every worker when the application quits, waiting for them) to quit, and a
+    generator worker sees that only between yields."""
+    if job.fill is None:
+        job.fill = core.fill_value(job.data)
     for start in range(0, len(job.indices), job.batch_size):
         while not job.ahead.acquire(timeout=0.1):
             if job.cancelled.is_set():
                 return
+            yield None
         if job.cancelled.is_set():
             return
         part = slice(start, start + job.batch_size)
-        centres = job.centres[part]
+        indices, centres = job.indices[part], job.centres[part]
         boxes = core.cut_boxes(job.data, centres, job.fill)
+        finite = np.isfinite(boxes.reshape(len(boxes), -1)).all(axis=1)
+        if not finite.all():
+            bad = [i for i, ok in zip(indices, finite, strict=True) if not ok]
+            yield (f"CryoLens: {len(bad)} pick(s) of {job.points_name!r} have NaN or infinity "
+                   f"in their box and were skipped: {core.listed(bad)}")
+            indices = [i for i, ok in zip(indices, finite, strict=True) if ok]
+            centres, boxes = centres[finite], boxes[finite]
+            if not indices:
+                job.ahead.release()  # no chunk for the viewer to show
+                continue
         try:
             arrays = backend.reconstruct(boxes, job.options)
         except Exception as exc:  # noqa: BLE001 - shown to the user, not raised
             where = getattr(backend, "url", "local engine")
             yield core.describe_error(exc, where)
             return
-        chunk = Chunk(job.indices[part], centres, arrays)
+        chunk = Chunk(indices, centres, arrays)
         if not job.combined:
             chunk.layers = list(_layers(job, chunk))
         yield chunk
 
 
 def _layers(job: Job, chunk: Chunk):
-    """One Image layer per pick (and per segment), over its particle."""
+    """Each pick's Image layers, over its particle: its reconstruction (and its segments)."""
     for row, (index, centre) in enumerate(zip(chunk.indices, chunk.centres, strict=True)):
         translate = core.box_translate(centre, job.scale, job.translate)
         meta = {"cryolens": {"pick": index, "picks": job.points_name,
                              "centre_voxel": [int(c) for c in centre],
                              "options": vars(job.options)}}
+        layers = []
         for segment in (None, *core.SEGMENTS):
             key = "reconstruction" if segment is None else f"{segment}_reconstruction"
             if key in chunk.arrays and (segment is None or job.options.segments):
                 volume = chunk.arrays[key][row]
-                yield Image(volume, name=core.layer_name(index, segment), scale=job.scale,
-                            translate=translate, colormap=COLORMAPS[segment],
-                            contrast_limits=core.contrast_limits(volume), blending="additive",
-                            opacity=0.8, metadata=meta)
+                layers.append(Image(volume, name=core.layer_name(index, segment),
+                                    scale=job.scale, translate=translate,
+                                    colormap=COLORMAPS[segment],
+                                    contrast_limits=core.contrast_limits(volume),
+                                    blending="additive", opacity=0.8, metadata=meta))
+        yield layers

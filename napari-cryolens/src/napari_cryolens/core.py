@@ -28,6 +28,8 @@ DEFAULT_CHECKPOINT = "demo"
 #: Tomograms with more voxels than this get their fill value from a strided sample.
 EXACT_MEAN_LIMIT = 256 * 1024 * 1024
 SEGMENTS = ("affinity", "free")
+#: Longest server message shown (a proxy's error page is a whole HTML document).
+MAX_DETAIL_CHARS = 400
 
 
 # -- geometry ----------------------------------------------------------------------------------
@@ -46,14 +48,33 @@ def centre_voxels(voxels: np.ndarray) -> np.ndarray:
     return np.floor(np.asarray(voxels, np.float64) + 0.5).astype(np.int64).reshape(-1, 3)
 
 
+def inside(centres: np.ndarray, shape) -> np.ndarray:
+    """(N,) bool: whether each centre voxel (z, y, x) lies in a tomogram of ``shape``. A pick
+    outside has no particle to reconstruct (its box is the fill value, or mostly so)."""
+    centres = np.asarray(centres).reshape(-1, 3)
+    return np.all((centres >= 0) & (centres < np.asarray(shape)[-3:]), axis=1)
+
+
+def listed(indices) -> str:
+    """Pick numbers for a message: ``1, 2, 5`` (the first ten, then ``...``)."""
+    indices = list(indices)
+    return ", ".join(map(str, indices[:10])) + (", ..." if len(indices) > 10 else "")
+
+
 def fill_value(data) -> float:
-    """The tomogram's mean (a strided sample's mean for very large or lazy arrays)."""
+    """The mean of the tomogram's finite voxels (of a strided sample's, for very large or lazy
+    arrays): a masked region of NaN must not make every box past the edge NaN as well."""
     size = int(np.prod(data.shape))
     if isinstance(data, np.ndarray) and size <= EXACT_MEAN_LIMIT:
-        return float(data.mean(dtype=np.float64))
-    step = max(1, round((size / 8_000_000) ** (1 / 3)))
-    sample = np.asarray(data[::step, ::step, ::step], np.float64)
-    return float(sample.mean())
+        sample = data
+    else:
+        step = max(1, round((size / 8_000_000) ** (1 / 3)))
+        sample = np.asarray(data[::step, ::step, ::step])
+    mean = float(sample.mean(dtype=np.float64))
+    if not np.isfinite(mean):  # NaN or infinity somewhere (rare): only then a masked copy
+        finite = sample[np.isfinite(sample)]
+        mean = float(finite.mean(dtype=np.float64)) if finite.size else 0.0
+    return mean
 
 
 def cut_boxes(data, centres: np.ndarray, fill: float) -> np.ndarray:
@@ -175,7 +196,8 @@ class LocalBackend:
             return self._engine
 
     def describe(self) -> str:
-        return f"local engine: checkpoint {self.checkpoint}"
+        """Loads the model (a wrong checkpoint raises here), then names it and its device."""
+        return f"local engine: checkpoint {self.checkpoint} on {self.engine.device}"
 
     def reconstruct(self, boxes: np.ndarray, options: Options) -> dict[str, np.ndarray]:
         from cryolens.operations import Operation, run
@@ -200,10 +222,21 @@ def describe_error(exc: BaseException, where: str) -> str:
         return (f"CryoLens: could not reach the server at {where} ({exc.__cause__ or exc}). "
                 "Start one with `cryolens serve`, fix the URL, or switch to local mode.")
     if isinstance(exc, CryoLensHTTPError):
-        detail = exc.detail if isinstance(exc.detail, str) else str(exc)
         rid = f" (request id {exc.request_id})" if exc.request_id else ""
-        return f"CryoLens server error {exc.status}: {detail}{rid}"
+        return f"CryoLens server error {exc.status}: {_detail_text(exc.detail)}{rid}"
     return f"CryoLens: {type(exc).__name__}: {exc}"
+
+
+def _detail_text(detail: Any) -> str:
+    """A server's error detail on one line: a string as it is, validation errors (a list of
+    ``{"loc", "msg"}``) as ``loc: msg; ...``."""
+    if isinstance(detail, list):
+        text = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}"
+                         if isinstance(e, dict) else str(e) for e in detail)
+    else:
+        text = str(detail)
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_DETAIL_CHARS else text[:MAX_DETAIL_CHARS] + "..."
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -226,6 +259,8 @@ class Settings:
         try:
             stored = json.loads(path.read_text())
         except (OSError, ValueError):
+            return cls()
+        if not isinstance(stored, dict):  # valid JSON, but not the object save() writes
             return cls()
         known = {f.name: f.type for f in fields(cls)}
         defaults = cls()
