@@ -448,6 +448,25 @@ def test_a_2d_points_layer_is_not_offered_and_the_message_says_why(make_napari_v
                                    "first; 2-D and 4-D ones are not offered")
 
 
+def test_each_layer_is_watched_for_renames_once(make_napari_viewer, qtbot, monkeypatch):
+    """Not every layer again at every insertion: with a layer per pick that is quadratic."""
+    from napari.utils.events import EventEmitter
+
+    viewer, widget, _, _ = viewer_with_picks(make_napari_viewer)
+    connected = []
+    connect = EventEmitter.connect
+
+    def counting(emitter, callback, *args, **kwargs):
+        if callback == widget.refresh_layers:
+            connected.append(emitter)
+        return connect(emitter, callback, *args, **kwargs)
+
+    monkeypatch.setattr(EventEmitter, "connect", counting)
+    for i in range(30):
+        viewer.add_image(np.zeros((4, 4, 4), np.float32), name=f"cryolens pick {i}")
+    assert len(connected) == 30
+
+
 def test_a_mistyped_url_is_a_message_and_the_widget_stays_usable(make_napari_viewer, qtbot):
     _, widget, _, points = viewer_with_picks(make_napari_viewer)
     widget.url.setText("localhost:8023")  # no http://

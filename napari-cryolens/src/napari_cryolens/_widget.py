@@ -110,9 +110,11 @@ class CryoLensWidget(QWidget):
         self._show_timer.timeout.connect(self._show_next)
         self._build()
         self.refresh_layers()
-        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed,
-                      napari_viewer.layers.events.moved):
+        napari_viewer.layers.events.inserted.connect(self._layer_inserted)
+        for event in (napari_viewer.layers.events.removed, napari_viewer.layers.events.moved):
             event.connect(self.refresh_layers)
+        for layer in napari_viewer.layers:
+            layer.events.name.connect(self.refresh_layers)
 
     # -- layout --------------------------------------------------------------------------
     def _build(self) -> None:
@@ -215,8 +217,6 @@ class CryoLensWidget(QWidget):
     def refresh_layers(self, *_) -> None:
         """Offer the 3-D Image layers as tomograms and the 3-D Points layers as picks (each
         item holds its layer, so that a chosen layer stays chosen when it is renamed)."""
-        for layer in self.viewer.layers:
-            layer.events.name.connect(self.refresh_layers)  # once: napari ignores repeats
         for combo, kind in ((self.tomogram, Image), (self.picks, Points)):
             current = combo.currentData()
             layers = [layer for layer in self.viewer.layers
@@ -231,6 +231,10 @@ class CryoLensWidget(QWidget):
                 combo.setCurrentIndex(chosen[0])
             combo.blockSignals(False)
         self._watch_picks()
+
+    def _layer_inserted(self, event) -> None:
+        event.value.events.name.connect(self.refresh_layers)  # a rename: refresh the names
+        self.refresh_layers()
 
     # -- live picking --------------------------------------------------------------------
     def _watch_picks(self, *_) -> None:
