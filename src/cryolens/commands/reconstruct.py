@@ -74,14 +74,17 @@ def run(args: argparse.Namespace) -> int:
     particles = open_from_args(args, box=engine.config.box_size)
     out = Path(args.output)
     single = out.suffix.lower() in MRC_OUT
-    if single and len(particles) != 1:
-        particles.close()
-        raise InputError(f"{len(particles)} particles do not fit in one file {out}: give a "
-                         "folder as -o", field="output")
     names = [out] if single else folder_names(out, particles.records)
     files = [output_files(base, args.segments) for base in names]
-    if not args.overwrite:
-        refuse_existing([path for paths in files for path in paths.values()])
+    try:
+        if single and len(particles) != 1:
+            raise InputError(f"{len(particles)} particles do not fit in one file {out}: give "
+                             "a folder as -o", field="output")
+        if not args.overwrite:
+            refuse_existing([path for paths in files for path in paths.values()])
+    except InputError:
+        particles.close()
+        raise
     (out.parent if single else out).mkdir(parents=True, exist_ok=True)  # missing folders too
     operation = Operation(kind="reconstruct", use_predicted_pose=args.pose == "predicted",
                           segments=args.segments)
