@@ -40,7 +40,7 @@ import numbers
 import time
 import warnings
 from collections.abc import AsyncIterator, Generator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -97,19 +97,23 @@ class CryoLensHTTPError(CryoLensError):
         self.path = path
         super().__init__(self._message())
 
-    def _message(self) -> str:
+    @property
+    def detail_text(self) -> str:
+        """The server's message as text: validation errors (a list of ``{"loc", "msg"}``) as
+        ``loc: msg; ...``."""
         if isinstance(self.detail, list):
-            detail = "; ".join(
+            return "; ".join(
                 f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}"
                 if isinstance(e, dict) else str(e) for e in self.detail)
-        else:
-            detail = str(self.detail)
+        return str(self.detail)
+
+    def _message(self) -> str:
         where = f" from {self.method} {self.path}" if self.path else ""
         extra = [f"field {self.field!r}"] if self.field else []
         if self.request_id:
             extra.append(f"request id {self.request_id}")
-        return f"HTTP {self.status}{where}: {detail}" + (f" ({', '.join(extra)})" if extra
-                                                         else "")
+        return f"HTTP {self.status}{where}: {self.detail_text}" + (
+            f" ({', '.join(extra)})" if extra else "")
 
 
 class CryoLensConnectionError(CryoLensError):
@@ -185,7 +189,7 @@ def _npy_request(endpoint: _Endpoint, volumes: np.ndarray, options: dict[str, An
                     content=formats.write_npy(volumes),
                     headers={"Content-Type": formats.NPY_MEDIA_TYPE,
                              "Accept": formats.NPZ_MEDIA_TYPE},
-                    volumes=len(volumes) if volumes.ndim == 4 else 1)
+                    volumes=_count(volumes))
 
 
 def _json_request(path: str, payload: dict[str, Any]) -> _Request:
@@ -197,9 +201,12 @@ def _volume_json_request(endpoint: _Endpoint, volumes: np.ndarray, options: dict
                          ) -> _Request:
     payload = {k: v for k, v in options.items() if v is not None}
     payload[endpoint.json_field] = volumes.tolist()
-    request = _json_request(endpoint.path, payload)
-    request.volumes = len(volumes) if volumes.ndim == 4 else 1
-    return request
+    return replace(_json_request(endpoint.path, payload), volumes=_count(volumes))
+
+
+def _count(volumes: np.ndarray) -> int:
+    """How many volumes a request's array holds: a stack's length, or one."""
+    return len(volumes) if volumes.ndim == 4 else 1
 
 
 def _as_array(value: Any) -> np.ndarray:
@@ -504,7 +511,7 @@ class _Core:
         now on, which the caller is told once per halving."""
         self.batch_size = max(1, sent // 2)
         warnings.warn(f"{self.url} refused {sent} volumes in one request "
-                      f"({_error(response).detail}); sending {self.batch_size} a request "
+                      f"({_error(response).detail_text}); sending {self.batch_size} a request "
                       "from now on (the client's batch_size)", RuntimeWarning, stacklevel=5)
 
     @staticmethod

@@ -16,9 +16,12 @@ import sys
 import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from cryolens.client import CryoLensHTTPError
 
 #: Side of a CryoLens particle box, in voxels.
 BOX = 48
@@ -223,19 +226,14 @@ def describe_error(exc: BaseException, where: str) -> str:
                 "Start one with `cryolens serve`, fix the URL, or switch to local mode.")
     if isinstance(exc, CryoLensHTTPError):
         rid = f" (request id {exc.request_id})" if exc.request_id else ""
-        return f"CryoLens server error {exc.status}: {_detail_text(exc.detail)}{rid}"
+        return f"CryoLens server error {exc.status}: {_detail_text(exc)}{rid}"
     return f"CryoLens: {type(exc).__name__}: {exc}"
 
 
-def _detail_text(detail: Any) -> str:
-    """A server's error detail on one line: a string as it is, validation errors (a list of
-    ``{"loc", "msg"}``) as ``loc: msg; ...``."""
-    if isinstance(detail, list):
-        text = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}"
-                         if isinstance(e, dict) else str(e) for e in detail)
-    else:
-        text = str(detail)
-    text = " ".join(text.split())
+def _detail_text(exc: CryoLensHTTPError) -> str:
+    """A server's error detail on one line (a proxy's HTML page folded), cut at
+    :data:`MAX_DETAIL_CHARS`."""
+    text = " ".join(exc.detail_text.split())
     return text if len(text) <= MAX_DETAIL_CHARS else text[:MAX_DETAIL_CHARS] + "..."
 
 
