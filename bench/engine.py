@@ -2,7 +2,7 @@
 
 Run: python bench/engine.py [--device cpu|cuda] [--checkpoint PATH] [--batches 1 8 32 128]
          [--input numpy|tensor] [--max-chunk N] [--memory-budget BYTES] [--compare OLD.py]
-         [--variant cudnn-benchmark|channels-last|compile] [--kernels N]
+         [--variant cudnn-benchmark|channels-last|compile|cublas-render|ieee-render] [--kernels N]
 Prints a numpy float32 matmul rate last, as this machine's yardstick. ``--input tensor`` hands
 the engine torch tensors already on its device (no host round trip). On CUDA it also profiles
 one reconstruct call per batch: the share of its wall time the GPU was busy (union of kernel
@@ -10,7 +10,8 @@ and copy intervals, torch.profiler) and the host<->device copy rate. ``--compare
 loads another engine module (e.g. ``git show e55c00d:src/cryolens/engine.py > /tmp/old.py``)
 and measures both, alternating, on the same model and data: "new" is src/cryolens/engine.py.
 ``--variant`` tries a change the engine does not make (yet) on "new": cuDNN's autotuner, the
-encoder in channels-last layout, or torch.compile of the encoder and decoder stages; ``--kernels
+encoder in channels-last layout, torch.compile of the encoder and decoder stages, or a GPU
+render other than the default (cuBLAS planes, or the fused kernel in plain float32); ``--kernels
 N`` lists the profile's N most expensive CUDA kernels (where the GPU's time goes).
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from cryolens import heap
 from cryolens.engine import Engine
-from cryolens.model import CryoLensVAE
+from cryolens.model import CryoLensVAE, render
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -74,7 +75,7 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-VARIANTS = ("cudnn-benchmark", "channels-last", "compile")
+VARIANTS = ("cudnn-benchmark", "channels-last", "compile", "cublas-render", "ieee-render")
 
 
 def apply_variant(engine, variant: str) -> None:
@@ -83,6 +84,8 @@ def apply_variant(engine, variant: str) -> None:
         torch.backends.cudnn.benchmark = True
     elif variant == "channels-last":  # NDHWC encoder weights, so cuDNN picks NDHWC kernels
         engine.model.encoder.to(memory_format=torch.channels_last_3d)
+    elif variant in ("cublas-render", "ieee-render"):  # not the fused kernel's default
+        render.GPU_RENDER = variant.split("-")[0]  # (module-wide: every engine in the process)
     elif variant == "compile":  # each stage the engine calls, fused where inductor can
         model, decoder = engine.model, engine.model.decoder
         model.encode = torch.compile(model.encode, dynamic=False)

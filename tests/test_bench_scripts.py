@@ -79,7 +79,8 @@ def test_http_bench_measures_every_row():
     assert "x 1)" in out, out  # the 16-client row says what multiple of one client it is
 
 
-@pytest.mark.parametrize("variant", ["cudnn-benchmark", "channels-last"])
+@pytest.mark.parametrize("variant", ["cudnn-benchmark", "channels-last", "cublas-render",
+                                     "ieee-render"])
 def test_engine_bench_variant_runs(variant):
     """The GPU check's experiments (bench/gpu_check.sh) must not fail there for a flag's sake:
     each runs here on the CPU at its shortest and says which variant it measured. (compile is

@@ -189,11 +189,11 @@ def test_extreme_finite_values_give_finite_outputs(engine, name, exact):
             if isinstance(value, np.ndarray):
                 assert np.isfinite(value).all(), (name, type(result).__name__, field)
     if name in ("one voxel of 1e20", "1e17 with variation"):
-        # Not the old all-zero input (float32 variance overflowed to an infinite std):
-        # z-scored in float64 instead.
+        # Not the old all-zero input (float32 variance overflowed to an infinite std): the
+        # true z-score, up to float32 rounding of its largest value (~330 for the 1e20 voxel).
         wide = volume[0].astype(np.float64)
         truth = (wide - wide.mean()) / wide.std()
-        assert np.abs(results[-1].volumes[0] - truth).max() < 1e-5
+        assert np.abs(results[-1].volumes[0] - truth).max() < 1e-6 * np.abs(truth).max()
 
 
 def test_ordinary_particles_keep_the_float32_zscore(volumes):

@@ -162,3 +162,23 @@ def test_cuda_pinned_buffers_are_reused_between_calls(model, volumes):
     assert {name: b.data_ptr() for name, b in engine._pinned.items()} == buffers
     assert np.array_equal(first.volume, second.volume)
     assert isinstance(second.volume, np.ndarray) and second.volume.flags.writeable
+
+
+@needs_cuda
+def test_cuda_float32_overflow_is_z_scored_again_on_the_host(model, volumes):
+    """One voxel of 1e20: the device z-score's float32 variance overflows, so the batch is
+    z-scored again with numpy (float64 for that particle), as the CPU engine does."""
+    batch = volumes[:3].copy()
+    batch[1, 10, 11, 12] = 1e20
+    assert not torch.isfinite(zscore_tensor(torch.from_numpy(batch).cuda())[2]).all()
+    engine = Engine(model, device="cuda")
+    assert not engine.exact_zscore
+    cpu = Engine(model, device="cpu").reconstruct(batch)
+    for got in (engine.reconstruct(batch), engine.reconstruct(torch.from_numpy(batch).cuda())):
+        for key, value in _fields(cpu).items():
+            ours = _fields(got)[key]
+            ours = ours.cpu().numpy() if isinstance(ours, torch.Tensor) else ours
+            assert np.isfinite(ours).all(), key
+            assert np.allclose(ours, value, rtol=1e-5, atol=1e-5 * (np.abs(value).max() + 1)), key
+    norm = engine.normalise(batch)
+    assert np.isfinite(norm.volumes).all() and np.isfinite(norm.std).all()

@@ -15,6 +15,8 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +24,7 @@ import torch
 
 from cryolens.errors import DeviceError, InputError
 from cryolens.model import CryoLensConfig, CryoLensVAE
+from cryolens.model.render import fused_precision
 from cryolens.model.rotation import axis_angle_to_quaternion
 
 #: Default working-memory budget per chunk of particles (bytes), overridable per engine.
@@ -31,8 +34,9 @@ DEFAULT_MEMORY_BUDGET = 512 * 1024**2
 #: from ~1,800/s to ~1,250/s).
 DEFAULT_MAX_CHUNK = 32
 #: On CUDA: chunks large enough to fill the GPU (plain PyTorch peaks at batch 512-1024 on an
-#: H200) yet leave two in the pipeline for a typical batch; working memory ~17 MB a particle.
-DEFAULT_CUDA_MAX_CHUNK = 256
+#: H200; on an H100, numpy in and out at batch 2048, 512 a chunk reconstructs 18,200/s where
+#: 256 does 15,500/s) yet leave several in the pipeline for a large batch.
+DEFAULT_CUDA_MAX_CHUNK = 512
 #: Default CUDA working-memory budget, capped at half the device memory free at start.
 DEFAULT_CUDA_MEMORY_BUDGET = 6 * 1024**3
 #: CryoLens adds this to the standard deviation before dividing (spec.md c.1).
@@ -163,16 +167,17 @@ def _zscore_float64(volume: np.ndarray) -> tuple[np.float32, np.float32, np.ndar
 def zscore_tensor(volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The z-score on the device: (N, D, H, W) float32 -> normalised float32, mean and std (N,).
 
-    Statistics and ``(v - mean) / (std + 1e-6)`` are computed in float64 and rounded to
-    float32: no finite input overflows, so no per-particle check (and no host round trip) is
-    needed. Against :func:`zscore` the difference is rounding (~1e-7 relative on ordinary
-    particles); a constant volume normalises to exactly 0 where numpy's float32 mean leaves
-    an O(0.1) residue (spec.md c.1).
+    All in float32, as :func:`zscore` but in one pass for the statistics (torch's Welford
+    ``var_mean``) and none per particle: against it the difference is rounding (~1e-7
+    relative on ordinary particles), and a constant volume normalises to exactly 0 where
+    numpy's float32 mean leaves an O(0.1) residue (spec.md c.1). Where float32 overflows
+    (values beyond ~1e19) or the input is not finite, that particle's std is not finite: the
+    engine then z-scores the batch again with :func:`zscore`, which handles both.
     """
-    wide = volumes.to(torch.float64, copy=True)
-    std, mean = torch.std_mean(wide, dim=(1, 2, 3), correction=0, keepdim=True)
-    normalised = wide.sub_(mean).div_(std + NORM_EPS).to(torch.float32)
-    return normalised, mean.reshape(-1).to(torch.float32), std.reshape(-1).to(torch.float32)
+    var, mean = torch.var_mean(volumes, dim=(1, 2, 3), correction=0, keepdim=True)
+    std = var.sqrt_()
+    normalised = (volumes - mean).div_(std + NORM_EPS)
+    return normalised, mean.reshape(-1), std.reshape(-1)
 
 
 #: Output fields of each operation, in the order they are produced.
@@ -233,9 +238,10 @@ class Engine:
         self.max_chunk = int(max_chunk)
         self.checkpoint = checkpoint
         self.exact_zscore = (not cuda) if exact_zscore is None else bool(exact_zscore)
-        self._lock = threading.Lock()  # guards the pinned buffers and streams below
+        self._lock = threading.Lock()  # guards the pinned buffers, streams and thread below
         self._pinned: dict[str, torch.Tensor] = {}
         self._streams: tuple | None = None
+        self._copier: ThreadPoolExecutor | None = None  # pinned -> numpy outputs, on CUDA
 
     @classmethod
     def from_checkpoint(
@@ -303,33 +309,39 @@ class Engine:
         """Check ``volumes`` and z-score each particle (see :func:`zscore`; on an engine with
         ``exact_zscore=False``, :func:`zscore_tensor`). Tensors in give tensor fields out."""
         place = volumes.device if isinstance(volumes, torch.Tensor) else None
-        if self.exact_zscore:
-            norm = zscore(self._as_batch(volumes))
-            return norm if place is None else Normalised(
-                *(torch.from_numpy(a).to(place) for a in (norm.volumes, norm.mean, norm.std)))
-        if place is None:
-            volumes = torch.from_numpy(self._as_batch(volumes))
-        x = self._tensor_batch(volumes).to(self.device, torch.float32)
-        if not bool(torch.isfinite(x).all()):
-            raise InputError(_NOT_FINITE, field="volumes")
-        with torch.no_grad():  # not inference mode: callers may modify the results in place
-            parts = zscore_tensor(x)
-        if place is None:
-            return Normalised(*(_np(p) for p in parts))
-        return Normalised(*(p.to(place) for p in parts))
+        if not self.exact_zscore:
+            x = (torch.from_numpy(self._as_batch(volumes)) if place is None
+                 else self._tensor_batch(volumes)).to(self.device, torch.float32)
+            if not bool(torch.isfinite(x).all()):
+                raise InputError(_NOT_FINITE, field="volumes")
+            with torch.no_grad():  # not inference mode: callers may modify the results in place
+                parts = zscore_tensor(x)
+            if bool(torch.isfinite(parts[2]).all()):
+                if place is None:
+                    return Normalised(*(_np(p) for p in parts))
+                return Normalised(*(p.to(place) for p in parts))
+            # float32 overflowed (values beyond ~1e19): numpy's z-score, float64 where needed
+        norm = zscore(self._as_batch(volumes))
+        return norm if place is None else Normalised(
+            *(torch.from_numpy(a).to(place) for a in (norm.volumes, norm.mean, norm.std)))
 
     # -- chunking -------------------------------------------------------------------------
     def _bytes_per_particle(self, n_render: int, n_outputs: int = 1) -> int:
         cfg = self.config
-        planes = cfg.n_splats * n_render * n_render  # the renderer's largest temporary
+        # The cuBLAS renderer's largest temporary, its planes; the fused kernel builds them in
+        # registers from the three profiles (and their temporaries), six (N, n) arrays.
+        if fused_precision(self.device) is not None:
+            planes = 6 * cfg.n_splats * n_render
+        else:
+            planes = cfg.n_splats * n_render * n_render
         volumes = 6 * n_render**3  # render, spectrum (complex), outputs
         encoder = 2 * 8 * (cfg.box_size // 2) ** 3
         total = 4 * (planes + volumes + encoder)
         if not self.exact_zscore:
-            # z-score temporaries (float32 in, float64 copy, float32 out), and the next chunk's
-            # input and the previous chunk's outputs, in flight while this one computes.
+            # z-score temporaries (float32 in and out), and the next chunk's input and the
+            # previous chunk's outputs, in flight while this one computes.
             box = cfg.box_size**3
-            total += 4 * box * (4 + 1 + n_outputs)
+            total += 4 * box * (3 + n_outputs)
         return total
 
     def _chunks(self, n: int, n_render: int, n_outputs: int = 1) -> Iterator[slice]:
@@ -351,17 +363,23 @@ class Engine:
         """
         place = volumes.device if isinstance(volumes, torch.Tensor) else None
         with torch.inference_mode():
-            if self.exact_zscore:
+            bad = None
+            if not self.exact_zscore:
+                if place is not None and place.type == self.device.type:
+                    outs, flags = self._run_on_device(self._tensor_batch(volumes), n_render,
+                                                      n_outputs, step)
+                else:
+                    host = (_host_array(self._tensor_batch(volumes)) if place is not None
+                            else self._host_batch(volumes))
+                    with self._lock:
+                        outs, flags = self._run_pipelined(host, n_render, n_outputs, step)
+                bad = _read_flags(flags)
+            if bad is None or bad.pop("stats"):
+                # Input that is not finite (checked there), or statistics beyond float32's
+                # range: again, z-scored on the host with numpy (float64 where needed).
                 outs, flags = self._run_exact(self._as_batch(volumes), n_render, n_outputs, step)
-            elif place is not None and place.type == self.device.type:
-                outs, flags = self._run_on_device(self._tensor_batch(volumes), n_render,
-                                                  n_outputs, step)
-            else:
-                host = (_host_array(self._tensor_batch(volumes)) if place is not None
-                        else self._host_batch(volumes))
-                with self._lock:
-                    outs, flags = self._run_pipelined(host, n_render, n_outputs, step)
-        self._raise_if_not_finite(flags, outs)
+                bad = _read_flags(flags)
+        self._raise_if_not_finite(bad, outs)
         if place is not None:
             outs = {k: _to(v, place) for k, v in outs.items()}
         return outs, place
@@ -385,9 +403,9 @@ class Engine:
         outs: dict[str, torch.Tensor] = {}
         flags: dict[str, torch.Tensor] = {}
         for part in self._chunks(len(volumes), n_render, n_outputs):
-            x = volumes[part].to(self.device, torch.float32)
-            _flag(flags, "volumes", x)
-            results = step(*zscore_tensor(x))
+            x, mean, std = zscore_tensor(volumes[part].to(self.device, torch.float32))
+            _flag(flags, "stats", std)
+            results = step(x, mean, std)
             for key, value in results.items():
                 _flag(flags, key, value)
                 if key not in outs:
@@ -398,10 +416,11 @@ class Engine:
         return outs, flags
 
     def _run_pipelined(self, host: np.ndarray, n_render, n_outputs, step):
-        """Host input, z-scored on the device; on CUDA a three-stage pipeline per chunk:
-        host -> pinned -> device on one stream, compute on the current stream, device ->
-        pinned on a third, then pinned -> the preallocated numpy outputs. Two pinned slots
-        each way let chunk k+1 copy in and chunk k-1 copy out while chunk k computes."""
+        """Host input, z-scored on the device; on CUDA a pipeline per chunk: host -> pinned ->
+        device on one stream, compute on the current stream, device -> pinned on a third, then
+        pinned -> the preallocated numpy outputs on a thread of the engine's own. Two pinned
+        slots each way: while chunk k computes, chunk k+1 is copied into pinned memory here
+        and chunk k-1 out of it there."""
         cuda = self.device.type == "cuda"
         if host.dtype not in _TORCH_HOST_DTYPES or not host.flags.c_contiguous:
             with np.errstate(over="ignore"):  # beyond float32 range: inf, caught as input
@@ -409,6 +428,7 @@ class Engine:
         if cuda:
             if self._streams is None:
                 self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+                self._copier = ThreadPoolExecutor(1, thread_name_prefix="cryolens-copy-out")
             copy_in, copy_out = self._streams
             compute = torch.cuda.current_stream(self.device)
         else:
@@ -422,48 +442,53 @@ class Engine:
         flags: dict[str, torch.Tensor] = {}
         pin_out: dict[str, torch.Tensor] = {}
         in_free = [None, None]  # events: the H2D copy from that pinned slot has finished
-        out_ready = [None, None]  # events: the D2H copy into that pinned slot has finished
-        pending: list[slice | None] = [None, None]
+        copied: list[Future | None] = [None, None]  # that slot's copy into the numpy outputs
 
-        def drain(slot: int) -> None:
-            part = pending[slot]
-            if part is None:
-                return
-            _wait(out_ready[slot])
-            for key, staged in pin_out.items():
-                torch.from_numpy(outs[key][part]).copy_(staged[slot, : part.stop - part.start])
-            pending[slot] = None
+        def copy_to_outputs(part: slice, slot: int, ready, staged: list) -> None:
+            _wait(ready)  # the D2H copy into the slot has finished
+            with torch.inference_mode():
+                for key, buffer in staged:
+                    torch.from_numpy(outs[key][part]).copy_(buffer[slot, : part.stop - part.start])
 
-        for i, part in enumerate(chunks):
-            slot, m = i % 2, part.stop - part.start
-            _wait(in_free[slot])
-            pin_in[slot, :m].copy_(source[part])  # converts dtype; multi-threaded on the host
-            with _on(copy_in):
-                x = pin_in[slot, :m].to(self.device, non_blocking=True)
-                in_free[slot] = _record(copy_in)
-            if cuda:
-                compute.wait_event(in_free[slot])
-                x.record_stream(compute)
-            _flag(flags, "volumes", x)
-            results = step(*zscore_tensor(x))
-            for key, value in results.items():
-                _flag(flags, key, value)
-            done = _record(compute)
-            with _on(copy_out):
+        try:
+            for i, part in enumerate(chunks):
+                slot, m = i % 2, part.stop - part.start
+                _wait(in_free[slot])
+                pin_in[slot, :m].copy_(source[part])  # converts dtype; multi-threaded
+                with _on(copy_in):
+                    x = pin_in[slot, :m].to(self.device, non_blocking=True)
+                    in_free[slot] = _record(copy_in)
                 if cuda:
-                    copy_out.wait_event(done)
+                    compute.wait_event(in_free[slot])
+                    x.record_stream(compute)
+                x, mean, std = zscore_tensor(x)
+                _flag(flags, "stats", std)
+                results = step(x, mean, std)
                 for key, value in results.items():
-                    if key not in outs:
-                        outs[key] = np.empty((n, *value.shape[1:]), np.float32)
-                        pin_out[key] = self._staging(f"out:{key}", (2, size, *value.shape[1:]))
-                    pin_out[key][slot, :m].copy_(value, non_blocking=True)
+                    _flag(flags, key, value)
+                done = _record(compute)
+                _result(copied[slot])  # chunk k-2 has left this slot's pinned buffers
+                with _on(copy_out):
                     if cuda:
-                        value.record_stream(copy_out)
-                out_ready[slot] = _record(copy_out)
-            pending[slot] = part
-            drain(1 - slot)  # the previous chunk, while this one computes
-        drain(0)
-        drain(1)
+                        copy_out.wait_event(done)
+                    for key, value in results.items():
+                        if key not in outs:
+                            outs[key] = np.empty((n, *value.shape[1:]), np.float32)
+                            pin_out[key] = self._staging(f"out:{key}",
+                                                         (2, size, *value.shape[1:]))
+                        pin_out[key][slot, :m].copy_(value, non_blocking=True)
+                        if cuda:
+                            value.record_stream(copy_out)
+                    ready = _record(copy_out)
+                staged = list(pin_out.items())
+                if cuda:
+                    copied[slot] = self._copier.submit(copy_to_outputs, part, slot, ready, staged)
+                else:  # every step above has run: nothing to overlap
+                    copy_to_outputs(part, slot, ready, staged)
+            for future in copied:
+                _result(future)
+        finally:  # after an error too: no copy may still read the pinned buffers
+            futures_wait([f for f in copied if f is not None and not f.cancel()])
         return outs, flags
 
     def _staging(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -477,23 +502,19 @@ class Engine:
             self._pinned[name] = buffer
         return buffer[:numel].view(shape)
 
-    def _raise_if_not_finite(self, flags: dict, outs: dict) -> None:
-        """Inputs beyond float32 range, or any output that is not finite: an InputError,
-        never a NaN or infinity handed back (one host sync for the whole batch)."""
-        names = list(flags)
-        if all(isinstance(flag, np.bool_) for flag in flags.values()):
-            bad = [bool(flags[k]) for k in names]
-        else:
-            bad = torch.stack([flags[k] for k in names]).cpu().tolist()
-        if "volumes" in flags and bad[names.index("volumes")]:
-            raise InputError(_NOT_FINITE, field="volumes")
-        for key, is_bad in zip(names, bad, strict=True):
+    def _raise_if_not_finite(self, bad: dict[str, bool], outs: dict) -> None:
+        """Any output that is not finite: an InputError naming the particles, never a NaN or
+        infinity handed back. ``bad``: each output's flag, which may be a false alarm (a sum
+        beyond float32's range), so the flagged outputs are checked element by element."""
+        for key, is_bad in bad.items():
             if not is_bad:
                 continue
             value = outs[key]
             finite = (np.isfinite(value) if isinstance(value, np.ndarray)
                       else torch.isfinite(value).cpu().numpy())
             rows = np.flatnonzero(~finite.reshape(len(finite), -1).all(axis=1)).tolist()
+            if not rows:
+                continue
             hint = (" De-normalising (x * std + mean) left float32's range: the particle's "
                     "values are too large for it. Divide them by a constant (each particle is "
                     "z-scored, so its scale does not change the model's result), or in Python "
@@ -632,9 +653,24 @@ def _to(value, place: torch.device) -> torch.Tensor:
 
 
 def _flag(flags: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
-    """Accumulate, on the device and without a sync, whether ``value`` has a non-finite entry."""
-    bad = ~torch.isfinite(value).all()
+    """Accumulate, on the device and without a sync, whether ``value`` may have an entry that is
+    not finite: its sum is not (one fused reduction; a sum that overflows is a false alarm,
+    which :meth:`Engine._raise_if_not_finite` tells apart)."""
+    bad = ~torch.isfinite(value.sum())
     flags[key] = bad if key not in flags else flags[key] | bad
+
+
+def _read_flags(flags: dict) -> dict[str, bool]:
+    """The flags as bools: one host sync for all of them (numpy ones are read as they are)."""
+    names = list(flags)
+    if all(isinstance(flag, np.bool_) for flag in flags.values()):
+        return {k: bool(flags[k]) for k in names}
+    return dict(zip(names, torch.stack([flags[k] for k in names]).cpu().tolist(), strict=True))
+
+
+def _result(future: Future | None) -> None:
+    if future is not None:
+        future.result()
 
 
 def _features(outs: dict) -> Features:

@@ -7,10 +7,22 @@ spec.md c.6: coordinate component x runs along the last array axis, z along the 
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+import warnings
+
 import torch
 
 #: CryoLens floors the Gaussian exponent here; exp(-88) is below float32's normal range.
 EXPONENT_FLOOR = -88.0
+
+#: How inference renders on a GPU: "auto" (the fused Triton kernel of
+#: :mod:`cryolens.model.render_kernel`, its products in three-pass TF32 on Ampere and later,
+#: which keeps float32 accuracy; plain float32 before), "tf32x3" or "ieee" (that kernel, in
+#: that precision), or "cublas" (planes in GPU memory, then one batched matrix product).
+GPU_RENDER = "auto"
+_KERNEL_FAILED: dict[str, str] = {}  # device -> why the fused kernel could not run there
 
 
 def render_separable(
@@ -33,8 +45,13 @@ def render_separable(
         diff = axis.view(1, 1, n) - centres[:, k, :, None]
         return torch.exp(-(diff * diff) * inv_two_var[:, :, None])
 
-    gx, gy, gz = profile(0), profile(1), profile(2)
-    gx = gx * weights[:, :, None]
+    gx = profile(0) * weights[:, :, None]
+    precision = None if torch.is_grad_enabled() else fused_precision(centres.device)
+    if precision is not None:
+        volume = _render_fused(centres, gx, inv_two_var, axis, precision)
+        if volume is not None:
+            return volume.reshape(batch, n, n, n)
+    gy, gz = profile(1), profile(2)
     if torch.is_grad_enabled():
         volume = _OuterSum.apply(gz, gy, gx)
     elif centres.device.type != "cpu":
@@ -46,6 +63,54 @@ def render_separable(
             planes = (gz[b, :, :, None] * gy[b, :, None, :]).reshape(n_splats, n * n)
             torch.mm(planes.t(), gx[b], out=volume[b])
     return volume.reshape(batch, n, n, n).clamp(0.0, 1.0)
+
+
+def fused_precision(device: torch.device) -> str | None:
+    """The fused kernel's matrix-product precision on ``device``, or None where inference
+    renders with cuBLAS (a CPU, ``GPU_RENDER = "cublas"``, no Triton, or a kernel that failed
+    there before)."""
+    if device.type != "cuda" or GPU_RENDER == "cublas" or _name(device) in _KERNEL_FAILED:
+        return None
+    if GPU_RENDER != "auto":
+        return GPU_RENDER
+    if not _has_triton():
+        return None
+    return "tf32x3" if torch.cuda.get_device_capability(device) >= (8, 0) else "ieee"
+
+
+def _name(device: torch.device) -> str:
+    """``cuda:N`` for ``cuda`` and ``cuda:N`` alike (``cuda`` is the current device)."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return f"cuda:{index}"
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _render_fused(centres, gx_w, inv_two_var, axis, precision) -> torch.Tensor | None:
+    """The clamped (B, n*n, n) render by the Triton kernel (``gx_w``: the weighted (B, N, n)
+    profiles along x); None, with a warning once a device, where it cannot be built or run."""
+    n = axis.shape[0]
+
+    def profile_t(k: int) -> torch.Tensor:  # (B, n, N): the kernel reads splats contiguously
+        diff = axis.view(1, n, 1) - centres[:, k, None, :]
+        return torch.exp(-(diff * diff) * inv_two_var[:, None, :])
+
+    try:
+        kernel = importlib.import_module("cryolens.model.render_kernel")
+        if n > kernel.MAX_AXIS:  # a region larger than the kernel's tile: cuBLAS renders it
+            return None
+        return kernel.render(profile_t(2), profile_t(1), gx_w.contiguous(), precision)
+    except Exception as exc:  # any build or launch failure: cuBLAS renders instead
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        _KERNEL_FAILED[_name(centres.device)] = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"the fused Triton render could not run on {centres.device} "
+                      f"({type(exc).__name__}: {str(exc)[:200]}); rendering with cuBLAS "
+                      "instead", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _planes(gz: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
