@@ -180,6 +180,7 @@ def main(argv=None) -> None:
     print(f"{'engine':>6} {'batch':>5} {'features/s':>11} {'reconstruct/s':>14} "
           f"{'recon+segments/s':>17} {'peak RSS MB':>12}")
     rng = np.random.default_rng(0)
+    profiled = []
     for batch in args.batches:
         volumes = rng.standard_normal((batch, *engine.box_shape), dtype=np.float32)
         if args.input == "tensor":
@@ -195,13 +196,20 @@ def main(argv=None) -> None:
         for name, (f, r, s) in best.items():
             print(f"{name:>6} {batch:>5} {f:>11.1f} {r:>14.1f} {s:>17.1f} {peak_rss_mb():>12.0f}",
                   flush=True)
-        if cuda:
-            moved = 0 if args.input == "tensor" else 2 * volumes.nbytes
-            try:
-                profile = gpu_profile(engine.reconstruct, volumes, moved, args.kernels)
-                print(f"       reconstruct profile: {profile}", flush=True)
-            except Exception as exc:  # noqa: BLE001 - a profiler quirk must not cost the figures
-                print(f"       reconstruct profile failed: {type(exc).__name__}: {exc}")
+        profiled.append(batch)
+    # Profiles after every rate: tracing CUDA may leave each later launch dearer for the rest of
+    # the process (on an H200, batch 32 measured after a profile of batch 1 ran at half the rate
+    # of another engine's batch 32 measured before any profile), which would cut small batches.
+    for batch in profiled if cuda else []:
+        volumes = rng.standard_normal((batch, *engine.box_shape), dtype=np.float32)
+        if args.input == "tensor":
+            volumes = torch.from_numpy(volumes).to(engine.device)
+        moved = 0 if args.input == "tensor" else 2 * volumes.nbytes
+        try:
+            profile = gpu_profile(engine.reconstruct, volumes, moved, args.kernels)
+            print(f"batch {batch:>5} reconstruct profile: {profile}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - a profiler quirk must not cost the figures
+            print(f"batch {batch:>5} reconstruct profile failed: {type(exc).__name__}: {exc}")
     if cuda:
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 1024**2:.0f} MB")
     # Last: its 16 MiB arrays, once freed, raise glibc's own thresholds for the rest of the

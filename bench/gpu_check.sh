@@ -6,8 +6,8 @@
 # run), the HTTP bench, then experiments (other renders, torch.compile) and chunk sizes.
 # Everything is bounded by one deadline: under 8 minutes (CHECK_SECONDS, default 450).
 #
-# Prepare once where ../shared/parity exists (writes .gpu/, about 48 MB, untracked; the device
-# run tool copies untracked files, or name .gpu in its carry list if you ignore it). BEFORE
+# Prepare once where ../shared/parity exists (writes .gpu/, about 48 MB, git-ignored: name .gpu
+# in the device run tool's carry list, with .whl for the packages the machine lacks). BEFORE
 # names the commit whose engine is measured as "before" (default: the one before issue #13's
 # GPU work was measured):
 #     BEFORE=d6f1275 bash bench/gpu_check.sh --prepare [SHARED_DIR]

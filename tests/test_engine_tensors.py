@@ -2,6 +2,7 @@
 too, where streams and pinned memory fall away); CUDA-only checks that skip without a GPU."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -171,9 +172,9 @@ def test_cuda_float32_overflow_is_z_scored_again_on_the_host(model, volumes):
     batch = volumes[:3].copy()
     batch[1, 10, 11, 12] = 1e20
     assert not torch.isfinite(zscore_tensor(torch.from_numpy(batch).cuda())[2]).all()
-    engine = Engine(model, device="cuda")
+    cpu = Engine(copy.deepcopy(model), device="cpu").reconstruct(batch)
+    engine = Engine(copy.deepcopy(model), device="cuda")  # an engine moves its model
     assert not engine.exact_zscore
-    cpu = Engine(model, device="cpu").reconstruct(batch)
     for got in (engine.reconstruct(batch), engine.reconstruct(torch.from_numpy(batch).cuda())):
         for key, value in _fields(cpu).items():
             ours = _fields(got)[key]
@@ -182,3 +183,16 @@ def test_cuda_float32_overflow_is_z_scored_again_on_the_host(model, volumes):
             assert np.allclose(ours, value, rtol=1e-5, atol=1e-5 * (np.abs(value).max() + 1)), key
     norm = engine.normalise(batch)
     assert np.isfinite(norm.volumes).all() and np.isfinite(norm.std).all()
+
+
+def test_a_pipelined_batch_is_split_in_two_chunks_at_least(model):
+    """Numpy batches on CUDA: one chunk would leave no copy to overlap with compute."""
+    engine = Engine(model, device="cpu", max_chunk=1024, memory_budget=10**12)
+
+    def sizes(n, pipelined):
+        return [part.stop - part.start for part in engine._chunks(n, 56, 6, pipelined=pipelined)]
+
+    assert sizes(2048, False) == [1024, 1024] and sizes(2048, True) == [1024, 1024]
+    assert sizes(512, False) == [512] and sizes(512, True) == [256, 256]
+    assert sizes(301, True) == [151, 150]
+    assert sizes(200, True) == [128, 72] and sizes(100, True) == [100]  # not below 128

@@ -4,7 +4,9 @@ Every operation is batch-native: it takes ``(N, D, H, W)`` volumes and returns a
 leading ``N``. numpy in gives numpy out; a ``torch.Tensor`` in (CPU or CUDA) gives tensors out,
 on the input's device. Work is chunked by a memory budget and runs under
 ``torch.inference_mode``. On CUDA the particles are z-scored on the GPU and host transfers go
-through reused pinned buffers on their own streams, overlapping the compute of other chunks.
+through reused pinned buffers on their own streams (the copies out of pinned memory on a thread
+of the engine's own), overlapping the compute of other chunks; the decoder renders with one
+fused Triton kernel (:mod:`cryolens.model.render_kernel`).
 """
 from __future__ import annotations
 
@@ -33,12 +35,16 @@ DEFAULT_MEMORY_BUDGET = 512 * 1024**2
 #: 2-core CPU features fall from ~2,900/s at 32 to ~1,200/s at 128; on an H200 reconstruct
 #: from ~1,800/s to ~1,250/s).
 DEFAULT_MAX_CHUNK = 32
-#: On CUDA: chunks large enough to fill the GPU (plain PyTorch peaks at batch 512-1024 on an
-#: H200; on an H100, numpy in and out at batch 2048, 512 a chunk reconstructs 18,200/s where
-#: 256 does 15,500/s) yet leave several in the pipeline for a large batch.
-DEFAULT_CUDA_MAX_CHUNK = 512
-#: Default CUDA working-memory budget, capped at half the device memory free at start.
-DEFAULT_CUDA_MEMORY_BUDGET = 6 * 1024**3
+#: On CUDA: large chunks (bench/engine.py on an H200, numpy in and out, batch 2048: 256 a chunk
+#: reconstructs 17,800/s, 512 18,700/s, 1024 20,100/s); a numpy batch is still split in two at
+#: least (see MIN_PIPELINE_CHUNK), so that copies overlap compute.
+DEFAULT_CUDA_MAX_CHUNK = 1024
+#: Default CUDA working-memory budget, capped at half the device memory free at start; the
+#: estimate per particle (~10 MB) is two to three times what an H200 measured (3.7 MB).
+DEFAULT_CUDA_MEMORY_BUDGET = 12 * 1024**3
+#: Numpy batches on CUDA are split in at least two chunks down to this size: one chunk leaves
+#: nothing to overlap (H200, batch 512: one chunk 12,000/s, two 16,300/s).
+MIN_PIPELINE_CHUNK = 128
 #: CryoLens adds this to the standard deviation before dividing (spec.md c.1).
 NORM_EPS = 1e-6
 SEGMENT_AFFINITY, SEGMENT_FREE = 0, 1
@@ -344,9 +350,12 @@ class Engine:
             total += 4 * box * (3 + n_outputs)
         return total
 
-    def _chunks(self, n: int, n_render: int, n_outputs: int = 1) -> Iterator[slice]:
+    def _chunks(self, n: int, n_render: int, n_outputs: int = 1, *, pipelined: bool = False
+                ) -> Iterator[slice]:
         per_particle = self._bytes_per_particle(n_render, n_outputs)
         size = max(1, min(self.max_chunk, self.memory_budget // per_particle))
+        if pipelined:  # two chunks at least, so that copying one overlaps computing the other
+            size = min(size, max(-(-n // 2), MIN_PIPELINE_CHUNK))
         for start in range(0, n, size):
             yield slice(start, min(n, start + size))
 
@@ -434,7 +443,7 @@ class Engine:
         else:
             copy_in = copy_out = compute = None
         n = len(host)
-        chunks = list(self._chunks(n, n_render, n_outputs))
+        chunks = list(self._chunks(n, n_render, n_outputs, pipelined=cuda))
         size = chunks[0].stop - chunks[0].start
         pin_in = self._staging("in", (2, size, *self.box_shape))
         source = torch.from_numpy(host) if host.flags.writeable else _readonly_tensor(host)
