@@ -188,8 +188,11 @@ class InferenceWorker:
     def _warm_up(self) -> None:
         """One pass of each operation, so the first request does not pay for lazy set-up."""
         zeros = np.zeros((1, *self.engine.box_shape), np.float32)
-        for operation in (Operation("features"), Operation("splats"),
-                          Operation("reconstruct", segments=True)):
+        operations = [Operation("features"), Operation("splats"),
+                      Operation("reconstruct", segments=True)]
+        if self.engine.device.type == "cuda":  # the fused render compiles once for each region
+            operations.append(Operation("reconstruct", final_convolution=False, segments=True))
+        for operation in operations:
             run_batched(self.engine, operation, [zeros])
 
     def _take(self) -> list[Job] | None:
