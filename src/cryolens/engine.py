@@ -318,15 +318,14 @@ class Engine:
         if not self.exact_zscore:
             x = (torch.from_numpy(self._as_batch(volumes)) if place is None
                  else self._tensor_batch(volumes)).to(self.device, torch.float32)
-            if not bool(torch.isfinite(x).all()):
-                raise InputError(_NOT_FINITE, field="volumes")
             with torch.no_grad():  # not inference mode: callers may modify the results in place
                 parts = zscore_tensor(x)
             if bool(torch.isfinite(parts[2]).all()):
                 if place is None:
                     return Normalised(*(_np(p) for p in parts))
                 return Normalised(*(p.to(place) for p in parts))
-            # float32 overflowed (values beyond ~1e19): numpy's z-score, float64 where needed
+            # Input that is not finite (refused there), or float32 overflow (values beyond
+            # ~1e19): numpy's z-score, float64 where needed, as :meth:`_run` falls back.
         norm = zscore(self._as_batch(volumes))
         return norm if place is None else Normalised(
             *(torch.from_numpy(a).to(place) for a in (norm.volumes, norm.mean, norm.std)))

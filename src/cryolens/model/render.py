@@ -40,18 +40,13 @@ def render_separable(
     batch, _, n_splats = centres.shape
     n = axis.shape[0]
     inv_two_var = 1.0 / (2.0 * sigmas * sigmas)  # (B, N)
-
-    def profile(k: int) -> torch.Tensor:  # (B, N, n)
-        diff = axis.view(1, 1, n) - centres[:, k, :, None]
-        return torch.exp(-(diff * diff) * inv_two_var[:, :, None])
-
-    gx = profile(0) * weights[:, :, None]
+    gx = _profile(centres, inv_two_var, axis, 0) * weights[:, :, None]
     precision = None if torch.is_grad_enabled() else fused_precision(centres.device)
     if precision is not None:
         volume = _render_fused(centres, gx, inv_two_var, axis, precision)
         if volume is not None:
             return volume.reshape(batch, n, n, n)
-    gy, gz = profile(1), profile(2)
+    gy, gz = _profile(centres, inv_two_var, axis, 1), _profile(centres, inv_two_var, axis, 2)
     if torch.is_grad_enabled():
         volume = _OuterSum.apply(gz, gy, gx)
     elif centres.device.type != "cpu":
@@ -63,6 +58,14 @@ def render_separable(
             planes = (gz[b, :, :, None] * gy[b, :, None, :]).reshape(n_splats, n * n)
             torch.mm(planes.t(), gx[b], out=volume[b])
     return volume.reshape(batch, n, n, n).clamp(0.0, 1.0)
+
+
+def _profile(centres, inv_two_var, axis, k: int, *, splats_last: bool = False) -> torch.Tensor:
+    """Each splat's Gaussian along coordinate ``k`` (0: x, 1: y, 2: z) at the grid points
+    ``axis``: (B, N, n), or (B, n, N) with ``splats_last`` (the fused kernel reads along N)."""
+    at = 1 if splats_last else 2  # where the grid axis goes
+    diff = axis.view((1, -1, 1) if splats_last else (1, 1, -1)) - centres[:, k].unsqueeze(at)
+    return torch.exp(-(diff * diff) * inv_two_var.unsqueeze(at))
 
 
 def fused_precision(device: torch.device) -> str | None:
@@ -92,17 +95,12 @@ def _has_triton() -> bool:
 def _render_fused(centres, gx_w, inv_two_var, axis, precision) -> torch.Tensor | None:
     """The clamped (B, n*n, n) render by the Triton kernel (``gx_w``: the weighted (B, N, n)
     profiles along x); None, with a warning once a device, where it cannot be built or run."""
-    n = axis.shape[0]
-
-    def profile_t(k: int) -> torch.Tensor:  # (B, n, N): the kernel reads splats contiguously
-        diff = axis.view(1, n, 1) - centres[:, k, None, :]
-        return torch.exp(-(diff * diff) * inv_two_var[:, None, :])
-
     try:
         kernel = importlib.import_module("cryolens.model.render_kernel")
-        if n > kernel.MAX_AXIS:  # a region larger than the kernel's tile: cuBLAS renders it
+        if axis.shape[0] > kernel.MAX_AXIS:  # larger than the kernel's tile: cuBLAS renders
             return None
-        return kernel.render(profile_t(2), profile_t(1), gx_w.contiguous(), precision)
+        gz_t, gy_t = (_profile(centres, inv_two_var, axis, k, splats_last=True) for k in (2, 1))
+        return kernel.render(gz_t, gy_t, gx_w.contiguous(), precision)
     except Exception as exc:  # any build or launch failure: cuBLAS renders instead
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             raise
