@@ -111,7 +111,8 @@ def _npy_header(text: bytes, major: int, field: str
             shape, fortran, dtype = read(io.BytesIO(length + text),
                                          max_header_size=MAX_NPY_HEADER)
     except Exception as exc:  # noqa: BLE001 - any unreadable header is the same client mistake
-        reason = str(exc).split(":", 1)[0].strip() or type(exc).__name__  # never the text
+        reason = " ".join(str(exc).split()) or type(exc).__name__  # numpy's words, one line
+        reason = reason if len(reason) <= 100 else reason[:97] + "..."
         raise MalformedBody(f"{field}: the .npy header cannot be read ({reason})",
                             field=field) from None
     # numpy lets True (an int) and negative sizes through; neither is the size of an axis
@@ -121,8 +122,10 @@ def _npy_header(text: bytes, major: int, field: str
                             "(non-negative whole numbers)", field=field)
     if dtype.hasobject or dtype.kind not in _REAL_KINDS or dtype.fields is not None \
             or dtype.subdtype is not None:
-        raise InputError(f"{field} must hold real numbers (float or int), got dtype {dtype.str}",
-                         field=field)
+        described = dtype.str if dtype.subdtype is None else \
+            str(np.lib.format.dtype_to_descr(dtype))  # a sub-array: ('<f4', (2,))
+        raise InputError(f"{field} must hold real numbers (float or int), got dtype "
+                         f"{described}", field=field)
     return dtype, shape, fortran
 
 
@@ -171,8 +174,8 @@ def mrc_axes(header) -> tuple[int, int, int]:
     1, 2, 3."""
     labels = tuple(int(header[k]) for k in ("maps", "mapr", "mapc"))  # stored axes 0, 1, 2
     if sorted(labels) != [1, 2, 3]:
-        raise ValueError(f"axis order (header fields mapc, mapr, maps) = {labels[::-1]} is not "
-                         "a permutation of 1, 2, 3")
+        raise ValueError(f"axis order (mapc, mapr, maps) = {labels[::-1]} is not a permutation "
+                         "of 1, 2, 3")
     return tuple(labels.index(axis) for axis in (3, 2, 1))
 
 
