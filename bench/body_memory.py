@@ -1,12 +1,13 @@
 """Peak memory a request costs the server, per endpoint and body format/dtype, against the
-body's size: the server's peak RSS (``VmHWM``, reset before each request through
+body's size: the server's peak RSS (``VmHWM``, reset before the request through
 ``/proc/PID/clear_refs``) above its RSS just before, divided by the body's bytes.
 
 Run: python bench/body_memory.py [--mb 64] [--only statistics]
 
-A real server (a small random model on the CPU) is started once. Each case is sent twice and
-the second is reported, so one-off allocations (the model's first batch, thread pools) are not
-counted. Linux only (``/proc``).
+Each case gets a fresh server (a small random model on the CPU), warmed by one small request
+to the same endpoint (one volume, so the model's own first-use allocations are not counted),
+then the measured request is sent once: memory kept by an earlier large request would
+otherwise hide what this one needs. Linux only (``/proc``).
 """
 from __future__ import annotations
 
@@ -78,14 +79,28 @@ def cases(mb: float) -> list[tuple[str, str, dict, bytes]]:
     return out
 
 
-def measure(pool, server, path: str, headers: dict, body: bytes) -> tuple[int, float]:
-    pid = server.process.pid
-    reset_peak(pid)
-    before = rss_kib(pid, "VmRSS")
-    answer = pool.request("POST", server.url + path, body=body, headers=headers, timeout=600,
-                          preload_content=True)
-    growth = rss_kib(pid, "VmHWM") - before
-    return answer.status, growth * 1024 / len(body)
+WARM_UP = {NPY["Content-Type"]: formats.write_npy(np.zeros((1, 48, 48, 48), np.float32)),
+           JSON["Content-Type"]: b'{"volume": [1, 2]}'}
+
+
+def measure(model: Path, path: str, headers: dict, body: bytes) -> tuple[int, float]:
+    """(status, peak RSS growth / body size) of one request to a fresh, warmed server."""
+    server = start_cli_server(model, "--max-body-bytes", str(2**30))
+    try:
+        pool = urllib3.PoolManager(maxsize=1, retries=False)
+        kind = headers["Content-Type"]
+        warm = WARM_UP.get(kind, WARM_UP[NPY["Content-Type"]])
+        pool.request("POST", server.url + path, body=warm,
+                     headers=headers if kind in WARM_UP else NPY, timeout=120)
+        pid = server.process.pid
+        reset_peak(pid)
+        before = rss_kib(pid, "VmRSS")
+        answer = pool.request("POST", server.url + path, body=body, headers=headers,
+                              timeout=600)
+        growth = rss_kib(pid, "VmHWM") - before
+        return answer.status, growth * 1024 / len(body)
+    finally:
+        server.stop()
 
 
 def main() -> None:
@@ -96,19 +111,12 @@ def main() -> None:
     stop_on_sigterm()
     with tempfile.TemporaryDirectory() as folder:
         model = small_model_file(Path(folder) / "small.safetensors")
-        server = start_cli_server(model, "--max-body-bytes", str(2**30))
-        try:
-            pool = urllib3.PoolManager(maxsize=1, retries=False)
-            print(f"{'request':52s} {'body MiB':>9s} {'status':>6s} {'peak RSS growth':>16s}")
-            for name, path, headers, body in cases(args.mb):
-                if args.only not in name:
-                    continue
-                measure(pool, server, path, headers, body)  # warm: one-off allocations
-                status, ratio = measure(pool, server, path, headers, body)
+        print(f"{'request':52s} {'body MiB':>9s} {'status':>6s} {'peak RSS growth':>16s}")
+        for name, path, headers, body in cases(args.mb):
+            if args.only in name:
+                status, ratio = measure(model, path, headers, body)
                 print(f"{name:52s} {len(body) / 2**20:9.1f} {status:6d} "
-                      f"{ratio * len(body) / 2**20:9.0f} MiB {ratio:4.2f}x", flush=True)
-        finally:
-            server.stop()
+                      f"{ratio * len(body) / 2**20:9.0f} MiB {ratio:5.2f}x", flush=True)
 
 
 if __name__ == "__main__":
