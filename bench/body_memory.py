@@ -74,8 +74,9 @@ def cases(mb: float) -> list[tuple[str, str, dict, bytes]]:
     stack = rng.standard_normal((64, 48, 48, 48)).astype(np.float32)
     for dtype in ("u1", "<f4"):
         body = formats.write_npy((stack * 20 + 50).astype(dtype) if dtype == "u1" else stack)
-        for path in ("/batch_process", "/extract_features"):
-            out.append((f"{path} .npy 64 x 48^3 {np.dtype(dtype).name}", path, NPY, body))
+        for path in ("/batch_process", "/extract_features"):  # .npz answers, as the client
+            out.append((f"{path} .npy 64 x 48^3 {np.dtype(dtype).name}", path,
+                        {**NPY, "Accept": formats.NPZ_MEDIA_TYPE}, body))
     return out
 
 
@@ -91,7 +92,7 @@ def measure(model: Path, path: str, headers: dict, body: bytes) -> tuple[int, fl
         kind = headers["Content-Type"]
         warm = WARM_UP.get(kind, WARM_UP[NPY["Content-Type"]])
         pool.request("POST", server.url + path, body=warm,
-                     headers=headers if kind in WARM_UP else NPY, timeout=120)
+                     headers=headers if kind in WARM_UP else {**headers, **NPY}, timeout=120)
         pid = server.process.pid
         reset_peak(pid)
         before = rss_kib(pid, "VmRSS")
