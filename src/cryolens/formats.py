@@ -89,7 +89,7 @@ def read_npy(body: bytes | memoryview, field: str = "body") -> Volumes:
 #: (``docs/benchmarks.md``), on the event loop for every small binary request.
 _PLAIN_NPY_HEADER = re.compile(
     rb"\{'descr': '([<>|=]?[a-zA-Z][0-9]{0,2})', 'fortran_order': (True|False), "
-    rb"'shape': \(((?:[0-9]{1,18}, ?)*(?:[0-9]{1,18})?)\), \} *\n?")
+    rb"'shape': \(((?:(?:0|[1-9][0-9]{0,17}), ?)*(?:0|[1-9][0-9]{0,17})?)\), \} *\n?")
 
 
 def _npy_header(text: bytes, major: int, field: str
