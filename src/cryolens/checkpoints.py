@@ -339,11 +339,13 @@ def _stream(url: str, part: Path, timeout: tuple[float, float], deadline_at: flo
     with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
         response.raise_for_status()
         part.parent.mkdir(parents=True, exist_ok=True)
+        # urllib3 < 2.1 has no read1: its read waits for a whole chunk (or the read timeout)
+        read = getattr(response.raw, "read1", None) or response.raw.read
         with open(part, "wb") as out:
             while True:
                 if time.monotonic() > deadline_at:
                     raise _DeadlinePassed(received)
-                chunk = response.raw.read1(_DOWNLOAD_CHUNK)
+                chunk = read(_DOWNLOAD_CHUNK)
                 if not chunk:
                     break
                 digest.update(chunk)

@@ -111,8 +111,9 @@ def _npy_header(text: bytes, major: int, field: str
             shape, fortran, dtype = read(io.BytesIO(length + text),
                                          max_header_size=MAX_NPY_HEADER)
     except Exception as exc:  # noqa: BLE001 - any unreadable header is the same client mistake
-        reason = " ".join(str(exc).split()) or type(exc).__name__  # numpy's words, one line
-        reason = reason if len(reason) <= 100 else reason[:97] + "..."
+        # numpy's words up to the colon: after it numpy quotes the header, and inputs are
+        # never echoed back
+        reason = " ".join(str(exc).split(":", 1)[0].split())[:100] or type(exc).__name__
         raise MalformedBody(f"{field}: the .npy header cannot be read ({reason})",
                             field=field) from None
     # numpy lets True (an int) and negative sizes through; neither is the size of an axis
