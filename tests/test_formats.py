@@ -136,7 +136,7 @@ def test_npy_fortran_order_must_be_a_bool():
     """numpy itself refuses any other value; taking "yes" as True would transpose the data."""
     header = b"{'descr': '<f4', 'fortran_order': 'yes', 'shape': (2, 3), }"
     body = formats.NPY_MAGIC + b"\x01\x00" + len(header).to_bytes(2, "little") + header
-    with pytest.raises(MalformedBody, match="fortran_order 'yes'"):
+    with pytest.raises(MalformedBody, match=r"\(fortran_order is not a valid bool\)$"):
         formats.read_npy(body + bytes(24))
 
 

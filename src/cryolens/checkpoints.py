@@ -26,6 +26,7 @@ from cryolens.model.vae import CryoLensVAE
 
 __all__ = [
     "CACHE_DIR_ENV",
+    "DEFAULT_DOWNLOAD_DEADLINE",
     "DEFAULT_TIMEOUT",
     "REGISTRY",
     "CheckpointSpec",
@@ -43,6 +44,10 @@ __all__ = [
 
 #: Seconds a download may wait on the network (name lookup plus connect, then each read).
 DEFAULT_TIMEOUT = 10.0
+#: Seconds a whole download may take, however slowly its bytes come (v001 at 1 MB/s: ~3 min).
+DEFAULT_DOWNLOAD_DEADLINE = 900.0
+#: Bytes read from the network at a time, at most.
+_DOWNLOAD_CHUNK = 1 << 20
 #: Environment variable that moves the download cache away from the per-user default.
 CACHE_DIR_ENV = "CRYOLENS_CACHE_DIR"
 #: Key prefixes added by Lightning (``model.``), DDP (``module.``) and torch.compile (``_orig_mod.``).
@@ -175,19 +180,22 @@ def resolve_checkpoint(
     cache_dir: str | os.PathLike | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     registry: Mapping[str, CheckpointSpec] | None = None,
+    deadline: float = DEFAULT_DOWNLOAD_DEADLINE,
 ) -> ResolvedCheckpoint:
     """Turn a registry name, an http(s) URL or a local path into a checked file on disk.
 
     Named and URL checkpoints are downloaded once into ``cache_dir`` (default
     :func:`default_cache_dir`); a cached file whose sha256 matches is used without any network
-    access. A URL may pin its hash as ``https://host/file.pt#sha256=<hex>``.
+    access. A URL may pin its hash as ``https://host/file.pt#sha256=<hex>``. ``timeout`` bounds
+    each wait on the network, ``deadline`` a whole download (seconds).
     """
     registry = REGISTRY if registry is None else registry
     text = os.fspath(source)
     if isinstance(source, str) and text in registry:
-        return fetch(registry[text], cache_dir=cache_dir, timeout=timeout, source=text)
+        return fetch(registry[text], cache_dir=cache_dir, timeout=timeout, source=text,
+                     deadline=deadline)
     if isinstance(source, str) and re.match(r"^https?://", text, re.IGNORECASE):
-        return _fetch_url(text, cache_dir=cache_dir, timeout=timeout)
+        return _fetch_url(text, cache_dir=cache_dir, timeout=timeout, deadline=deadline)
     path = Path(text).expanduser()
     if not path.is_file():
         what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
@@ -206,6 +214,7 @@ def fetch(
     cache_dir: str | os.PathLike | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     source: str | None = None,
+    deadline: float = DEFAULT_DOWNLOAD_DEADLINE,
 ) -> ResolvedCheckpoint:
     """The file for one registry entry: from the package, from the cache, or downloaded now."""
     source = spec.name if source is None else source
@@ -214,7 +223,7 @@ def fetch(
     assert spec.url is not None
     cached = _cache_root(cache_dir) / spec.filename
     return _download(spec.url, cached, spec.sha256, name=spec.name, source=source,
-                     timeout=timeout, spec=spec)
+                     timeout=timeout, spec=spec, deadline=deadline)
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
@@ -252,8 +261,8 @@ def _package_checkpoint(spec: CheckpointSpec, source: str) -> ResolvedCheckpoint
                               origin="package")
 
 
-def _fetch_url(url: str, *, cache_dir: str | os.PathLike | None, timeout: float
-               ) -> ResolvedCheckpoint:
+def _fetch_url(url: str, *, cache_dir: str | os.PathLike | None, timeout: float,
+               deadline: float = DEFAULT_DOWNLOAD_DEADLINE) -> ResolvedCheckpoint:
     parts = urlsplit(url)
     known = re.fullmatch(r"sha256=([0-9a-fA-F]{64})", parts.fragment)
     bare = urlunsplit(parts._replace(fragment=""))
@@ -262,35 +271,91 @@ def _fetch_url(url: str, *, cache_dir: str | os.PathLike | None, timeout: float
     prefix = hashlib.sha256(bare.encode()).hexdigest()[:12]
     cached = _cache_root(cache_dir) / "urls" / f"{prefix}-{name}"
     return _download(bare, cached, known.group(1).lower() if known else None, name=name,
-                     source=url, timeout=timeout, spec=None)
+                     source=url, timeout=timeout, spec=None, deadline=deadline)
 
 
 def _download(url: str, cached: Path, sha256: str | None, *, name: str, source: str,
-              timeout: float, spec: CheckpointSpec | None) -> ResolvedCheckpoint:
+              timeout: float, spec: CheckpointSpec | None,
+              deadline: float = DEFAULT_DOWNLOAD_DEADLINE) -> ResolvedCheckpoint:
+    """The cached file, or ``url`` downloaded within ``deadline`` seconds in all into a part
+    file that becomes the cached one only once its sha256 matches (when known) and it reads as
+    a CryoLens checkpoint: a web page answered 200, say, is never cached."""
     stale = ""
     if cached.is_file():
         actual = sha256_of(cached)
-        if sha256 is None or actual == sha256:
+        if actual == sha256 or (sha256 is None and _looks_like_checkpoint(_head(cached))):
             return ResolvedCheckpoint(path=cached, name=name, sha256=actual, source=source,
                                       origin="cache")
-        stale = f" (the cached copy at {cached} has the wrong sha256 {actual})"
+        stale = f" (the cached copy at {cached} has the wrong sha256 {actual})" if sha256 else \
+            f" (the cached copy at {cached} is not a checkpoint)"
 
-    import pooch
     import requests
+    import urllib3
 
     started = time.monotonic()
+    # a folder of its own, so the part file has the file's name (in messages too)
+    part = cached.parent / f".part-{os.getpid()}-{threading.get_ident()}" / cached.name
     try:
         _lookup_host(url, timeout)
         # A blackholed network eats the connect timeout, so give it only what the lookup left.
         connect = max(timeout - (time.monotonic() - started), 0.1)
-        downloader = pooch.HTTPDownloader(progressbar=False, timeout=(connect, timeout))
-        pooch.retrieve(url, known_hash=f"sha256:{sha256}" if sha256 else None,
-                       fname=cached.name, path=cached.parent, downloader=downloader)
-    except (requests.RequestException, OSError, ValueError) as exc:
+        actual = _stream(url, part, (connect, timeout), started + deadline)
+        if sha256 is not None and actual != sha256:
+            raise _HashMismatch(actual)
+        infer_config(read_state_dict(part)[0])
+        os.replace(part, cached)
+    except CheckpointError as exc:
+        raise type(exc)(f"Downloaded {url}, but {_lower_first(str(exc))}; it was not cached"
+                        ) from exc
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError
+            ) as exc:
         raise CheckpointError(_download_failure(url, exc, timeout, cached, sha256, spec) + stale
                               ) from exc
-    return ResolvedCheckpoint(path=cached, name=name, sha256=sha256 or sha256_of(cached),
-                              source=source, origin="download")
+    finally:
+        part.unlink(missing_ok=True)
+        if part.parent.is_dir():
+            part.parent.rmdir()
+    return ResolvedCheckpoint(path=cached, name=name, sha256=actual, source=source,
+                              origin="download")
+
+
+class _HashMismatch(ValueError):
+    """The downloaded bytes hash to ``args[0]``, not the expected sha256."""
+
+
+class _DeadlinePassed(TimeoutError):
+    """A download still unfinished at its deadline (``args[0]``: bytes received by then)."""
+
+
+def _stream(url: str, part: Path, timeout: tuple[float, float], deadline_at: float) -> str:
+    """GET ``url`` into the file ``part``; its sha256. Each read returns whatever has arrived
+    (``read1``), so a server that sends a byte a second still meets the deadline, checked
+    between reads (one read waits at most ``timeout[1]``)."""
+    import requests
+
+    digest = hashlib.sha256()
+    received = 0
+    headers = {"Accept-Encoding": "identity"}  # the file's own bytes, hashed as they come
+    with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
+        response.raise_for_status()
+        part.parent.mkdir(parents=True, exist_ok=True)
+        # urllib3 < 2.1 has no read1: its read waits for a whole chunk (or the read timeout)
+        read = getattr(response.raw, "read1", None) or response.raw.read
+        with open(part, "wb") as out:
+            while True:
+                if time.monotonic() > deadline_at:
+                    raise _DeadlinePassed(received)
+                chunk = read(_DOWNLOAD_CHUNK)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                out.write(chunk)
+                received += len(chunk)
+    return digest.hexdigest()
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
 
 
 def _lookup_host(url: str, timeout: float) -> None:
@@ -322,11 +387,14 @@ def _download_failure(url: str, exc: BaseException, timeout: float, cached: Path
     """One paragraph: what happened, then what to do about it."""
     import requests
 
-    if isinstance(exc, ValueError) and "hash" in str(exc).lower():
-        what = (f"Downloaded {url} but its sha256 does not match the expected {sha256}; the file "
-                "was discarded")
+    if isinstance(exc, _HashMismatch):
+        what = (f"Downloaded {url} but its sha256 does not match the expected {sha256} (it "
+                f"is {exc.args[0]}); the file was discarded")
     else:
-        if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        if isinstance(exc, _DeadlinePassed):
+            reason = (f"the download was not finished by its deadline ({exc.args[0]} bytes "
+                      "received)")
+        elif isinstance(exc, requests.HTTPError) and exc.response is not None:
             reason = f"HTTP {exc.response.status_code} {exc.response.reason or ''}".strip()
         elif isinstance(exc, requests.ConnectTimeout | TimeoutError):
             reason = f"no connection within {timeout:g} s"
@@ -362,10 +430,13 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     path = Path(path)
     try:
         with open(path, "rb") as handle:
-            head = handle.read(9)
+            head = handle.read(16)
     except OSError as exc:
         raise CheckpointError(f"Cannot read checkpoint {path.name}: {exc}") from exc
 
+    if not _looks_like_checkpoint(head):
+        raise CheckpointError(f"{path.name} is not a checkpoint: {_what_it_is(head)}, not "
+                              "safetensors or a PyTorch file")
     if _looks_like_safetensors(head):
         from safetensors.torch import load_file
 
@@ -378,9 +449,11 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            if "weights only" not in str(exc).lower():
-                raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint: {exc}"
-                                      ) from exc
+            # only a pickle that names a global (a function or class to call) would run code;
+            # any other refusal is of bytes that are no pickle torch wrote (an odd opcode)
+            if "weights only" not in str(exc).lower() or "GLOBAL" not in str(exc):
+                raise CheckpointError(f"{path.name} is not a checkpoint: a damaged or foreign "
+                                      "PyTorch pickle that torch.load cannot read") from exc
             wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
             asks = f" (it asks for {wanted.group(1)})" if wanted else ""
             raise UnsafeCheckpointError(
@@ -390,11 +463,32 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
                 "where you trust the file."
             ) from exc
         except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
             raise CheckpointError(
-                f"{path.name} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
+                f"{path.name} is not a readable PyTorch checkpoint ({type(exc).__name__}: {first})"
             ) from exc
         layout, raw = _unwrap(raw, path.name)
     return _clean(raw, path.name), layout
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(16)
+
+
+def _looks_like_checkpoint(head: bytes) -> bool:
+    """Could a file starting with ``head`` be a checkpoint: safetensors, a zip (``torch.save``
+    since PyTorch 1.6) or a pickle of protocol 2 or later (``torch.save``'s legacy format)?"""
+    return _looks_like_safetensors(head) or head.startswith((b"PK\x03\x04", b"\x80"))
+
+
+def _what_it_is(head: bytes) -> str:
+    """What a file that is no checkpoint looks like, from its first bytes."""
+    if not head:
+        return "the file is empty"
+    if head.lstrip()[:1] == b"<":
+        return "it looks like an HTML or XML page (a web page served instead of the file?)"
+    return f"it starts with the bytes {head[:8].hex(' ')}"
 
 
 def _looks_like_safetensors(head: bytes) -> bool:

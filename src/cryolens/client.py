@@ -25,7 +25,8 @@ loading) is retried after the server's
 ``Retry-After`` (at most ``max_retries`` times, each wait capped at ``max_retry_wait_s``); a 413
 to several volumes halves ``batch_size`` (a ``RuntimeWarning`` says so) and sends them again; any
 other error status raises :class:`CryoLensHTTPError` with the server's message, field, status and
-request id. Volumes that are not one volume or a stack, or that hold NaN or infinity, are an
+request id. An answer that does not fit its request (another number of rows than volumes sent)
+raises :class:`CryoLensAnswerError` with the request id, never a result. Volumes that are not one volume or a stack, or that hold NaN or infinity, are an
 :class:`~cryolens.errors.InputError` before anything is sent.
 
 The request building and response decoding below are plain functions of bytes and arrays;
@@ -36,7 +37,9 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
 import numbers
+import re
 import time
 import warnings
 from collections.abc import AsyncIterator, Generator, Iterator
@@ -62,6 +65,8 @@ DEFAULT_MAX_RETRIES = 5
 MAX_RETRY_WAIT_S = 30.0
 #: Wait before the first retry when a 503 carries no (readable) ``Retry-After``; doubles.
 FALLBACK_RETRY_WAIT_S = 0.5
+#: Doublings of the fallback wait before it stops growing (``max_retry_wait_s`` caps it too).
+_MAX_DOUBLINGS = 16
 JSON_MEDIA_TYPE = "application/json"
 USER_AGENT = f"cryolens-client/{__version__}"
 
@@ -114,6 +119,20 @@ class CryoLensHTTPError(CryoLensError):
             extra.append(f"request id {self.request_id}")
         return f"HTTP {self.status}{where}: {self.detail_text}" + (
             f" ({', '.join(extra)})" if extra else "")
+
+
+class CryoLensAnswerError(CryoLensError):
+    """The server answered 2xx, but not to the request sent: another number of rows than
+    volumes, or arrays of another shape than the answer's first request. ``request_id``: the
+    server's ``X-Request-ID`` (None if it sent none); ``method`` and ``path``: the request."""
+
+    def __init__(self, problem: str, *, request_id: str | None, method: str, path: str) -> None:
+        self.problem = problem
+        self.request_id = request_id
+        self.method = method
+        self.path = path
+        rid = f"request id {request_id}" if request_id else "no request id"
+        super().__init__(f"{method} {path} was answered wrongly ({rid}): {problem}")
 
 
 class CryoLensConnectionError(CryoLensError):
@@ -284,22 +303,27 @@ def _validation_field(detail: Any) -> str | None:
     return loc[0] if loc else None
 
 
+#: ``Retry-After`` as delay-seconds (RFC 9110: digits; a fraction is taken too).
+_DELAY_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
 def retry_wait(response: httpx.Response, attempt: int, cap: float) -> float:
-    """Seconds to wait before retrying a 503: its ``Retry-After`` (seconds or an HTTP date),
-    else an exponential fallback; never more than ``cap``."""
+    """Seconds to wait before retrying a 503: its ``Retry-After`` (seconds or an HTTP date; a
+    date in the past is 0), else an exponential fallback from :data:`FALLBACK_RETRY_WAIT_S`,
+    as also for a value that is neither (``nan``, ``-1``, ``inf``, garbage); never more than
+    ``cap``, never less than 0."""
     value = response.headers.get("retry-after", "").strip()
     wait: float | None = None
-    if value:
+    if _DELAY_SECONDS.fullmatch(value):
+        wait = float(value)  # a 400-digit number is inf: capped below
+    elif value:
         try:
-            wait = float(value)
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-                wait = when.timestamp() - time.time()
-            except (TypeError, ValueError):
-                wait = None
-    if wait is None:
-        wait = FALLBACK_RETRY_WAIT_S * 2 ** attempt
+            when = email.utils.parsedate_to_datetime(value)
+            wait = when.timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            wait = None
+    if wait is None or math.isnan(wait):
+        wait = FALLBACK_RETRY_WAIT_S * 2 ** min(max(attempt, 0), _MAX_DOUBLINGS)
     return min(max(wait, 0.0), cap)
 
 
@@ -316,6 +340,17 @@ class _Gathered:
         self.counts: list[int] = []
 
     def add(self, chunk: dict[str, np.ndarray], n: int) -> None:
+        """Add one request's answer for ``n`` volumes; ValueError saying what does not fit
+        (nothing is added then)."""
+        if self.counts:
+            missing = sorted((self.arrays.keys() | self.others.keys()) - chunk.keys())
+            if missing:
+                raise ValueError(f"the answer lacks {', '.join(missing)}, which the answers "
+                                 "before it held")
+            for key, array in self.arrays.items():
+                if chunk[key].shape != (n, *array.shape[1:]):
+                    raise ValueError(f"{key} has shape {chunk[key].shape}, expected "
+                                     f"{(n, *array.shape[1:])}")
         if not self.counts:
             for key, value in chunk.items():
                 if key in PER_VOLUME and value.ndim and n < self.total:
@@ -489,11 +524,17 @@ class _Core:
                     self._fewer_volumes(len(part), response)
                     continue
                 result = _decode(response)
+                try:
+                    check_rows(result, len(part) if sent.ndim == 4 else None)
+                    if stacked or endpoint.batch:
+                        gathered.add(result if sent.ndim == 4 else _with_leading_axis(result),
+                                     len(part))
+                except ValueError as exc:
+                    raise _answer_error(response, str(exc)) from None
                 if bar is not None:
                     bar.update(len(part))
                 if not stacked and not endpoint.batch:
                     return result  # one volume, answered as one
-                gathered.add(result if sent.ndim == 4 else _with_leading_axis(result), len(part))
                 start += len(part)
         finally:
             if bar is not None:
@@ -574,6 +615,41 @@ class _Core:
                 or (response.status_code == 413 and request.volumes > 1)):
             return None
         raise _error(response)
+
+
+#: Dimensions of each per-volume field in the answer to one volume sent without a stack.
+_ONE_VOLUME_NDIM = {
+    "reconstruction": 3, "affinity_reconstruction": 3, "free_reconstruction": 3,
+    "embedding": 1, "embeddings": 1, "log_variance": 1, "pose": 1, "pose_axis_angle": 1,
+    "global_weight": 0, "centers": 2, "weights": 1, "scales": 1,
+}
+
+
+def check_rows(answer: dict[str, np.ndarray], volumes: int | None) -> None:
+    """ValueError unless an answer's per-volume arrays fit the request: with ``volumes`` (a
+    stack of that many was sent) each has that many rows, and ``n_volumes`` /
+    ``num_processed`` say so; with None (one volume, no stack) each has the dimensions of
+    one volume's answer (an ``embedding`` of one row, not two)."""
+    for key in sorted(PER_VOLUME & answer.keys()):
+        shape = answer[key].shape
+        if volumes is None:
+            want = _ONE_VOLUME_NDIM.get(key)
+            if want is not None and len(shape) != want:
+                raise ValueError(f"{key} has shape {shape} for one volume; expected "
+                                 f"{want} dimension(s)")
+        elif not shape or shape[0] != volumes:
+            raise ValueError(f"{key} has {shape[0] if shape else 'no'} row(s) for {volumes} "
+                             f"volume(s) sent (shape {shape})")
+    for key in sorted(COUNTS & answer.keys()):
+        count = answer[key]
+        if volumes is not None and (count.shape or int(count) != volumes):
+            raise ValueError(f"{key} is {count.tolist()} for {volumes} volume(s) sent")
+
+
+def _answer_error(response: httpx.Response, problem: str) -> CryoLensAnswerError:
+    request = response.request
+    return CryoLensAnswerError(problem, request_id=response.headers.get("x-request-id"),
+                               method=request.method, path=request.url.path)
 
 
 def _batch_options(batch_size, return_reconstructions, return_embeddings, return_poses,

@@ -136,7 +136,9 @@ def checked_stack(data: np.ndarray, field: str, box: tuple[int, ...], max_volume
                               f"accepted per request", field=field)
     with np.errstate(over="ignore", invalid="ignore"):
         volumes = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, *box)
-    if not np.isfinite(volumes).all():
+    # integers are always finite in float32; floats are checked a volume at a time, so the
+    # check's boolean temporary is one volume's, not the stack's
+    if data.dtype.kind == "f" and not all(np.isfinite(one).all() for one in volumes):
         raise InputError(f"{field} must be finite: a value is NaN, infinite or beyond float32 "
                          "range (|x| > 3.4e38)", field=field)
     return volumes, stacked
