@@ -60,7 +60,7 @@ def read_table(path: str | Path, options: TableOptions, declared_voxel_size: flo
     for row, name, where in zip(rows, tomo_names, paths, strict=True):
         if isinstance(where, str):
             raise InputError(f"{_row(path, row, names)}: {where}", field="tomograms")
-        tomograms.append(finder.open(where))
+        tomograms.append(finder.open(where.resolve()))
     voxel = np.array([t.voxel_size or declared_voxel_size or default_voxel_size
                       for t in tomograms])
     shapes = cv.shape_xyz([t.shape for t in tomograms])
