@@ -5,6 +5,7 @@ and malformed tables get one line naming the row."""
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -385,3 +386,16 @@ def test_a_tomogram_at_another_voxel_size_is_refused_or_rescaled(tomograms, tmp_
     assert batch.particles.shape == (1, BOX, BOX, BOX) and batch.records[0].rescaled
     # centred angstrom are the same place at any voxel size: 20 A voxels halve the index
     assert batch.records[0].x_voxel == int(np.floor((POSITIONS[0][0] - 44) / 2 + 44 + 0.5))
+
+
+@pytest.mark.parametrize("module, suffix", [("starfile", ".star"), ("dynamotable", ".tbl"),
+                                            ("imodmodel", ".mod")])
+def test_a_missing_reader_says_which_extra_to_install(tomograms, tmp_path, monkeypatch, module,
+                                                      suffix):
+    folder, _ = tomograms
+    path = tmp_path / f"TS_01{suffix}"
+    path.write_text("")
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+    with pytest.raises(InputError, match=rf"needs the {module} package: pip install "
+                                         r"'cryolens-server\[tables\]'"):
+        read_table(path, TableOptions(tomograms=str(folder / "TS_01.mrc")))
