@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         "server": args.server,
     }
     if args.tomograms is not None or args.coordinate_pixel_size is not None:
-        identity["tables"] = asdict(table_options(args))
+        identity["tables"] = {**asdict(table_options(args)), "tomograms": str(
+            Path(args.tomograms).resolve()) if args.tomograms is not None else None}
     metadata = {
         "checkpoint_name": getattr(checkpoint, "display_name", None) or
         getattr(checkpoint, "name", None),
