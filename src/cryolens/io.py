@@ -41,6 +41,7 @@ import numpy as np
 
 from cryolens import formats
 from cryolens.errors import InputError
+from cryolens.tables.read import TABLE_SUFFIXES, TableOptions
 
 #: What CryoLens models expect: a 48^3 box at 10 angstrom per voxel.
 MODEL_BOX = 48
@@ -49,6 +50,8 @@ MODEL_VOXEL_SIZE = 10.0
 VOXEL_TOLERANCE = 0.01
 MRC_SUFFIXES = (".mrc", ".mrcs", ".map", ".rec", ".st")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+#: Formats whose boxes are cut from a tomogram (copick picks, particle tables).
+CUT_FORMATS = ("copick", *TABLE_SUFFIXES.values())
 INSTALL_IO = "pip install 'cryolens-server[io]'"
 
 
@@ -111,6 +114,9 @@ class ParticleRecord:
     padded_fraction: float = 0.0
     rescaled: bool = False
     fitted_from: str | None = None
+    particle_name: str | None = None  # a table's own name for the particle (see cryolens.tables)
+    tomogram: str | None = None  # the tomogram file a table's particle was cut from
+    tomogram_shape: str | None = None  # z x y x x voxels of the tomogram the box was cut from
 
     @property
     def key(self) -> str:
@@ -125,7 +131,7 @@ class ParticleRecord:
     @property
     def label(self) -> str:
         """A short name for file names and plots."""
-        if self.run is not None:
+        if self.run is not None and self.format == "copick":
             return f"{self.run}_{self.object}_{self.user_id}_{self.session_id}_{self.index}"
         return f"{Path(self.source).stem}_{self.index}"
 
@@ -437,10 +443,7 @@ class _CopickReader(_Reader):
             positions = full_positions(pick)
             for i, (x, y, z) in enumerate(positions):
                 voxel = [math.floor(c / vs + 0.5) for c in (x, y, z)]  # round half up
-                lo = [c - side // 2 for c in voxel[::-1]]  # z, y, x
-                inside = np.prod([max(0, min(lo[a] + side, shape[a]) - max(lo[a], 0))
-                                  for a in range(3)])
-                padded = 1.0 - float(inside) / side**3
+                lo, padded = box_corner(voxel, side, shape)
                 self.records.append(ParticleRecord(
                     source=str(self.config), index=i, format="copick", voxel_size=vs,
                     origin_x=lo[2] * vs, origin_y=lo[1] * vs, origin_z=lo[0] * vs,
@@ -448,7 +451,8 @@ class _CopickReader(_Reader):
                     session_id=pick.session_id, tomo_type=tomogram.tomo_type,
                     x_angstrom=float(x), y_angstrom=float(y), z_angstrom=float(z),
                     x_voxel=voxel[0], y_voxel=voxel[1], z_voxel=voxel[2],
-                    edge=padded > 0, padded_fraction=padded))
+                    edge=padded > 0, padded_fraction=padded,
+                    tomogram_shape="x".join(map(str, shape))))
 
     def files(self) -> list[Path]:
         return [self.config]  # the picks themselves are in the records
@@ -476,6 +480,62 @@ class _CopickReader(_Reader):
         self._cached = None
 
 
+class _TableReader(_Reader):
+    """Boxes cut around a particle table's rows (:mod:`cryolens.tables`) in their tomograms,
+    placed and rounded as copick picks are; a tomogram's voxels are memory-mapped."""
+
+    def __init__(self, path: Path, options: ReadOptions, tables: TableOptions) -> None:
+        from cryolens.tables.read import read_table
+
+        self.path, self.options = path, options
+        picks = read_table(path, tables, options.declared_voxel_size, options.voxel_size)
+        self.tomograms = {str(p.tomogram.path): p.tomogram for p in picks}
+        checked: set[str] = set()
+        self.records = []
+        for pick in picks:
+            tomogram, vs = pick.tomogram, pick.voxel_size
+            if str(tomogram.path) not in checked:
+                check_voxel_size(vs, options, f"{path}: tomogram {tomogram.path} ({vs:g} A)")
+                checked.add(str(tomogram.path))
+            voxel = [math.floor(c + 0.5) for c in pick.position]  # round half up, as copick
+            lo, padded = box_corner(voxel, source_box(vs, options), tomogram.shape)
+            x, y, z = (c * vs for c in pick.position)
+            self.records.append(ParticleRecord(
+                source=str(path), index=pick.row, format=TABLE_SUFFIXES[path.suffix.lower()],
+                voxel_size=vs, origin_x=lo[2] * vs, origin_y=lo[1] * vs, origin_z=lo[0] * vs,
+                run=pick.tomogram_name, x_angstrom=x, y_angstrom=y, z_angstrom=z,
+                x_voxel=voxel[0], y_voxel=voxel[1], z_voxel=voxel[2], edge=padded > 0,
+                padded_fraction=padded, particle_name=pick.name, tomogram=str(tomogram.path),
+                tomogram_shape="x".join(map(str, tomogram.shape))))
+        self._cached: tuple[str, np.ndarray, float] | None = None
+
+    def files(self) -> list[Path]:
+        return [self.path, *(Path(p) for p in sorted(self.tomograms))]
+
+    def read(self, items: Sequence[int]) -> list[np.ndarray]:
+        out = []
+        for item in items:
+            record = self.records[item]
+            if self._cached is None or self._cached[0] != record.tomogram:
+                self._cached = None
+                try:
+                    data = self.tomograms[record.tomogram].data()
+                    mean = float(data.mean(dtype=np.float64))
+                except (ValueError, OSError) as exc:
+                    raise InputError(f"tomogram {record.tomogram}: cannot read its voxels: "
+                                     f"{exc}", field="tomograms") from exc
+                self._cached = (record.tomogram, data, mean)
+            _, data, mean = self._cached
+            side = source_box(record.voxel_size, self.options)
+            lo = [round(o / record.voxel_size)
+                  for o in (record.origin_z, record.origin_y, record.origin_x)]
+            out.append(cut_box(data, lo, side, mean))
+        return out
+
+    def close(self) -> None:
+        self._cached = None
+
+
 def full_positions(picks) -> np.ndarray:
     """(N, 3) particle centres x, y, z in angstrom: location plus the transform's shift."""
     if hasattr(picks, "full_positions"):
@@ -484,6 +544,14 @@ def full_positions(picks) -> np.ndarray:
     if len(points) == 0:
         return np.zeros((0, 3))
     return np.asarray(points, np.float64) + np.asarray(transforms)[:, :3, 3]
+
+
+def box_corner(voxel: Sequence[int], side: int, shape: Sequence[int]) -> tuple[list[int], float]:
+    """The first voxel (z, y, x) of the ``side``^3 box centred on ``voxel`` (x, y, z: its
+    voxel ``side // 2``), and the fraction of the box outside a tomogram of ``shape`` (z, y, x)."""
+    lo = [c - side // 2 for c in voxel[::-1]]
+    inside = np.prod([max(0, min(lo[a] + side, shape[a]) - max(lo[a], 0)) for a in range(3)])
+    return lo, 1.0 - float(inside) / side**3
 
 
 def cut_box(data: np.ndarray, lo: Sequence[int], side: int, fill: float) -> np.ndarray:
@@ -543,7 +611,7 @@ def conform(volume: np.ndarray, record: ParticleRecord, options: ReadOptions
             abs(record.voxel_size - options.voxel_size) > VOXEL_TOLERANCE * options.voxel_size:
         from scipy import ndimage
 
-        if record.format == "copick":  # the box was cut to cover the model's: fill it exactly
+        if record.format in CUT_FORMATS:  # the box was cut to cover the model's: fill it exactly
             factor = [options.box / n for n in volume.shape]
         else:
             factor = record.voxel_size / options.voxel_size
@@ -710,7 +778,8 @@ def _prefetched(read, groups: list, depth: int) -> Iterator[Batch]:
 
 
 def source_kind(path: Path) -> str:
-    """``mrc``, ``folder``, ``hdf5``, ``zarr``, ``npy`` or ``copick`` (a ``.json`` config)."""
+    """``mrc``, ``folder``, ``hdf5``, ``zarr``, ``npy``, ``copick`` (a ``.json`` config), or a
+    particle table's ``star``, ``dynamo`` or ``imod``."""
     suffix = path.suffix.lower()
     if suffix == ".zarr" or (path.is_dir() and any((path / m).exists()
                                                    for m in (".zarray", ".zgroup", "zarr.json"))):
@@ -725,16 +794,20 @@ def source_kind(path: Path) -> str:
         return "npy"
     if suffix == ".json":
         return "copick"
+    if suffix in TABLE_SUFFIXES:
+        return TABLE_SUFFIXES[suffix]
     raise InputError(
         f"cannot read particles from {path}: use MRC/MRCS files ({', '.join(MRC_SUFFIXES)}), a "
-        "folder of them, HDF5 (.h5), zarr (.zarr), .npy, or a copick configuration (.json)",
-        field="source")
+        "folder of them, HDF5 (.h5), zarr (.zarr), .npy, a copick configuration (.json), or a "
+        "particle table (.star, .tbl, .mod, with --tomograms)", field="source")
 
 
 def open_particles(sources: str | Path | Sequence[str | Path], options: ReadOptions | None = None,
-                   copick: CopickOptions | None = None, **kwargs) -> ParticleSet:
+                   copick: CopickOptions | None = None, tables: TableOptions | None = None,
+                   **kwargs) -> ParticleSet:
     """List the particles of one or more inputs (in order; a folder's MRC files sorted by
-    name). ``kwargs`` are :class:`ReadOptions` fields. Voxel sizes that the files declare are
+    name; a particle table's rows in its order, each cut from its tomogram as ``tables``
+    says). ``kwargs`` are :class:`ReadOptions` fields. Voxel sizes that the files declare are
     checked here, before anything is read."""
     if isinstance(sources, (str, Path)):
         sources = [sources]
@@ -771,11 +844,14 @@ def open_particles(sources: str | Path | Sequence[str | Path], options: ReadOpti
             reader = _CopickReader(path, options, copick or CopickOptions())
             warnings += reader.warnings
             readers.append(reader)
+        elif kind in TABLE_SUFFIXES.values():
+            readers.append(_TableReader(path, options, tables or TableOptions()))
         else:
             readers.append(_ArrayReader(path, kind, options))
     items = []
     for r, reader in enumerate(readers):
-        if options.declared_voxel_size is not None and not isinstance(reader, _CopickReader):
+        if options.declared_voxel_size is not None and \
+                not isinstance(reader, (_CopickReader, _TableReader)):
             reader.records = [replace(rec, voxel_size=float(options.declared_voxel_size))
                               for rec in reader.records]
         for i, record in enumerate(reader.records):
@@ -830,6 +906,6 @@ def load_particles(sources, **kwargs) -> tuple[np.ndarray, list[ParticleRecord]]
 
 
 __all__ = ["MODEL_BOX", "MODEL_VOXEL_SIZE", "RECORD_COLUMNS", "Batch", "CopickOptions",
-           "ParticleRecord", "ParticleSet", "ReadOptions", "check_voxel_size", "conform",
+           "ParticleRecord", "ParticleSet", "ReadOptions", "TableOptions", "check_voxel_size", "conform",
            "cut_box", "fit_box", "fit_starts", "full_positions", "load_particles",
            "open_particles", "source_kind"]

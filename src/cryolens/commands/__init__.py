@@ -1,5 +1,5 @@
 """Console sub-commands for people with their own particles: ``embed``, ``reconstruct``,
-``show``, ``map`` and ``info``.
+``show``, ``map``, ``export`` and ``info``.
 
 Each module has ``add_parser(subparsers, common)`` and ``run(args) -> int``; :func:`register`
 adds them all to the ``cryolens`` parser (``cryolens.cli``).
@@ -10,7 +10,7 @@ import argparse
 from importlib import import_module
 
 #: Sub-commands registered by :func:`register` (``info`` is wired by ``cryolens.cli``).
-COMMANDS = ("embed", "reconstruct", "show", "map")
+COMMANDS = ("embed", "reconstruct", "show", "map", "export")
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

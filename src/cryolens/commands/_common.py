@@ -5,10 +5,19 @@ import argparse
 import sys
 
 from cryolens.cliutil import positive_int, positive_number
-from cryolens.io import MODEL_BOX, MODEL_VOXEL_SIZE, CopickOptions, ParticleSet, ReadOptions
+from cryolens.io import (
+    MODEL_BOX,
+    MODEL_VOXEL_SIZE,
+    CopickOptions,
+    ParticleSet,
+    ReadOptions,
+    TableOptions,
+)
 
 SOURCES_HELP = ("particles: MRC/MRCS files (one particle each, or stacks), folders of them, "
-                "HDF5 (.h5), zarr (.zarr), .npy, or a copick configuration (.json, with --object)")
+                "HDF5 (.h5), zarr (.zarr), .npy, a copick configuration (.json, with --object), "
+                "or a particle table: RELION/Warp .star, Dynamo .tbl, IMOD .mod (with "
+                "--tomograms)")
 
 
 def add_input_options(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +56,17 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
                     help="tomogram type (default: 'denoised', else 'wbp', else the first by name)")
     cp.add_argument("--user-id", default=None, help="only picks by this user (default: all)")
     cp.add_argument("--session-id", default=None, help="only picks of this session (default: all)")
+    tables = parser.add_argument_group("particle tables (.star, .tbl, .mod; docs/tables.md)")
+    tables.add_argument("--tomograms", default=None, metavar="DIR",
+                        help="the tables' tomograms: a folder of MRC files found by the names "
+                             "the table gives (rlnTomoName, an IMOD model's name), one MRC file "
+                             "for every row, or for Dynamo a .doc catalogue or a folder holding "
+                             "one (required for tables; default: none)")
+    tables.add_argument("--coordinate-pixel-size", type=positive_number, default=None,
+                        metavar="A",
+                        help="angstrom per pixel of the table's coordinates (default: what a "
+                             "STAR file says, e.g. rlnTomoTiltSeriesPixelSize, else the "
+                             "tomogram's voxel size)")
 
 
 def add_engine_options(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
@@ -77,6 +97,10 @@ def copick_options(args: argparse.Namespace) -> CopickOptions:
                          user_id=args.user_id, session_id=args.session_id)
 
 
+def table_options(args: argparse.Namespace) -> TableOptions:
+    return TableOptions(tomograms=args.tomograms, coordinate_pixel_size=args.coordinate_pixel_size)
+
+
 def open_from_args(args: argparse.Namespace, sources=None, box: int | None = None) -> ParticleSet:
     from dataclasses import replace
 
@@ -86,7 +110,7 @@ def open_from_args(args: argparse.Namespace, sources=None, box: int | None = Non
     if box is not None:
         options = replace(options, box=box)
     particles = open_particles(sources if sources is not None else args.sources, options,
-                               copick_options(args))
+                               copick_options(args), table_options(args))
     for warning in particles.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return particles

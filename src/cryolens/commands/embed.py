@@ -53,6 +53,7 @@ from cryolens.commands._common import (
     open_from_args,
     read_options,
     skipped_note,
+    table_options,
 )
 from cryolens.errors import InputError
 from cryolens.io import RECORD_COLUMNS, ParticleRecord, ParticleSet
@@ -109,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint_sha256": getattr(checkpoint, "sha256", None),
         "server": args.server,
     }
+    if args.tomograms is not None or args.coordinate_pixel_size is not None:
+        identity["tables"] = {**asdict(table_options(args)), "tomograms": str(
+            Path(args.tomograms).resolve()) if args.tomograms is not None else None}
     metadata = {
         "checkpoint_name": getattr(checkpoint, "display_name", None) or
         getattr(checkpoint, "name", None),
@@ -122,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
         if args.server:
             raise InputError("--ray computes on a Ray cluster and --server on a server: "
                              "choose one", field="ray")
+        if args.tomograms is not None:
+            raise InputError("--ray does not read particle tables yet; embed them without --ray",
+                             field="ray")
         from cryolens.batch import ray_results
 
         results = ray_results(particles, args)
