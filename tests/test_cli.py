@@ -142,7 +142,9 @@ def test_unexpected_error_names_its_type_and_how_to_see_more(monkeypatch, capsys
     def broken(args):
         raise RuntimeError("something odd\nsecond line")
 
-    monkeypatch.setattr(cli, "_info", broken)
+    from cryolens.commands import info
+
+    monkeypatch.setattr(info, "run", broken)
     assert cli.main(["info"]) == 1
     assert capsys.readouterr().err == ("cryolens: RuntimeError: something odd (run again with "
                                        "--log-level debug for the traceback)\n")

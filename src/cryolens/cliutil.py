@@ -42,6 +42,11 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(USAGE_EXIT, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``1 particle``, ``2 particles``: ``n`` and the noun in the number it needs."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
 def positive_number(text: str) -> float:
     """An argparse ``type``: a positive, finite number (argparse names the option at fault)."""
     try:

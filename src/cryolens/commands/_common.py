@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cryolens.cliutil import positive_int, positive_number
+from cryolens.cliutil import plural, positive_int, positive_number
 from cryolens.io import MODEL_BOX, MODEL_VOXEL_SIZE, CopickOptions, ParticleSet, ReadOptions
 
 SOURCES_HELP = ("particles: MRC/MRCS files (one particle each, or stacks), folders of them, "
-                "HDF5 (.h5), zarr (.zarr), .npy, or a copick configuration (.json, with --object)")
+                "HDF5 (.h5), zarr (.zarr), .npy, or a copick configuration (.json, with --object; "
+                "copick and zarr need pip install 'cryolens-server[io]')")
 
 
 def add_input_options(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +35,7 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
                        help="leave out MRC files that cannot be read as particles (a damaged "
                             "header, a size that does not match it), each named in a warning "
                             "(default: off, such a file stops the command)")
-    cp = parser.add_argument_group("copick projects")
+    cp = parser.add_argument_group("copick projects (pip install 'cryolens-server[io]')")
     cp.add_argument("--object", default=None,
                     help="pickable object whose picks become particles (required for copick; "
                          "default: none)")
@@ -55,7 +56,8 @@ def add_engine_options(parser: argparse.ArgumentParser, batch_size: int = 32) ->
                        help="checkpoint: a name (demo, v001), a URL or a file "
                             "(default: %(default)s)")
     group.add_argument("--device", default="auto",
-                       help="cpu, cuda or auto (CUDA when available) (default: %(default)s)")
+                       help="cpu, cuda, cuda:N (the N-th GPU) or auto (CUDA when available) "
+                            "(default: %(default)s)")
     group.add_argument("--batch-size", type=positive_int, default=batch_size,
                        help="particles per model call (default: %(default)s)")
 
@@ -95,7 +97,7 @@ def open_from_args(args: argparse.Namespace, sources=None, box: int | None = Non
 def skipped_note(particles: ParticleSet) -> str:
     """`` N unreadable files skipped;`` for a command's last line, or nothing."""
     n = len(particles.skipped)
-    return f" {n} unreadable file{'s' if n != 1 else ''} skipped;" if n else ""
+    return f" {plural(n, 'unreadable file')} skipped;" if n else ""
 
 
 def load_engine(args: argparse.Namespace):
