@@ -125,7 +125,7 @@ def scatter_figure(path: str | Path,
 
     values = None if values is None else np.asarray(values, dtype=object)
     numeric = values is not None and _is_numeric(values)
-    groups = _categories(values) if values is not None and not numeric else []
+    groups = legend_groups(values) if values is not None and not numeric else []
     legend_width = 0.0 if not groups else 0.6 + 0.065 * max(len(g[0]) for g in groups)
     fig = Figure(figsize=(4.6 * len(panels) + (1.2 if numeric else legend_width), 4.4),
                  dpi=dpi, layout="constrained")
@@ -159,7 +159,7 @@ def scatter_figure(path: str | Path,
     return path
 
 
-def _categories(values: np.ndarray) -> list[tuple[str, np.ndarray, str]]:
+def legend_groups(values: np.ndarray) -> list[tuple[str, np.ndarray, str]]:
     """(legend name, mask, colour) per category: all of them when there are at most
     :data:`MAX_CATEGORIES`, else the most frequent ones and a grey "other (k values)"."""
     labels = np.array(["(none)" if v is None else str(v) for v in values])
@@ -191,5 +191,5 @@ def _is_numeric(values: np.ndarray) -> bool:
     return len(set(present)) > 12
 
 
-__all__ = ["central_slices", "display_range", "figure_format", "pca_2d", "scatter_figure",
-           "slices_figure"]
+__all__ = ["central_slices", "display_range", "figure_format", "legend_groups", "pca_2d",
+           "scatter_figure", "slices_figure"]
