@@ -242,7 +242,7 @@ def test_one_particle_is_singular(capsys, model, stack, tmp_path):
     status, printed, _ = embed(capsys, model, one, "-o", tmp_path / "e.parquet")
     assert status == 0 and printed.startswith("embedded 1 particle in ")
     assert "0 edge boxes padded" in printed
-    assert re.search(r"in [\d.]+ s, [\d.]+ s of it loading the model", printed)
+    assert re.search(r"in [\d.]+ s, [\d.]+ s of it starting, loading the model", printed)
 
 
 # -- the Makefile ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from cryolens import __version__, heap
 from cryolens.cliutil import ArgumentParser, fail, quiet_broken_pipe
@@ -45,12 +46,14 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    began = time.perf_counter()  # a command's summary counts its whole wall time from here
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
         from cryolens.commands.serve import serve
 
         return serve(argv[1:])
     args = build_parser().parse_args(argv)
+    args.began = began
     heap.tune()  # the engine's batches without page faults (cryolens/heap.py)
     # force: each call (tests call main in-process) logs to the stderr of its own time
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s",

@@ -134,7 +134,8 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
     edges = int(np.asarray(table["edge"]).sum())
     rate = computed / seconds if seconds > 0 else float("nan")
     wall = time.perf_counter() - (began if began is not None else started)
-    setup = f", {started - began:.1f} s of it loading the model and listing the particles" \
+    setup = f", {started - began:.1f} s of it starting, loading the model and listing the " \
+        "particles" \
         if began is not None else ""
     resumed = f" ({len(done)} done before, resumed)" if done else ""
     n_skipped = len(particles.skipped)

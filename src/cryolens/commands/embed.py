@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from cryolens.compute import engine_compute, engine_metadata, server_compute
     from cryolens.store import embed
 
-    began = time.perf_counter()
+    began = getattr(args, "began", None) or time.perf_counter()  # set by cryolens.cli.main
     out = Path(args.output)
     if out.suffix.lower() not in FORMATS:
         raise InputError(f"{args.output}: the output must end in .parquet or .h5",
