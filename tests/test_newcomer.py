@@ -65,6 +65,8 @@ def test_a_cut_short_file_points_to_skip_unreadable_which_then_works(capsys, mod
     assert err.rstrip().endswith("pass --skip-unreadable") and "=True" not in err
     status, printed, err = embed(capsys, model, folder, "-o", out, "--skip-unreadable")
     assert status == 0 and "embedded 3 particles" in printed
+    assert f"warning: skipped {folder / 'p3.mrc'}: not a valid MRC file" in err
+    assert "pass --skip-unreadable" not in err  # it was passed
     assert "1 unreadable file skipped" in printed and pq.read_table(out).num_rows == 3
 
 

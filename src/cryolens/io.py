@@ -211,8 +211,9 @@ class _MrcReader(_Reader):
                 header, self.dtype, self.offset = layout.header, layout.dtype, layout.offset
                 axes = layout.axes
         except (ValueError, OSError) as exc:
-            raise InputError(f"{path}: not a valid MRC file: {exc}; to leave such files out and "
-                             "embed the rest, pass skip_unreadable=True (--skip-unreadable)",
+            hint = "" if options.skip_unreadable else "; to leave such files out and go on " \
+                "with the rest, pass skip_unreadable=True (--skip-unreadable)"
+            raise InputError(f"{path}: not a valid MRC file: {exc}{hint}",
                              field="source") from exc
         count, shape = formats.mrc_particles(header, path.name)
         self.count, self.shape = count, shape

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cryolens.cliutil import plural, positive_int, positive_number
+from cryolens.cliutil import cli_wording, plural, positive_int, positive_number
 from cryolens.io import MODEL_BOX, MODEL_VOXEL_SIZE, CopickOptions, ParticleSet, ReadOptions
 
 SOURCES_HELP = ("particles: MRC/MRCS files (one particle each, or stacks), folders of them, "
@@ -90,7 +90,7 @@ def open_from_args(args: argparse.Namespace, sources=None, box: int | None = Non
     particles = open_particles(sources if sources is not None else args.sources, options,
                                copick_options(args))
     for warning in particles.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"warning: {cli_wording(warning)}", file=sys.stderr)
     return particles
 
 
