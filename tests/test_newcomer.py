@@ -131,6 +131,16 @@ def test_server_embeddings_record_the_model_as_local_ones_and_map_by_affinity(ca
         server.stop()
 
 
+def test_a_server_that_is_not_there_is_named_with_what_to_do(capsys, model, folder, tmp_path):
+    from server_helpers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    status, _, err = embed(capsys, model, folder, "-o", tmp_path / "e.parquet", "--server", url)
+    assert status == 1 and err.startswith(f"cryolens: --server {url}: no server answers there")
+    assert err.rstrip().endswith("start one with cryolens serve, or correct the URL")
+    assert not (tmp_path / "e.parquet").exists() and not (tmp_path / "e.parquet.parts").exists()
+
+
 # -- labels from a CSV file ------------------------------------------------------------------
 def test_labels_csv_colours_the_map_and_keeps_the_metadata(capsys, model, folder, tmp_path):
     out = tmp_path / "e.parquet"

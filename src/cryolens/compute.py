@@ -50,12 +50,17 @@ def server_compute(url: str) -> tuple[Compute, dict]:
     """Features from the CryoLens server at ``url`` (:class:`cryolens.client.CryoLensClient`),
     and the model's facts from its ``/model_info``."""
     try:
-        from cryolens.client import CryoLensClient
+        from cryolens.client import CryoLensClient, CryoLensConnectionError
     except ImportError as exc:
         raise InputError(f"--server needs cryolens.client, which this install lacks ({exc})",
                          field="server") from exc
     client = CryoLensClient(url)
-    info = client.model_info()
+    try:
+        info = client.model_info()
+    except CryoLensConnectionError as exc:
+        raise InputError(f"--server {url}: no server answers there ({exc.__cause__ or exc}); "
+                         "start one with cryolens serve, or correct the URL",
+                         field="server") from exc
     shape = info.get("input_shape") or [48]
     metadata = model_metadata(name=info.get("checkpoint"), sha256=info.get("sha256"),
                               latent_dims=info.get("latent_dim"),
