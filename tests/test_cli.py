@@ -170,7 +170,7 @@ needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
 def make_dry_run(*variables: str, target: str = "install") -> str:
     """What ``make`` would run for a fresh virtual environment: printed (-n), never run."""
     done = subprocess.run(["make", "--no-print-directory", "-n", "-C", str(REPO), target,
-                           "VENV=/nonexistent/venv", *variables],
+                           "VENV=/nonexistent/venv", "PYTEST_ARGS=", *variables],
                           check=True, capture_output=True, text=True, timeout=60)
     return done.stdout
 
