@@ -461,7 +461,7 @@ def _map_line(capsys, *args) -> str:
 
 def test_map_reads_the_hdf5_of_a_folder_as_its_parquet(tmp_path, model, engine, folder,
                                                        capsys):
-    from cryolens.tables import read_table
+    from cryolens.embtable import read_table
 
     parquet, h5 = _embed_both(tmp_path, model, folder)
     h5_table, parquet_table = read_table(h5), read_table(parquet)
@@ -484,7 +484,7 @@ def test_map_reads_the_hdf5_of_a_folder_as_its_parquet(tmp_path, model, engine, 
 
 def test_map_reads_the_hdf5_of_a_copick_project_as_its_parquet(tmp_path, model, project,
                                                                capsys):
-    from cryolens.tables import read_table
+    from cryolens.embtable import read_table
 
     config, _ = project
     parquet, h5 = _embed_both(tmp_path, model, config, "--object", "ribosome")
@@ -529,7 +529,7 @@ def _write_cryolens_script_h5(path, runs: dict[str, int], dims: int = 8) -> None
 
 
 def test_map_reads_hdf5_written_by_cryolens_own_script(tmp_path, capsys):
-    from cryolens.tables import read_table
+    from cryolens.embtable import read_table
 
     own = tmp_path / "copick_embeddings.h5"
     _write_cryolens_script_h5(own, {"TS_5": 6, "TS_4": 4})
@@ -555,7 +555,7 @@ def test_map_reads_hdf5_written_by_cryolens_own_script(tmp_path, capsys):
 def test_map_names_an_hdf5_file_that_holds_no_embeddings(tmp_path, stack, capsys):
     import h5py
 
-    from cryolens.tables import read_table
+    from cryolens.embtable import read_table
 
     particles = tmp_path / "particles.h5"  # an input stack, not embeddings
     with h5py.File(particles, "w") as f:

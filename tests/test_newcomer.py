@@ -116,7 +116,7 @@ def test_server_embeddings_record_the_model_as_local_ones_and_map_by_affinity(ca
             remote, local = tmp_path / f"remote{suffix}", tmp_path / f"local{suffix}"
             assert embed(capsys, model, folder, "-o", remote, "--server", server.url)[0] == 0
             assert embed(capsys, model, folder, "-o", local)[0] == 0
-            from cryolens.tables import metadata_of, read_table
+            from cryolens.embtable import metadata_of, read_table
 
             there, here = metadata_of(read_table(remote)), metadata_of(read_table(local))
             for key in ("checkpoint_name", "checkpoint_sha256", "latent_dims", "affinity_dims",
@@ -153,7 +153,7 @@ def test_labels_csv_colours_the_map_and_keeps_the_metadata(capsys, model, folder
                              "--dims", "affinity", "--no-umap")
     assert status == 0 and picture.read_bytes()[:4] == b"\x89PNG"
     assert printed.rstrip().endswith(f"coloured by class; 1 without a label in {labels}")
-    from cryolens.tables import read_table, with_labels
+    from cryolens.embtable import read_table, with_labels
 
     table, added = with_labels(read_table(out), labels)
     assert added == ["class", "score"]

@@ -13,7 +13,7 @@ then
    read tasks, which would otherwise wait for the actors forever);
 3. returns only the numbers (and each particle's record) to the driver, which writes the
    same part files, the same Parquet (plain numeric columns built by
-   :func:`cryolens.tables.batch_table`, never Ray's tensor extension type) or HDF5,
+   :func:`cryolens.embtable.batch_table`, never Ray's tensor extension type) or HDF5,
    and the same final ``particles/s`` line as the in-process command.
 
 A run on a laptop and one on a cluster give the same file, and either can resume the other.

@@ -1,5 +1,5 @@
 """CryoLens's copick-embedding HDF5 layout (its ``extract_copick_embeddings`` script): written
-from an embeddings table (:mod:`cryolens.tables`), and read back as one.
+from an embeddings table (:mod:`cryolens.embtable`), and read back as one.
 
 One group per run (``particles`` for inputs that are not copick runs) with ``embeddings``
 (N, k), ``log_var`` (N, k), ``pose`` (N, 4) the raw pose head (angle, axis) as CryoLens writes
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cryolens.errors import InputError
-from cryolens.tables import METADATA_KEYS, embedding_columns
+from cryolens.embtable import METADATA_KEYS, embedding_columns
 
 #: Datasets of a run's group in the HDF5 layout and the Parquet columns each becomes (an (N, 3)
 #: dataset: x, y, z). CryoLens's own script writes the first six; ``cryolens embed`` all.

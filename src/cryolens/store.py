@@ -26,7 +26,7 @@ from cryolens.cliutil import plural
 from cryolens.compute import Compute
 from cryolens.errors import InputError
 from cryolens.io import ParticleRecord, ParticleSet
-from cryolens.tables import FORMATS, batch_table, write_parquet
+from cryolens.embtable import FORMATS, batch_table, write_parquet
 
 STATE = "state.json"
 

@@ -1,7 +1,7 @@
 """``cryolens embed SOURCE... -o embeddings.parquet``: one row per particle with its source,
 embedding (latent mean), pose (unit quaternion w, x, y, z) and global weight.
 
-The table and its columns: :mod:`cryolens.tables` (Parquet) and :mod:`cryolens.h5layout`
+The table and its columns: :mod:`cryolens.embtable` (Parquet) and :mod:`cryolens.h5layout`
 (``-o x.h5``, CryoLens's copick-embedding layout); the resumable run: :mod:`cryolens.store`;
 the numbers come from an engine here or a server (:mod:`cryolens.compute`), or a Ray cluster
 (:mod:`cryolens.batch`). Either way the output's metadata records the model (name, sha256,
@@ -25,7 +25,7 @@ from cryolens.commands._common import (
     read_options,
 )
 from cryolens.errors import InputError
-from cryolens.tables import FORMATS
+from cryolens.embtable import FORMATS
 
 EXAMPLES = """examples:
   cryolens embed particles/ -o embeddings.parquet

@@ -1,7 +1,7 @@
 """``cryolens map embeddings.parquet -o map.png``: the embeddings in 2-D (PCA, and UMAP when
 umap-learn is installed), coloured by your labels, the object or the run.
 
-It reads what ``cryolens embed`` writes, Parquet or HDF5 (:func:`cryolens.tables.read_table`;
+It reads what ``cryolens embed`` writes, Parquet or HDF5 (:func:`cryolens.embtable.read_table`;
 an HDF5 file of CryoLens's own copick-embedding script too). ``--labels labels.csv`` adds your
 own columns (a class, a score, ...) matched on a column of the file, without rewriting it.
 """
@@ -72,7 +72,7 @@ def umap_2d(embeddings: np.ndarray) -> np.ndarray | None:
 
 def run(args: argparse.Namespace) -> int:
     from cryolens.plots import figure_format, pca_2d, scatter_figure
-    from cryolens.tables import embedding_columns, read_table, with_labels
+    from cryolens.embtable import embedding_columns, read_table, with_labels
 
     figure_format(args.output)  # a suffix matplotlib cannot write fails before any work
     table = read_table(Path(args.embeddings))
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _affinity_dims(table, total: int, where: str) -> int:
-    from cryolens.tables import metadata_of
+    from cryolens.embtable import metadata_of
 
     dims = metadata_of(table).get("affinity_dims")
     if not dims or int(dims) > total:
