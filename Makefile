@@ -1,8 +1,8 @@
 # A newcomer's commands (each creates .venv on first use; `make help` lists them):
-#   make serve [CHECKPOINT=demo] [PORT=8023] [DEVICE=auto] [HOST=127.0.0.1]
-#   make test           the whole suite (the command CI runs; a few minutes on 2 cores)
+#   make serve [CHECKPOINT=demo] [PORT=8023] [DEVICE=auto] [HOST=127.0.0.1]   what serving needs only
+#   make test           the whole suite (the command CI runs; 10-20 minutes on 2 cores)
 #   make test-quick     without the tests marked slow
-#   make install [TORCH=cpu] [NAPARI=0]   only the virtual environment (NAPARI=0: without napari)
+#   make install [TORCH=cpu] [NAPARI=0]   the full environment: test tools, Ray, napari (NAPARI=0: without napari)
 # PyTorch comes from PyPI unless TORCH names one of PyTorch's own package indexes: TORCH=cpu
 # (the CPU-only build, ~10x smaller on Linux) or a CUDA one such as TORCH=cu128. Tests and CI
 # never set TORCH, so they only ever contact PyPI.
@@ -26,13 +26,22 @@ NAPARI_REQS := 'napari[pyqt6]>=0.9,<0.10' pytest-qt -e ./napari-cryolens
 help:
 	@sed -n 's/^#   //p' Makefile
 
-$(VENV)/.installed: pyproject.toml napari-cryolens/pyproject.toml
+# Two stamps: .serve (PyTorch and the package alone: what `make serve` needs) and .installed
+# (.serve plus the test tools, Ray and napari). `make serve` then `make test` adds to the same
+# environment; a full environment also serves, so serve waits on .installed when it exists.
+SERVE_STAMP := $(if $(wildcard $(VENV)/.installed),$(VENV)/.installed,$(VENV)/.serve)
+
+$(VENV)/.serve: pyproject.toml
 	@echo "==> creating $(VENV) (first use only; pip shows its progress below)"
-	python3 -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
+	test -x $(PY) || python3 -m venv $(VENV)
 	@echo "==> installing PyTorch $(TORCH_VERSION)$(if $(TORCH), from $(TORCH_INDEX_URL)) (the largest download: minutes on a slow link)"
 	$(PY) -m pip install --progress-bar on "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
-	@echo "==> installing cryolens-server and its test tools"
+	@echo "==> installing cryolens-server (what serving needs; make test adds the test tools)"
+	$(PY) -m pip install --progress-bar on -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.serve pyproject.toml napari-cryolens/pyproject.toml
+	@echo "==> adding the test tools and Ray to $(VENV)"
 	$(PY) -m pip install --progress-bar on -e '.[dev,ray]'
 	@echo "==> $(if $(filter 0,$(NAPARI)),skipping napari (NAPARI=0),installing napari and the napari-cryolens plugin)"
 	$(if $(filter 0,$(NAPARI)),,$(PY) -m pip install --progress-bar on $(NAPARI_REQS))
@@ -40,7 +49,7 @@ $(VENV)/.installed: pyproject.toml napari-cryolens/pyproject.toml
 
 install: $(VENV)/.installed
 
-serve: $(VENV)/.installed
+serve: $(SERVE_STAMP)
 	$(PY) -m cryolens.server.minimal_cryolens_server --checkpoint "$(CHECKPOINT)" --port $(PORT) --device $(DEVICE) --host $(HOST)
 
 test: $(VENV)/.installed

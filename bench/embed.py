@@ -54,9 +54,10 @@ def main(argv=None) -> None:
 
     import mrcfile
 
-    from cryolens.commands.embed import embed, engine_compute
+    from cryolens.compute import engine_compute
     from cryolens.engine import Engine
     from cryolens.io import open_particles
+    from cryolens.store import embed
     from cryolens.synth import ParticleSimulator
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "

@@ -142,7 +142,9 @@ def test_unexpected_error_names_its_type_and_how_to_see_more(monkeypatch, capsys
     def broken(args):
         raise RuntimeError("something odd\nsecond line")
 
-    monkeypatch.setattr(cli, "_info", broken)
+    from cryolens.commands import info
+
+    monkeypatch.setattr(info, "run", broken)
     assert cli.main(["info"]) == 1
     assert capsys.readouterr().err == ("cryolens: RuntimeError: something odd (run again with "
                                        "--log-level debug for the traceback)\n")
@@ -168,7 +170,7 @@ needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
 def make_dry_run(*variables: str, target: str = "install") -> str:
     """What ``make`` would run for a fresh virtual environment: printed (-n), never run."""
     done = subprocess.run(["make", "--no-print-directory", "-n", "-C", str(REPO), target,
-                           "VENV=/nonexistent/venv", *variables],
+                           "VENV=/nonexistent/venv", "PYTEST_ARGS=", *variables],
                           check=True, capture_output=True, text=True, timeout=60)
     return done.stdout
 

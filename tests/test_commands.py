@@ -194,8 +194,9 @@ def test_embed_resumes_after_an_interruption_without_duplicates(tmp_path, model,
                                                                  folder):
     import pandas as pd
 
-    from cryolens.commands.embed import embed, engine_compute
+    from cryolens.compute import engine_compute
     from cryolens.io import open_particles
+    from cryolens.store import embed
 
     out = tmp_path / "emb.parquet"
     particles = open_particles(folder)
@@ -240,8 +241,9 @@ def test_resume_compares_resolved_paths_and_names_a_removed_input(tmp_path, mode
                                                                   stack, monkeypatch):
     import pandas as pd
 
-    from cryolens.commands.embed import embed, engine_compute
+    from cryolens.compute import engine_compute
     from cryolens.io import open_particles
+    from cryolens.store import embed
 
     big = tmp_path / "big"
     big.mkdir()
@@ -459,7 +461,7 @@ def _map_line(capsys, *args) -> str:
 
 def test_map_reads_the_hdf5_of_a_folder_as_its_parquet(tmp_path, model, engine, folder,
                                                        capsys):
-    from cryolens.commands.map import read_table
+    from cryolens.embtable import read_table
 
     parquet, h5 = _embed_both(tmp_path, model, folder)
     h5_table, parquet_table = read_table(h5), read_table(parquet)
@@ -473,7 +475,7 @@ def test_map_reads_the_hdf5_of_a_folder_as_its_parquet(tmp_path, model, engine, 
     picture = tmp_path / "map.png"
     line = _map_line(capsys, h5, "-o", picture)
     assert picture.read_bytes()[:4] == b"\x89PNG"
-    assert line == f"wrote {picture}: PCA of 5 particles, coloured by source\n"
+    assert line == f"wrote {picture}: PCA of 5 particles, coloured by nothing (one colour)\n"
     assert _map_line(capsys, parquet, "-o", picture) == line
     # the affinity part, from the checkpoint's affinity_dims in the file's metadata
     assert _cli("map", h5, "-o", picture, "--no-umap", "--dims", "affinity") == 0
@@ -482,7 +484,7 @@ def test_map_reads_the_hdf5_of_a_folder_as_its_parquet(tmp_path, model, engine, 
 
 def test_map_reads_the_hdf5_of_a_copick_project_as_its_parquet(tmp_path, model, project,
                                                                capsys):
-    from cryolens.commands.map import read_table
+    from cryolens.embtable import read_table
 
     config, _ = project
     parquet, h5 = _embed_both(tmp_path, model, config, "--object", "ribosome")
@@ -496,7 +498,7 @@ def test_map_reads_the_hdf5_of_a_copick_project_as_its_parquet(tmp_path, model, 
     for argv in ((), ("--color-by", "run"), ("--color-by", "edge")):
         line = _map_line(capsys, h5, "-o", picture, *argv)
         assert line == _map_line(capsys, parquet, "-o", picture, *argv)
-        assert line.endswith(f"coloured by {argv[1] if argv else 'object'}\n")
+        assert line.endswith(f"coloured by {argv[1] if argv else 'run'}\n")  # one object
 
 
 def _write_cryolens_script_h5(path, runs: dict[str, int], dims: int = 8) -> None:
@@ -527,7 +529,7 @@ def _write_cryolens_script_h5(path, runs: dict[str, int], dims: int = 8) -> None
 
 
 def test_map_reads_hdf5_written_by_cryolens_own_script(tmp_path, capsys):
-    from cryolens.commands.map import read_table
+    from cryolens.embtable import read_table
 
     own = tmp_path / "copick_embeddings.h5"
     _write_cryolens_script_h5(own, {"TS_5": 6, "TS_4": 4})
@@ -544,7 +546,7 @@ def test_map_reads_hdf5_written_by_cryolens_own_script(tmp_path, capsys):
     assert _map_line(capsys, own, "-o", picture, "--color-by", "run").endswith("by run\n")
     # it does not record the checkpoint's affinity_dims
     assert _cli("map", own, "-o", picture, "--dims", "affinity") == 1
-    assert "does not record the affinity dimensions; use --dims all" in capsys.readouterr().err
+    assert "does not record its model's affinity dimensions" in capsys.readouterr().err
     with pytest.raises(InputError) as failed:
         _cli("map", own, "-o", picture, "--dims", "affinity", "--log-level", "debug")
     assert failed.value.field == "dims"
@@ -553,7 +555,7 @@ def test_map_reads_hdf5_written_by_cryolens_own_script(tmp_path, capsys):
 def test_map_names_an_hdf5_file_that_holds_no_embeddings(tmp_path, stack, capsys):
     import h5py
 
-    from cryolens.commands.map import read_table
+    from cryolens.embtable import read_table
 
     particles = tmp_path / "particles.h5"  # an input stack, not embeddings
     with h5py.File(particles, "w") as f:
@@ -620,7 +622,7 @@ def test_missing_folders_of_an_output_are_created(tmp_path, model, folder):
 def test_info_reports_parameters_hash_and_v001(model, capsys):
     assert _cli("info", model) == 0
     out = capsys.readouterr().out
-    assert sha256_of(model) in out and "published v001: no" in out
+    assert sha256_of(model) in out and "registry     none: not a named checkpoint" in out
     assert "latent_dims    8" in out and "parameters" in out
 
 

@@ -261,8 +261,11 @@ def mrcfile_data(path):
 
 
 def test_unknown_sources_are_clear_errors(tmp_path):
+    (tmp_path / "x.txt").write_text("not particles")
     with pytest.raises(InputError, match="cannot read particles"):
         open_particles(tmp_path / "x.txt")
+    with pytest.raises(InputError, match="y.txt: no such file or folder"):
+        open_particles(tmp_path / "y.txt")  # missing: said before its kind
     with pytest.raises(InputError, match="no such file"):
         open_particles(tmp_path / "missing.mrc")
     (tmp_path / "empty").mkdir()

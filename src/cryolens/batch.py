@@ -13,7 +13,7 @@ then
    read tasks, which would otherwise wait for the actors forever);
 3. returns only the numbers (and each particle's record) to the driver, which writes the
    same part files, the same Parquet (plain numeric columns built by
-   :func:`cryolens.commands.embed.batch_table`, never Ray's tensor extension type) or HDF5,
+   :func:`cryolens.embtable.batch_table`, never Ray's tensor extension type) or HDF5,
    and the same final ``particles/s`` line as the in-process command.
 
 A run on a laptop and one on a cluster give the same file, and either can resume the other.
@@ -128,7 +128,7 @@ class Embedder:
     def __init__(self, checkpoint: str, device: str, threads: int) -> None:
         import torch
 
-        from cryolens.commands.embed import engine_compute
+        from cryolens.compute import engine_compute
         from cryolens.engine import Engine
 
         torch.set_num_threads(threads)
@@ -184,7 +184,7 @@ def pool_size(args: argparse.Namespace) -> tuple[int, float, float]:
 
 
 def ray_results(particles: ParticleSet, args: argparse.Namespace):
-    """For :func:`cryolens.commands.embed.embed`: ``results(done)`` yields computed
+    """For :func:`cryolens.store.embed`: ``results(done)`` yields computed
     ``(records, arrays)`` batches from the Ray cluster."""
     checkpoint = str(args.checkpoint)
     if Path(checkpoint).exists():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import sys
 from typing import NoReturn
 
@@ -40,6 +42,11 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(USAGE_EXIT, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``1 particle``, ``2 particles``: ``n`` and the noun in the number it needs."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
 def positive_number(text: str) -> float:
     """An argparse ``type``: a positive, finite number (argparse names the option at fault)."""
     try:
@@ -60,6 +67,17 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text!r}")
     return value
+
+
+#: How the library names an option in a message: ``fit=True (--fit)``, the Python keyword and
+#: value, then the command-line flag in brackets. A command line keeps the flag alone.
+_PYTHON_OPTION = re.compile(r"\b[a-z_]+(?:=\S+)? \((--[a-z][a-z-]*)\)")
+
+
+def cli_wording(message: str) -> str:
+    """``message`` with each ``keyword=value (--flag)`` said as ``--flag``, the way the user of
+    a command line wrote it."""
+    return _PYTHON_OPTION.sub(r"\1", message)
 
 
 def one_line(exc: BaseException) -> str:
@@ -84,8 +102,17 @@ def fail(prog: str, exc: BaseException) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT
     if isinstance(exc, (CryoLensError, OSError, ValueError)):
-        print(f"{prog}: {one_line(exc)}", file=sys.stderr)
+        print(f"{prog}: {cli_wording(one_line(exc))}", file=sys.stderr)
     else:
         print(f"{prog}: {type(exc).__name__}: {one_line(exc)} (run again with --log-level debug "
               "for the traceback)", file=sys.stderr)
+    return FAILURE_EXIT
+
+
+def quiet_broken_pipe() -> int:
+    """The exit status after the reader of standard output went away (``cryolens info | head``):
+    nothing more is written there, not even by Python's final flush, and nothing is said."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
     return FAILURE_EXIT

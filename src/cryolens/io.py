@@ -217,8 +217,10 @@ class _MrcReader(_Reader):
                 header, self.dtype, self.offset = layout.header, layout.dtype, layout.offset
                 axes = layout.axes
         except (ValueError, OSError) as exc:
-            hint = "" if options.permissive else " (permissive=True / --permissive reads it anyway)"
-            raise InputError(f"{path}: not a valid MRC file: {exc}{hint}", field="source") from exc
+            hint = "" if options.skip_unreadable else "; to leave such files out and go on " \
+                "with the rest, pass skip_unreadable=True (--skip-unreadable)"
+            raise InputError(f"{path}: not a valid MRC file: {exc}{hint}",
+                             field="source") from exc
         count, shape = formats.mrc_particles(header, path.name)
         self.count, self.shape = count, shape
         self.axes = axes
@@ -585,8 +587,8 @@ def check_voxel_size(voxel: float | None, options: ReadOptions, where: str) -> N
     if abs(voxel - options.voxel_size) > VOXEL_TOLERANCE * options.voxel_size:
         raise InputError(
             f"{where}: voxel size {voxel:g} A, but the model expects {options.voxel_size:g} A "
-            "per voxel; resample the particles, or pass rescale=True (--rescale) to resample "
-            "them here, or declare the size with --voxel-size if the header is wrong",
+            "per voxel; pass rescale=True (--rescale) to resample them here, or "
+            "declared_voxel_size (--voxel-size) if the header is wrong",
             field="voxel_size")
 
 
@@ -607,6 +609,7 @@ def conform(volume: np.ndarray, record: ParticleRecord, options: ReadOptions
         bad = int(volume.size - np.count_nonzero(np.isfinite(volume)))
         raise InputError(f"{where}: {bad} voxel(s) NaN or infinite (or beyond float32); "
                          "particles must be finite", field="source")
+    read_shape = volume.shape
     if record.voxel_size is not None and options.rescale and \
             abs(record.voxel_size - options.voxel_size) > VOXEL_TOLERANCE * options.voxel_size:
         from scipy import ndimage
@@ -621,8 +624,10 @@ def conform(volume: np.ndarray, record: ParticleRecord, options: ReadOptions
     if volume.shape != target:
         shape = "x".join(map(str, volume.shape))
         if not options.fit:
+            was = f" (rescaled from {'x'.join(map(str, read_shape))} voxels of " \
+                  f"{record.voxel_size:g} A)" if record.rescaled else ""
             raise InputError(
-                f"{where}: box {shape} voxels, but the model expects {options.box}^3; pass "
+                f"{where}: box {shape} voxels{was}, but the model expects {options.box}^3; pass "
                 "fit=True (--fit) to crop or pad it about its centre", field="box")
         # the box's corner moves by what was cropped or padded, in the voxels it is now in
         size = options.voxel_size if record.rescaled or record.voxel_size is None \
@@ -821,9 +826,9 @@ def open_particles(sources: str | Path | Sequence[str | Path], options: ReadOpti
     skipped: list[tuple[Path, str]] = []
     for source in sources:
         path = Path(source)
+        if not path.exists():  # before its kind: a mistyped folder has no suffix to go by
+            raise InputError(f"{source}: no such file or folder", field="source")
         kind = source_kind(path)
-        if not path.exists():
-            raise InputError(f"{path}: no such file or folder", field="source")
         if kind == "folder":
             entries = sorted(path.iterdir())
             files = [p for p in entries if p.is_file() and p.suffix.lower() in MRC_SUFFIXES]

@@ -107,44 +107,79 @@ def pca_2d(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return coords, np.pad(explained, (0, 2 - len(explained)))
 
 
-def scatter_figure(path: str | Path, panels: Sequence[tuple[str, np.ndarray]],
+#: Most categories a map colours one by one; the rest share one grey "other" entry.
+MAX_CATEGORIES = 10
+#: Longest category name in a legend; longer ones keep their start and end.
+LEGEND_CHARS = 28
+
+
+def scatter_figure(path: str | Path,
+                   panels: Sequence[tuple[str, np.ndarray, tuple[str, str]]],
                    values: Sequence | None, color_label: str, title: str | None = None,
                    dpi: int = 120) -> Path:
-    """One scatter panel per (title, (N, 2) coordinates), coloured by ``values``: a legend
-    for a few categories, a colour bar for numbers. Written in the format the suffix names."""
+    """One scatter panel per (title, (N, 2) coordinates, (x label, y label)), coloured by
+    ``values``: a colour bar for numbers of many values; otherwise a legend of at most
+    :data:`MAX_CATEGORIES` entries (the most frequent categories, then "other" in grey),
+    names shortened to fit. Written in the format the suffix names."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.2 * len(panels) + 1.6, 4.8), dpi=dpi, layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
     values = None if values is None else np.asarray(values, dtype=object)
     numeric = values is not None and _is_numeric(values)
-    for ax, (name, coords) in zip(axes, panels, strict=True):
+    groups = legend_groups(values) if values is not None and not numeric else []
+    legend_width = 0.0 if not groups else 0.6 + 0.065 * max(len(g[0]) for g in groups)
+    fig = Figure(figsize=(4.6 * len(panels) + (1.2 if numeric else legend_width), 4.4),
+                 dpi=dpi, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
+    size = 14 if len(panels[0][1]) < 200 else 6
+    for ax, (name, coords, (xlabel, ylabel)) in zip(axes, panels, strict=True):
         ax.set_title(name, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
         if values is None:
-            ax.scatter(coords[:, 0], coords[:, 1], s=8, alpha=0.8)
+            ax.scatter(coords[:, 0], coords[:, 1], s=size, alpha=0.8, color="C0")
         elif numeric:
-            points = ax.scatter(coords[:, 0], coords[:, 1], s=8, alpha=0.8,
+            points = ax.scatter(coords[:, 0], coords[:, 1], s=size, alpha=0.8,
                                 c=values.astype(np.float64), cmap="viridis")
         else:
-            labels = np.array(["(none)" if v is None else str(v) for v in values])
-            for k, label in enumerate(sorted(set(labels))):
-                mask = labels == label
-                ax.scatter(coords[mask, 0], coords[mask, 1], s=8, alpha=0.8, label=label,
-                           color=f"C{k % 10}")
-    if values is not None and numeric:
+            for label, mask, colour in groups:
+                ax.scatter(coords[mask, 0], coords[mask, 1], s=size, alpha=0.8, label=label,
+                           color=colour)
+    if numeric:
         fig.colorbar(points, ax=list(axes), label=color_label)
-    elif values is not None:
+    elif groups:
         handles, names = axes[0].get_legend_handles_labels()
-        fig.legend(handles[:30], names[:30], title=color_label, loc="outside right upper",
-                   fontsize=7, markerscale=2)
+        fig.legend(handles, names, title=color_label, loc="outside right upper", fontsize=7,
+                   title_fontsize=8, markerscale=1.5, frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)  # as embed and reconstruct do
     fig.savefig(path, format=figure_format(path))
     return path
+
+
+def legend_groups(values: np.ndarray) -> list[tuple[str, np.ndarray, str]]:
+    """(legend name, mask, colour) per category: all of them when there are at most
+    :data:`MAX_CATEGORIES`, else the most frequent ones and a grey "other (k values)"."""
+    labels = np.array(["(none)" if v is None else str(v) for v in values])
+    names, counts = np.unique(labels, return_counts=True)
+    if len(names) <= MAX_CATEGORIES:
+        kept = list(names)
+    else:
+        kept = sorted(names[np.argsort(-counts, kind="stable")[: MAX_CATEGORIES - 1]])
+    groups = [(_short(name), labels == name, f"C{k}") for k, name in enumerate(kept)]
+    rest = ~np.isin(labels, kept)
+    if rest.any():
+        groups.append((f"other ({len(names) - len(kept)} values)", rest, "0.75"))
+    return groups
+
+
+def _short(name: str) -> str:
+    if len(name) <= LEGEND_CHARS:
+        return name
+    half = (LEGEND_CHARS - 1) // 2
+    return name[:half] + "…" + name[-half:]
 
 
 def _is_numeric(values: np.ndarray) -> bool:
@@ -156,5 +191,5 @@ def _is_numeric(values: np.ndarray) -> bool:
     return len(set(present)) > 12
 
 
-__all__ = ["central_slices", "display_range", "figure_format", "pca_2d", "scatter_figure",
-           "slices_figure"]
+__all__ = ["central_slices", "display_range", "figure_format", "legend_groups", "pca_2d",
+           "scatter_figure", "slices_figure"]

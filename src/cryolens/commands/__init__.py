@@ -1,16 +1,18 @@
-"""Console sub-commands for people with their own particles: ``embed``, ``reconstruct``,
-``show``, ``map``, ``export`` and ``info``.
+"""The ``cryolens`` sub-commands, one module each: the one registry of the console.
 
-Each module has ``add_parser(subparsers, common)`` and ``run(args) -> int``; :func:`register`
-adds them all to the ``cryolens`` parser (``cryolens.cli``).
+Each module ``cryolens.commands.<name>`` has ``add_parser(subparsers, common)``, which adds its
+parser and sets ``run`` (``run(args) -> int``) as its default; :func:`register` adds them all
+to the ``cryolens`` parser (``cryolens.cli``), in the order of :data:`COMMANDS`, which is the
+order ``cryolens --help`` lists them in. A new command is a new module and its name here.
 """
 from __future__ import annotations
 
 import argparse
 from importlib import import_module
 
-#: Sub-commands registered by :func:`register` (``info`` is wired by ``cryolens.cli``).
-COMMANDS = ("embed", "reconstruct", "show", "map", "export")
+#: Every sub-command, in the order ``cryolens --help`` lists them.
+COMMANDS = ("embed", "reconstruct", "show", "map", "export", "info", "serve", "train",
+            "evaluate")
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

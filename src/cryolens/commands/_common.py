@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cryolens.cliutil import positive_int, positive_number
+from cryolens.cliutil import cli_wording, plural, positive_int, positive_number
 from cryolens.io import (
     MODEL_BOX,
     MODEL_VOXEL_SIZE,
@@ -15,9 +15,10 @@ from cryolens.io import (
 )
 
 SOURCES_HELP = ("particles: MRC/MRCS files (one particle each, or stacks), folders of them, "
-                "HDF5 (.h5), zarr (.zarr), .npy, a copick configuration (.json, with --object), "
-                "or a particle table: RELION/Warp .star, Dynamo .tbl, IMOD .mod (with "
-                "--tomograms)")
+                "HDF5 (.h5), zarr (.zarr), .npy, a copick configuration (.json, with --object; "
+                "copick and zarr need pip install 'cryolens-server[io]'), or a particle table: "
+                "RELION/Warp .star, Dynamo .tbl, IMOD .mod (with --tomograms; pip install "
+                "'cryolens-server[tables]')")
 
 
 def add_input_options(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +44,7 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
                        help="leave out MRC files that cannot be read as particles (a damaged "
                             "header, a size that does not match it), each named in a warning "
                             "(default: off, such a file stops the command)")
-    cp = parser.add_argument_group("copick projects")
+    cp = parser.add_argument_group("copick projects (pip install 'cryolens-server[io]')")
     cp.add_argument("--object", default=None,
                     help="pickable object whose picks become particles (required for copick; "
                          "default: none)")
@@ -75,7 +76,8 @@ def add_engine_options(parser: argparse.ArgumentParser, batch_size: int = 32) ->
                        help="checkpoint: a name (demo, v001), a URL or a file "
                             "(default: %(default)s)")
     group.add_argument("--device", default="auto",
-                       help="cpu, cuda or auto (CUDA when available) (default: %(default)s)")
+                       help="cpu, cuda, cuda:N (the N-th GPU) or auto (CUDA when available) "
+                            "(default: %(default)s)")
     group.add_argument("--batch-size", type=positive_int, default=batch_size,
                        help="particles per model call (default: %(default)s)")
 
@@ -112,14 +114,14 @@ def open_from_args(args: argparse.Namespace, sources=None, box: int | None = Non
     particles = open_particles(sources if sources is not None else args.sources, options,
                                copick_options(args), table_options(args))
     for warning in particles.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"warning: {cli_wording(warning)}", file=sys.stderr)
     return particles
 
 
 def skipped_note(particles: ParticleSet) -> str:
     """`` N unreadable files skipped;`` for a command's last line, or nothing."""
     n = len(particles.skipped)
-    return f" {n} unreadable file{'s' if n != 1 else ''} skipped;" if n else ""
+    return f" {plural(n, 'unreadable file')} skipped;" if n else ""
 
 
 def load_engine(args: argparse.Namespace):

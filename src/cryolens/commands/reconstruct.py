@@ -33,9 +33,16 @@ INDEX = "index.csv"
 PARTS = ("affinity", "free")
 
 
+EXAMPLES = """examples:
+  cryolens reconstruct particles/particle_000.mrc -o particle_000_rec.mrc
+  cryolens reconstruct particles/ -o reconstructions/ --pose predicted --segments
+  cryolens reconstruct stack.mrcs -o reconstructions/ --fit --rescale"""
+
+
 def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
     p = subparsers.add_parser(
         "reconstruct", parents=[common], description=__doc__.split("\n\n")[0],
+        epilog=EXAMPLES,
         help="reconstruct your particles as MRC files")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help=SOURCES_HELP)
     p.add_argument("-o", "--output", required=True,

@@ -17,9 +17,15 @@ from cryolens.commands._common import (
 COLUMNS = ("input", "reconstruction", "affinity part", "free part")
 
 
+EXAMPLES = """examples:
+  cryolens show particles/ -o slices.png --max-particles 3
+  cryolens show copick_config.json --object ribosome -o picks.pdf"""
+
+
 def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
     p = subparsers.add_parser(
         "show", parents=[common], description=__doc__.split("\n\n")[0],
+        epilog=EXAMPLES,
         help="a picture (PNG, PDF, ...) of particles beside their reconstructions")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help=SOURCES_HELP)
     p.add_argument("-o", "--output", default="slices.png",
