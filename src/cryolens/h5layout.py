@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cryolens.errors import InputError
 from cryolens.embtable import METADATA_KEYS, embedding_columns
+from cryolens.errors import InputError
 
 #: Datasets of a run's group in the HDF5 layout and the Parquet columns each becomes (an (N, 3)
 #: dataset: x, y, z). CryoLens's own script writes the first six; ``cryolens embed`` all.

@@ -24,9 +24,9 @@ import numpy as np
 
 from cryolens.cliutil import plural
 from cryolens.compute import Compute
+from cryolens.embtable import FORMATS, batch_table, write_parquet
 from cryolens.errors import InputError
 from cryolens.io import ParticleRecord, ParticleSet
-from cryolens.embtable import FORMATS, batch_table, write_parquet
 
 STATE = "state.json"
 

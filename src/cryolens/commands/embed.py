@@ -25,8 +25,8 @@ from cryolens.commands._common import (
     read_options,
     table_options,
 )
-from cryolens.errors import InputError
 from cryolens.embtable import FORMATS
+from cryolens.errors import InputError
 
 EXAMPLES = """examples:
   cryolens embed particles/ -o embeddings.parquet

@@ -71,8 +71,8 @@ def umap_2d(embeddings: np.ndarray) -> np.ndarray | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cryolens.plots import figure_format, pca_2d, scatter_figure
     from cryolens.embtable import embedding_columns, read_table, with_labels
+    from cryolens.plots import figure_format, pca_2d, scatter_figure
 
     figure_format(args.output)  # a suffix matplotlib cannot write fails before any work
     table = read_table(Path(args.embeddings))
