@@ -10,7 +10,7 @@ import argparse
 from importlib import import_module
 
 #: Sub-commands registered by :func:`register` (``info`` is wired by ``cryolens.cli``).
-COMMANDS = ("embed", "reconstruct", "show", "map")
+COMMANDS = ("embed", "reconstruct", "show", "map", "explore")
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
