@@ -4,6 +4,7 @@ checkpoint by `cryolens embed`, so the map shows one cluster per family."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +86,13 @@ def dataset(root: Path, per_run: int = PER_RUN) -> tuple[Path, Path]:
     """(copick config, embeddings.parquet) under ``root``."""
     config = make_project(root / "project", per_run)
     return config, embed_project(config, root / "embeddings.parquet")
+
+
+def cached_dataset(tmp_path_factory) -> tuple[Path, Path]:
+    """:func:`dataset`, made once per test session and shared by the modules that use it."""
+    root = tmp_path_factory.getbasetemp() / "explore-dataset"
+    done = root / "embeddings.parquet"
+    if not done.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        dataset(root)
+    return root / "project" / "copick_config.json", done

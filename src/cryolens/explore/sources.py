@@ -136,7 +136,9 @@ def _tomogram(record: ParticleRecord):
     if run is None:
         raise NoSource(f"{record.source} has no run {record.run!r} now", field="row")
     spacing = run.get_voxel_spacing(record.voxel_size)
-    tomogram = None if spacing is None else spacing.get_tomogram(record.tomo_type)
+    tomograms = [] if spacing is None else \
+        [t for t in spacing.tomograms if t.tomo_type == record.tomo_type]
+    tomogram = tomograms[0] if tomograms else None
     if tomogram is None:
         raise NoSource(f"{record.source} run {record.run} has no {record.tomo_type!r} tomogram "
                        f"at {record.voxel_size:g} A now", field="row")
