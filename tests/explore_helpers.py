@@ -96,3 +96,34 @@ def cached_dataset(tmp_path_factory) -> tuple[Path, Path]:
         shutil.rmtree(root, ignore_errors=True)
         dataset(root)
     return root / "project" / "copick_config.json", done
+
+
+#: Debian's chromium (Playwright's own browser download is not reachable here).
+CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser")
+                 if shutil.which(name)), None)
+#: WebGL on the CPU (SwiftShader): headless machines have no GPU for Chromium.
+CHROMIUM_ARGS = ["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                 "--disable-dev-shm-usage"]
+
+
+def open_page(browser, url: str, timeout_ms: float = 120_000):
+    """A page of ``url`` once the map is drawn: (page, console errors and page errors, requests
+    that left 127.0.0.1 (refused))."""
+    page = browser.new_page(viewport={"width": 1400, "height": 850})
+    problems: list[str] = []
+    outside: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+
+    def only_local(route):
+        if route.request.url.startswith("http://127.0.0.1:"):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+    page.goto(url)
+    page.wait_for_function("document.body.dataset.pointsDrawn !== undefined || "
+                           "document.body.dataset.state === 'failed'", timeout=timeout_ms)
+    return page, problems, outside

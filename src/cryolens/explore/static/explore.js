@@ -161,7 +161,8 @@ async function tooltip(row) {
 async function openPanel(row) {
   state.panelRow = row;
   const panel = $('panel');
-  panel.hidden = false;
+  $('panel-help').hidden = true;
+  $('panel-body').hidden = false;
   panel.dataset.row = String(row);
   delete panel.dataset.neighbours;
   $('panel-title').textContent = `row ${row}`;
@@ -321,7 +322,12 @@ async function start() {
   $('export-parquet').addEventListener('click', guard(() => download('parquet')));
   $('export-copick').addEventListener('click', guard(writePicks));
   $('k').addEventListener('change', guard(() => state.panelRow !== null && neighbours(state.panelRow)));
-  $('panel-close').addEventListener('click', () => { $('panel').hidden = true; state.panelRow = null; });
+  $('panel-close').addEventListener('click', () => {
+    $('panel-body').hidden = true;
+    $('panel-help').hidden = false;
+    delete $('panel').dataset.row;
+    state.panelRow = null;
+  });
   window.explorer = state;  // for the console (and tests): state.plot is the scatterplot
   document.body.dataset.state = 'ready';
 }
