@@ -308,6 +308,9 @@ async function start() {
   });
   state.plot.subscribe('deselect', () => selectionChanged([]));
   canvas.addEventListener('mousemove', (event) => { mouse = { x: event.offsetX, y: event.offsetY }; });
+  const asked = new URLSearchParams(window.location.search);  // ?layout=umap&color=run
+  if (asked.has('layout')) $('layout').value = asked.get('layout');
+  if (asked.has('color')) $('color').value = asked.get('color');
   await loadLayout($('layout').value || 'pca');
   await colourBy($('color').value);
   $('layout').addEventListener('change', guard(async () => {
