@@ -78,7 +78,10 @@ def drawn(browser, url: str) -> float:
     page, problems, outside = open_page(browser, url, timeout_ms=600_000)
     seconds = time.perf_counter() - started
     count = page.evaluate("document.body.dataset.pointsDrawn")
+    steps = page.evaluate("window.explorer.timings")
     page.close()
+    print("  in the page (ms since it started loading): " +
+          ", ".join(f"{step} {ms}" for step, ms in steps.items()))
     if problems or outside:
         print(f"  page problems: {problems} {outside}")
     print(f"  the page drew {count} points")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 
 from cryolens.errors import InputError
 
@@ -35,7 +36,6 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
 
 def model(args: argparse.Namespace, table) -> tuple:
     """(reconstruct, described) for :meth:`cryolens.explore.app.Explorer.open`."""
-    from cryolens.checkpoints import REGISTRY
     from cryolens.explore.particles import engine_reconstructor, server_reconstructor
 
     if args.server:
@@ -43,8 +43,12 @@ def model(args: argparse.Namespace, table) -> tuple:
 
         return server_reconstructor(CryoLensClient(args.server)), f"server {args.server}"
     name = args.checkpoint or table.meta.get("checkpoint_name")
-    if name is None or (args.checkpoint is None and name not in REGISTRY):
-        made_with = name or "an unnamed model"
+    if name is not None and args.checkpoint is None:
+        from cryolens.checkpoints import REGISTRY  # imports torch: only when a name may load
+
+        name = name if name in REGISTRY else None
+    if name is None:
+        made_with = table.meta.get("checkpoint_name") or "an unnamed model"
         print(f"note: no reconstructions: the table was embedded with {made_with}; pass "
               "--checkpoint or --server to see them", file=sys.stderr)
         return None, None
@@ -69,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--port must be 0 .. 65535, not {args.port}", field="port")
     table = EmbeddingTable.open(args.table)
     reconstruct, described = model(args, table)
-    app = create_app(Explorer.open(table, reconstruct, described))
+    explorer = Explorer.open(table, reconstruct, described)
+    # the map's layout computed while the server starts and the browser opens (a request for
+    # it waits for this one)
+    threading.Thread(target=explorer.layouts.get, args=("pca",), daemon=True).start()
+    app = create_app(explorer)
     print(f"exploring {table.rows} rows of {table.path}: open http://{args.host}:{args.port}/ "
           "(Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

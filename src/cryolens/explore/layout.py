@@ -24,8 +24,10 @@ METHODS = ("pca", "umap", "pacmap")
 #: The Python module each method needs.
 MODULES = {"umap": "umap", "pacmap": "pacmap"}
 INSTALL = "pip install 'cryolens-server[explore]'"
-#: Rows per block of the PCA's passes: bounds the float64 temporaries (~32 MB at 40 dims).
+#: Rows per block of the PCA's projection: bounds its temporaries (~16 MB at 40 dims).
 BLOCK = 100_000
+#: PCA axes of a bigger table come from this many of its rows, drawn at random (seeded).
+PCA_SAMPLE = 50_000
 #: Bumped when a method's settings change, so that older caches are not reused.
 CACHE_VERSION = 1
 
@@ -37,22 +39,24 @@ def available() -> dict[str, bool]:
 
 def pca(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """First two principal components (N, 2) float32 and the fraction of the variance each
-    explains. The covariance is summed in float64 blocks, so 1e6 x 40 takes ~1 s and little
-    memory; each axis's sign is fixed (its largest loading positive) so the map is stable."""
-    n, dims = embeddings.shape
-    mean = embeddings.mean(axis=0, dtype=np.float64)
-    cov = np.zeros((dims, dims))
-    for start in range(0, n, BLOCK):
-        block = embeddings[start:start + BLOCK].astype(np.float64) - mean
-        cov += block.T @ block
-    values, vectors = np.linalg.eigh(cov)
+    explains. The axes come from the covariance (float64) of all rows, or of a fixed random
+    sample of ``PCA_SAMPLE`` rows of a bigger table (the axes of a 2-D map do not change with
+    more), so a million rows take about a second; each axis's sign is fixed (its largest
+    loading positive) so the map is stable."""
+    n = len(embeddings)
+    rows = embeddings
+    if n > PCA_SAMPLE:
+        rows = embeddings[np.sort(np.random.default_rng(0).choice(n, PCA_SAMPLE, replace=False))]
+    centred = rows.astype(np.float64) - rows.mean(axis=0, dtype=np.float64)
+    values, vectors = np.linalg.eigh(centred.T @ centred)
     order = np.argsort(values)[::-1][:2]
     axes = vectors[:, order]
     axes *= np.sign(axes[np.abs(axes).argmax(axis=0), range(axes.shape[1])])
+    mean = embeddings.mean(axis=0, dtype=np.float64).astype(np.float32)
     coords = np.zeros((n, 2), np.float32)
     for start in range(0, n, BLOCK):
-        block = embeddings[start:start + BLOCK].astype(np.float64) - mean
-        coords[start:start + BLOCK, :axes.shape[1]] = block @ axes
+        coords[start:start + BLOCK, :axes.shape[1]] = \
+            (embeddings[start:start + BLOCK] - mean) @ axes.astype(np.float32)
     total = values.sum()
     explained = values[order] / total if total > 0 else np.zeros(len(order))
     return coords, np.pad(explained, (0, 2 - len(explained)))

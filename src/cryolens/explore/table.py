@@ -86,9 +86,10 @@ class EmbeddingTable:
                              field="table")
         if arrow.num_rows == 0:
             raise InputError(f"{path} has no rows", field="table")
+        embeddings = np.empty((arrow.num_rows, len(names)), np.float32)
         try:
-            embeddings = np.column_stack(
-                [arrow[n].to_numpy().astype(np.float32, copy=False) for n in names])
+            for k, name in enumerate(names):
+                embeddings[:, k] = arrow[name].to_numpy()
         except Exception as exc:
             raise InputError(f"{path}: the embedding columns are not all numbers ({exc})",
                              field="table") from exc
@@ -97,7 +98,7 @@ class EmbeddingTable:
             raise InputError(f"{path}: row {bad[0]} has a NaN or infinite embedding value "
                              f"({len(bad)} rows in all)", field="table")
         meta = json.loads((arrow.schema.metadata or {}).get(b"cryolens", b"{}") or b"{}")
-        return cls(path, arrow, np.ascontiguousarray(embeddings), meta)
+        return cls(path, arrow, embeddings, meta)
 
     @property
     def rows(self) -> int:

@@ -14,7 +14,12 @@ const NO_COLOUR = '#7aa6ff';
 const state = {
   table: null, x: null, y: null, values: null, zType: undefined, colors: NO_COLOUR,
   column: null, selected: [], lassoing: false, panelRow: null, rows: new Map(), plot: null,
+  timings: {},  // ms since the page started loading, per step of the first drawing
 };
+
+function mark(step) {
+  if (!(step in state.timings)) state.timings[step] = Math.round(performance.now());
+}
 
 async function api(path, options) {
   const response = await fetch(path, options);
@@ -51,6 +56,7 @@ async function loadLayout(method) {
   state.x = new Float32Array(n);
   state.y = new Float32Array(n);
   for (let i = 0; i < n; i += 1) { state.x[i] = xy[2 * i]; state.y[i] = xy[2 * i + 1]; }
+  mark('layout received');
   const info = JSON.parse(response.headers.get('X-Layout') || '{}');
   const how = info.explained ? ` (${info.explained.map((v) => `${Math.round(100 * v)} %`)
     .join(' + ')} of the variance)` : (info.cached ? ' (cached)' : '');
@@ -61,7 +67,9 @@ async function draw() {
   const points = { x: state.x, y: state.y };
   if (state.values) points.valueA = state.values;
   state.plot.set({ colorBy: state.values ? 'valueA' : null, pointColor: state.colors });
+  mark('draw called');
   await state.plot.draw(points, { zDataType: state.zType, select: state.selected });
+  mark('drawn');
   document.body.dataset.pointsDrawn = String(state.x.length);
 }
 
@@ -91,6 +99,7 @@ async function colourBy(name) {
       state.column = column;
     }
   }
+  mark('colours received');
   legend();
   await draw();
 }
@@ -278,6 +287,7 @@ function guard(action) {
 
 async function start() {
   const table = await (await api('/api/table')).json();
+  mark('table described');
   state.table = table;
   $('title').textContent = `${table.name}: ${table.rows.toLocaleString()} rows, ` +
     `${table.dims}-d embeddings`;
