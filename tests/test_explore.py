@@ -399,3 +399,25 @@ def test_umap_layout_is_cached_beside_the_table(table, tmp_path):
     assert info["cached"] is True
     np.testing.assert_array_equal(first, again)
     assert np.abs(first).max() <= 1.0
+
+
+def test_hdbscan_finds_the_families(client, table):
+    pytest.importorskip("sklearn", reason="scikit-learn is the optional 'explore' extra")
+    got = client.post("/api/cluster", json={"method": "hdbscan", "min_cluster_size": 10})
+    assert got.status_code == 200 and got.json()["name"] == "hdbscan_10"
+    codes = np.frombuffer(client.get("/api/values/hdbscan_10").content, "<f4").astype(int)
+    names = np.array(table.arrow["object"].to_pylist())
+    categories = got.json()["categories"]
+    for family in FAMILIES:  # each family is one cluster, bar a few rows called noise
+        found = [categories[c] for c in codes[names == family] if categories[c] != "noise"]
+        assert len(set(found)) == 1 and len(found) >= 20
+
+
+def test_hdbscan_without_scikit_learn_says_how_to_get_it(client):
+    import importlib.util
+
+    if importlib.util.find_spec("sklearn") is not None:
+        pytest.skip("scikit-learn is installed")
+    got = client.post("/api/cluster", json={"method": "hdbscan", "min_cluster_size": 10})
+    assert got.status_code == 422
+    assert "pip install 'cryolens-server[explore]'" in got.json()["detail"]
