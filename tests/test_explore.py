@@ -421,3 +421,17 @@ def test_hdbscan_without_scikit_learn_says_how_to_get_it(client):
     got = client.post("/api/cluster", json={"method": "hdbscan", "min_cluster_size": 10})
     assert got.status_code == 422
     assert "pip install 'cryolens-server[explore]'" in got.json()["detail"]
+
+
+def test_a_model_that_fails_is_a_502_naming_it(table):
+    def broken(volume):
+        raise ConnectionError("server at http://127.0.0.1:9 refused the connection")
+
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(Explorer.open(table, broken, "server http://127.0.0.1:9"))) as c:
+        got = c.get("/api/reconstruction/4.png")
+    assert got.status_code == 502
+    assert got.json()["detail"] == ("row 4: server http://127.0.0.1:9 did not reconstruct it: "
+                                    "ConnectionError: server at http://127.0.0.1:9 refused the "
+                                    "connection")

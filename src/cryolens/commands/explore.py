@@ -78,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     # it waits for this one)
     threading.Thread(target=explorer.layouts.get, args=("pca",), daemon=True).start()
     app = create_app(explorer)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: anyone who can reach port {args.port} can "
+              "read the table and write picks into its copick project", file=sys.stderr)
     print(f"exploring {table.rows} rows of {table.path}: open http://{args.host}:{args.port}/ "
           "(Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

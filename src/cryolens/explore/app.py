@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from cryolens.errors import InputError
+from cryolens.errors import CryoLensError, InputError
 from cryolens.explore import clusters, exports
 from cryolens.explore.errors import status_of
 from cryolens.explore.layout import Layouts, available
@@ -76,9 +76,10 @@ def create_app(explorer: Explorer) -> FastAPI:
                   openapi_url="/api/openapi.json")
     table = explorer.table
 
-    @app.exception_handler(InputError)
-    async def input_error(request: Request, exc: InputError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "field": exc.field}, status_of(exc))
+    @app.exception_handler(CryoLensError)
+    async def refused(request: Request, exc: CryoLensError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "field": getattr(exc, "field", None)},
+                            status_of(exc))
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

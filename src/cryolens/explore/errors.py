@@ -7,10 +7,11 @@
     ├── NoModel                409  a reconstruction asked of an explorer started without one
     ├── AlreadyExists          409  copick picks of that object, user and session exist already
     └── NotWritable            403  the copick project cannot be written; nothing was written
+    ModelFailed                502  the model (a server, for --server) did not reconstruct
 """
 from __future__ import annotations
 
-from cryolens.errors import InputError
+from cryolens.errors import CryoLensError, InputError
 
 
 class UnknownRow(InputError):
@@ -37,8 +38,12 @@ class NotWritable(InputError):
     status = 403
 
 
-def status_of(exc: InputError) -> int:
-    return getattr(exc, "status", 422)
+class ModelFailed(CryoLensError):
+    status = 502
 
 
-__all__ = ["AlreadyExists", "NoModel", "NoSource", "NotWritable", "UnknownColumn", "UnknownRow", "status_of"]
+def status_of(exc: CryoLensError) -> int:
+    return getattr(exc, "status", 422 if isinstance(exc, InputError) else 500)
+
+
+__all__ = ["AlreadyExists", "ModelFailed", "NoModel", "NoSource", "NotWritable", "UnknownColumn", "UnknownRow", "status_of"]

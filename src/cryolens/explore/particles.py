@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cryolens.explore.errors import NoModel
+from cryolens.explore.errors import ModelFailed, NoModel
 
 #: Reconstructions kept in memory (48^3 float32 each: 0.44 MB).
 KEEP_RECONSTRUCTIONS = 128
@@ -61,7 +61,11 @@ class Reconstructions:
             if row in self._kept:
                 self._kept.move_to_end(row)
                 return self._kept[row]
-        out = np.asarray(self.reconstruct(volume), np.float32)
+        try:
+            out = np.asarray(self.reconstruct(volume), np.float32)
+        except Exception as exc:  # a server down, a model that fails: the panel says so
+            raise ModelFailed(f"row {row}: {self.described} did not reconstruct it: "
+                              f"{type(exc).__name__}: {exc}") from exc
         with self._lock:
             self._kept[row] = out
             while len(self._kept) > KEEP_RECONSTRUCTIONS:

@@ -70,7 +70,9 @@ async function draw() {
   mark('draw called');
   await state.plot.draw(points, { zDataType: state.zType, select: state.selected });
   mark('drawn');
-  document.body.dataset.pointsDrawn = String(state.x.length);
+  // what the scatterplot holds now, not what was asked of it
+  document.body.dataset.pointsDrawn = state.plot.get('isPointsDrawn')
+    ? String(state.plot.get('points').length) : '0';
 }
 
 async function colourBy(name) {
@@ -335,6 +337,12 @@ async function start() {
   $('export-parquet').addEventListener('click', guard(() => download('parquet')));
   $('export-copick').addEventListener('click', guard(writePicks));
   $('k').addEventListener('change', guard(() => state.panelRow !== null && neighbours(state.panelRow)));
+  for (const [id, what] of [['particle-image', 'particle'], ['reconstruction-image', 'reconstruction']]) {
+    $(id).addEventListener('error', () => {
+      const url = $(id).src;
+      api(url).catch((error) => status(`${what}: ${error.message}`, true));
+    });
+  }
   $('panel-close').addEventListener('click', () => {
     $('panel-body').hidden = true;
     $('panel-help').hidden = false;
