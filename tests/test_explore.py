@@ -435,3 +435,31 @@ def test_a_model_that_fails_is_a_502_naming_it(table):
     assert got.json()["detail"] == ("row 4: server http://127.0.0.1:9 did not reconstruct it: "
                                     "ConnectionError: server at http://127.0.0.1:9 refused the "
                                     "connection")
+
+
+@pytest.mark.slow  # a server process
+def test_with_server_the_reconstruction_comes_from_that_server(table, server, tmp_path):
+    """``cryolens explore --server URL``: the panel's reconstruction is the server's (the
+    conftest server runs server_helpers' small model, rebuilt here for the answer)."""
+    import argparse
+
+    from fastapi.testclient import TestClient
+    from server_helpers import small_model_file
+
+    from cryolens.commands.explore import model
+    from cryolens.explore.sources import ParticleSource, read_options
+    from cryolens.operations import Operation, run
+
+    args = argparse.Namespace(server=server.url, checkpoint=None, device="cpu")
+    reconstruct, described = model(args, table)
+    assert described == f"server {server.url}"
+    with TestClient(create_app(Explorer.open(table, reconstruct, described))) as client:
+        got = client.get("/api/reconstruction/9.png")
+        assert client.get("/api/table").json()["reconstruction"] == described
+    assert got.status_code == 200
+    small = Engine.from_checkpoint(str(small_model_file(tmp_path / "small.safetensors")),
+                                   device="cpu")
+    volume = ParticleSource(table.row, read_options(table.meta)).volume(9)
+    want = run(small, Operation(kind="reconstruct", use_predicted_pose=True),
+               volume[None]).arrays["reconstruction"][0]
+    np.testing.assert_allclose(_png(got.content), _png(slices_png(want)), atol=2 / 255)
