@@ -148,3 +148,31 @@ def test_a_lasso_selection_becomes_copick_picks(page, served):
                                           values["z_angstrom"], strict=True)]
     assert sorted(found) == sorted(want)
     assert problems == []
+
+
+def test_a_box_selection_downloads_as_csv_and_parquet(page, served, tmp_path):
+    import pandas as pd
+
+    page, problems, _ = page
+    rows = _family_rows(served[2], "ribosome-80s")
+    points = np.array([_screen(page, r) for r in rows])
+    (left, top), (right, bottom) = points.min(axis=0) - 16, points.max(axis=0) + 16
+    page.click("#mode-box")
+    page.mouse.move(left, top)
+    page.mouse.down()
+    # the box spans from where the drag is first seen (a few pixels on) to the release
+    for step in np.linspace(0, 1, 40)[1:]:
+        page.mouse.move(left + step * (right - left), top + step * (bottom - top))
+        page.wait_for_timeout(15)
+    page.mouse.up()
+    page.wait_for_function(f"document.body.dataset.selected === '{len(rows)}'", timeout=30_000)
+    with page.expect_download() as download:
+        page.click("#export-csv")
+    download.value.save_as(tmp_path / "selection.csv")
+    assert sorted(pd.read_csv(tmp_path / "selection.csv")["table_row"]) == rows
+    with page.expect_download() as download:
+        page.click("#export-parquet")
+    download.value.save_as(tmp_path / "selection.parquet")
+    frame = pd.read_parquet(tmp_path / "selection.parquet")
+    assert sorted(frame["table_row"]) == rows and set(frame["object"]) == {"ribosome-80s"}
+    assert problems == []
