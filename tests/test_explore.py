@@ -463,3 +463,35 @@ def test_with_server_the_reconstruction_comes_from_that_server(table, server, tm
     want = run(small, Operation(kind="reconstruct", use_predicted_pose=True),
                volume[None]).arrays["reconstruction"][0]
     np.testing.assert_allclose(_png(got.content), _png(slices_png(want)), atol=2 / 255)
+
+
+def test_edge_boxes_are_padded_as_embed_padded_them(tmp_path):
+    """Picks at a tomogram's corner and far edge (io_helpers' project): the explorer's box,
+    cut from the zarr array alone, is the very box `cryolens embed` read."""
+    from io_helpers import make_copick_project
+
+    from cryolens.explore.sources import ParticleSource, read_options
+    from cryolens.io import CopickOptions, load_particles
+
+    config, _ = make_copick_project(tmp_path)
+    out = tmp_path / "edges.parquet"
+    assert main(["embed", str(config), "--object", "ribosome", "-o", str(out), "-c", "demo",
+                 "--device", "cpu", "--quiet"]) == 0
+    table = EmbeddingTable.open(out)
+    assert sum(table.arrow["edge"].to_pylist()) >= 2
+    particles, records = load_particles(str(config), copick=CopickOptions(object="ribosome"))
+    source = ParticleSource(table.row, read_options(table.meta))
+    for row in range(table.rows):
+        assert table.row(row)["particle_key"] == records[row].key
+        np.testing.assert_array_equal(source.volume(row), particles[row])
+
+
+def test_the_api_is_described_and_the_page_names_no_other_host(client):
+    spec = client.get("/api/openapi.json").json()
+    assert {"/api/table", "/api/layout", "/api/neighbours/{row}", "/api/particle/{row}.png",
+            "/api/export/copick"} <= set(spec["paths"])
+    page = client.get("/").text
+    assert "data-state" in page and "http" not in page.replace("http-equiv", "")
+    script = client.get("/static/explore.js").text
+    assert "https://" not in script and "http://" not in script
+    assert client.get("/static/vendor/regl-scatterplot.js").status_code == 200

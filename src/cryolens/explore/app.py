@@ -72,7 +72,8 @@ class Cluster(BaseModel):
 
 
 def create_app(explorer: Explorer) -> FastAPI:
-    app = FastAPI(title="CryoLens explorer", docs_url="/api/docs", redoc_url=None,
+    # no /docs page: FastAPI's would load its scripts from a CDN, and the explorer is offline
+    app = FastAPI(title="CryoLens explorer", docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")
     table = explorer.table
 
