@@ -91,7 +91,12 @@ def create_app(explorer: Explorer) -> FastAPI:
     @app.get("/api/table")
     def describe_table() -> dict:
         """The table: rows, embedding width, columns, what can be computed here."""
-        objects = exports.copick_objects(explorer.copick) if explorer.copick else None
+        objects = None
+        if explorer.copick:
+            try:
+                objects = exports.copick_objects(explorer.copick)
+            except Exception:  # noqa: BLE001 - no copick here, or the project is gone: no picks
+                objects = None
         return {"name": table.path.name, "rows": table.rows, "dims": len(table.embedding_names),
                 "columns": table.column_names(),
                 "default_color": table.default_color(), "layouts": available(),
