@@ -11,8 +11,8 @@ import argparse
 from importlib import import_module
 
 #: Every sub-command, in the order ``cryolens --help`` lists them.
-COMMANDS = ("embed", "reconstruct", "show", "map", "export", "info", "serve", "train",
-            "evaluate")
+COMMANDS = ("embed", "reconstruct", "show", "map", "explore", "export", "info", "serve",
+            "train", "evaluate")
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -1,0 +1,497 @@
+"""cryolens explore's API, in-process (httpx over ASGI): the map's layout, exact neighbours,
+particle pictures read back from their source, clusters, search, and exports (CSV, Parquet,
+copick picks read back with copick's own API), and the errors of bad input."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from explore_helpers import FAMILIES, cached_dataset
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cryolens.cli import main
+from cryolens.engine import Engine
+from cryolens.errors import InputError
+from cryolens.explore.app import Explorer, create_app
+from cryolens.explore.neighbours import Neighbours
+from cryolens.explore.particles import engine_reconstructor, slices_png
+from cryolens.explore.table import EmbeddingTable
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return cached_dataset(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def table(data):
+    return EmbeddingTable.open(data[1])
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_checkpoint("demo", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(table, engine):
+    # in-process: Starlette's TestClient is httpx driving the ASGI app through a portal
+    from fastapi.testclient import TestClient
+
+    explorer = Explorer.open(table, engine_reconstructor(engine), "demo, in-process")
+    with TestClient(create_app(explorer)) as test_client:
+        yield test_client
+
+
+def _brute_force(embeddings: np.ndarray, row: int, k: int):
+    distances = np.linalg.norm(embeddings.astype(np.float64) - embeddings[row], axis=1)
+    others = np.array([i for i in range(len(embeddings)) if i != row])
+    order = np.lexsort((others, distances[others]))[:k]
+    return others[order], distances[others][order]
+
+
+def test_table_describes_rows_columns_and_the_copick_project(client, table):
+    got = client.get("/api/table").json()
+    assert got["rows"] == table.rows == len(FAMILIES) * 2 * 12
+    assert got["dims"] == 16
+    assert got["default_color"] == "object"
+    assert not any(c.startswith("embedding_") for c in got["columns"])
+    assert got["copick"] == {"objects": list(FAMILIES)}
+    assert got["reconstruction"] == "demo, in-process"
+    objects = client.get("/api/column/object").json()
+    assert objects == {"name": "object", "kind": "category", "categories": sorted(FAMILIES),
+                       "counts": [24] * 4}
+    codes = np.frombuffer(client.get("/api/values/object").content, "<f4")
+    names = table.arrow["object"].to_pylist()
+    assert [objects["categories"][int(c)] for c in codes] == names
+    weight = client.get("/api/column/global_weight").json()
+    assert weight["kind"] == "number"
+    assert weight["min"] == pytest.approx(min(table.arrow["global_weight"].to_pylist()))
+
+
+def test_layout_is_the_pca_of_the_embeddings_in_the_unit_square(client, table):
+    response = client.get("/api/layout")
+    coords = np.frombuffer(response.content, "<f4").reshape(-1, 2)
+    assert coords.shape == (table.rows, 2)
+    assert np.abs(coords).max() <= 1.0
+    x = table.embeddings.astype(np.float64) - table.embeddings.mean(0)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    for axis in range(2):
+        corr = np.corrcoef(coords[:, axis], x @ vt[axis])[0, 1]
+        assert abs(corr) > 0.99999
+    info = json.loads(response.headers["X-Layout"])
+    assert info["method"] == "pca"
+    np.testing.assert_allclose(info["explained"], s[:2] ** 2 / (s**2).sum(), rtol=1e-6)
+
+
+def test_layout_separates_the_particle_families(client, table):
+    coords = np.frombuffer(client.get("/api/layout").content, "<f4").reshape(-1, 2)
+    names = np.array(table.arrow["object"].to_pylist())
+    centres = {n: coords[names == n].mean(0) for n in FAMILIES}
+    spread = max(np.linalg.norm(coords[names == n] - centres[n], axis=1).mean() for n in FAMILIES)
+    gaps = [np.linalg.norm(centres[a] - centres[b]) for a in FAMILIES for b in FAMILIES if a < b]
+    assert min(gaps) > 2 * spread
+
+
+def test_neighbours_are_the_brute_force_answer(client, table):
+    for row, k in ((0, 1), (5, 8), (50, 20), (table.rows - 1, table.rows - 1)):
+        got = client.get(f"/api/neighbours/{row}", params={"k": k}).json()
+        rows, distances = _brute_force(table.embeddings, row, k)
+        assert got["rows"] == rows.tolist()
+        np.testing.assert_allclose(got["distances"], distances, rtol=1e-12)
+        assert row not in got["rows"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_neighbours_match_brute_force_with_ties_and_duplicates(data):
+    n = data.draw(st.integers(2, 60))
+    dims = data.draw(st.integers(1, 6))
+    values = data.draw(st.lists(st.sampled_from([-2.0, -0.5, 0.0, 0.25, 1.0, 3.0, 1e3]),
+                                min_size=n * dims, max_size=n * dims))
+    embeddings = np.array(values, np.float32).reshape(n, dims)
+    row = data.draw(st.integers(0, n - 1))
+    k = data.draw(st.integers(1, n - 1))
+    rows, distances = Neighbours(embeddings).query(row, k)
+    want_rows, want_distances = _brute_force(embeddings, row, k)
+    assert rows.tolist() == want_rows.tolist()
+    np.testing.assert_allclose(distances, want_distances, rtol=1e-12)
+
+
+@pytest.mark.parametrize("k", ["0", "-3", "96", "1000000", "abc", "2.5"])
+def test_k_out_of_range_is_a_clear_422(client, k):
+    response = client.get("/api/neighbours/3", params={"k": k})
+    assert response.status_code == 422
+    if k.lstrip("-").isdigit():
+        assert "k must be a whole number from 1 to 95" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("path", ["/api/neighbours/{}", "/api/rows/{}", "/api/particle/{}.png",
+                                  "/api/reconstruction/{}.png"])
+@pytest.mark.parametrize("row", ["96", "-1", "abc", "1e3"])
+def test_an_unknown_row_is_a_404_naming_the_range(client, path, row):
+    response = client.get(path.format(row))
+    assert response.status_code == 404
+    assert response.json()["detail"] == f"no row {row}: rows are 0 .. 95"
+
+
+def _png(content: bytes) -> np.ndarray:
+    from matplotlib.image import imread
+
+    return imread(io.BytesIO(content), format="png")
+
+
+def test_particle_picture_shows_the_box_embed_read(client, table, data):
+    from cryolens.io import CopickOptions, load_particles
+
+    row = 30
+    response = client.get(f"/api/particle/{row}.png")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    values = table.row(row)
+    particles, records = load_particles(str(data[0]), copick=CopickOptions(
+        object=values["object"], runs=(values["run"],)))
+    volume = particles[values["index"]]
+    assert records[values["index"]].key == values["particle_key"]
+    assert response.content == slices_png(volume)
+    image = _png(response.content)
+    assert image.shape[:2] == (48 * 3, (3 * 48 + 4) * 3)
+    lo, hi = np.percentile(volume.astype(np.float64), [1, 99])
+    want = np.clip((volume[24] - lo) / (hi - lo), 0, 1)  # the central z slice, in grey
+    np.testing.assert_allclose(image[::3, :48 * 3:3, 0], want, atol=1.5 / 255)
+
+
+def test_reconstruction_picture_is_the_engines(client, table, data, engine):
+    from cryolens.operations import Operation, run
+
+    row = 7
+    volume_png = client.get(f"/api/particle/{row}.png")
+    response = client.get(f"/api/reconstruction/{row}.png", params={"scale": 2})
+    assert response.status_code == 200
+    from cryolens.explore.sources import ParticleSource, read_options
+
+    volume = ParticleSource(table.row, read_options(table.meta)).volume(row)
+    want = run(engine, Operation(kind="reconstruct", use_predicted_pose=True),
+               volume[None]).arrays["reconstruction"][0]
+    assert _png(response.content).shape[:2] == (96, 296)
+    np.testing.assert_allclose(_png(response.content), _png(slices_png(want, 2)), atol=2 / 255)
+    assert volume_png.status_code == 200
+
+
+def test_without_a_model_a_reconstruction_is_a_409(table):
+    with _sync(table) as client:
+        response = client.get("/api/reconstruction/3.png")
+        assert response.status_code == 409
+        assert "--checkpoint" in response.json()["detail"]
+        assert client.get("/api/table").json()["reconstruction"] is None
+
+
+def _sync(table, reconstruct=None):
+    from fastapi.testclient import TestClient
+
+    return TestClient(create_app(Explorer.open(table, reconstruct, None)))
+
+
+def test_scale_out_of_range_is_a_422(client):
+    assert client.get("/api/particle/1.png", params={"scale": 0}).status_code == 422
+    assert client.get("/api/particle/1.png", params={"scale": 99}).status_code == 422
+
+
+def test_kmeans_finds_the_families_and_becomes_a_column(client, table):
+    got = client.post("/api/cluster", json={"method": "kmeans", "k": 4}).json()
+    assert got["name"] == "kmeans_4" and got["kind"] == "category" and sum(got["counts"]) == 96
+    codes = np.frombuffer(client.get("/api/values/kmeans_4").content, "<f4").astype(int)
+    names = np.array(table.arrow["object"].to_pylist())
+    for family in FAMILIES:
+        assert len(set(codes[names == family])) == 1
+    assert len(set(codes)) == 4
+    assert "kmeans_4" in client.get("/api/table").json()["columns"]
+    assert client.get("/api/rows/0").json()["values"]["kmeans_4"] in got["categories"]
+    bad = client.post("/api/cluster", json={"method": "kmeans", "k": 1})
+    assert bad.status_code == 422 and "k must be" in bad.json()["detail"]
+
+
+def test_search_finds_rows_by_number_id_and_source(client):
+    assert client.get("/api/search", params={"q": "ts_2"}).json()["total"] == 48
+    got = client.get("/api/search", params={"q": "5"}).json()
+    assert got["rows"][0] == 5
+    key = client.get("/api/rows/17").json()["values"]["particle_key"]
+    assert client.get("/api/search", params={"q": key}).json() == {"rows": [17], "total": 1}
+    assert client.get("/api/search", params={"q": " "}).status_code == 422
+
+
+def test_csv_export_has_the_rows_in_order(client, table):
+    import pandas as pd
+
+    rows = [40, 2, 77]
+    response = client.post("/api/export/csv", json={"rows": rows})
+    assert response.status_code == 200 and "attachment" in response.headers["content-disposition"]
+    frame = pd.read_csv(io.BytesIO(response.content))
+    assert frame["table_row"].tolist() == rows
+    assert frame["particle_key"].tolist() == [table.row(r)["particle_key"] for r in rows]
+    np.testing.assert_allclose(frame["embedding_3"], table.embeddings[rows, 3], rtol=1e-6)
+
+
+def test_parquet_export_is_a_subset_that_keeps_the_metadata(client, table, tmp_path):
+    import pyarrow.parquet as pq
+
+    rows = [1, 60, 95]
+    response = client.post("/api/export/parquet", json={"rows": rows})
+    path = tmp_path / "subset.parquet"
+    path.write_bytes(response.content)
+    subset = pq.read_table(path)
+    meta = subset.schema.metadata
+    for key in (b"cryolens", b"checkpoint_name", b"checkpoint_sha256"):
+        assert meta[key] == table.arrow.schema.metadata[key]
+    assert json.loads(meta[b"cryolens_explore"]) == {"table": "embeddings.parquet", "rows": 3}
+    assert subset.drop_columns(["table_row"]).equals(
+        table.arrow.take(rows).replace_schema_metadata(None).cast(
+            subset.drop_columns(["table_row"]).schema.remove_metadata()), check_metadata=False)
+    again = EmbeddingTable.open(path)  # the subset opens in the explorer again
+    np.testing.assert_array_equal(again.embeddings, table.embeddings[rows])
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"rows": []}, 422, "no rows selected"),
+    ({"rows": [3, 3]}, 422, "twice"),
+    ({"rows": [3, 96]}, 404, "no row 96"),
+    ({"rows": "all"}, 422, None),
+])
+def test_bad_export_rows_are_refused(client, body, status, words):
+    for kind in ("csv", "parquet"):
+        response = client.post(f"/api/export/{kind}", json=body)
+        assert response.status_code == status
+        if words:
+            assert words in response.json()["detail"]
+
+
+def _read_picks(config: Path, run: str, user: str, session: str, obj: str):
+    import copick
+
+    picks = copick.from_file(str(config)).get_run(run).get_picks(
+        object_name=obj, user_id=user, session_id=session)
+    return picks
+
+
+def test_copick_export_reads_back_with_copick(client, table, data):
+    config = data[0]
+    rows = [0, 3, 12, 60]  # two of TS_1, two of TS_2
+    body = {"rows": rows, "object": "enolase", "user_id": "curator", "session_id": "101"}
+    got = client.post("/api/export/copick", json=body).json()
+    assert got == {"config": str(config), "object": "enolase", "user_id": "curator",
+                   "session_id": "101", "runs": {"TS_1": 2, "TS_2": 2}, "picks": 4}
+    for run in ("TS_1", "TS_2"):
+        picks = _read_picks(config, run, "curator", "101", "enolase")
+        assert len(picks) == 1
+        points, transforms = picks[0].numpy()
+        want = [[table.row(r)[f"{a}_angstrom"] for a in "xyz"] for r in rows
+                if table.row(r)["run"] == run]
+        np.testing.assert_allclose(points, want)
+        np.testing.assert_allclose(transforms, np.tile(np.eye(4), (2, 1, 1)))
+    again = client.post("/api/export/copick", json=body)
+    assert again.status_code == 409 and "choose another session" in again.json()["detail"]
+
+
+@pytest.mark.parametrize("change, status, words", [
+    ({"object": "ribosome"}, 422, "no object 'ribosome'"),
+    ({"session_id": "a_b"}, 422, "session_id must be"),
+    ({"user_id": ""}, 422, "user_id must be"),
+    ({"session_id": "x/../../y"}, 422, "session_id must be"),
+    ({"rows": [5, 500]}, 404, "no row 500"),
+])
+def test_bad_copick_exports_write_nothing(client, data, change, status, words):
+    body = {"rows": [1, 2], "object": "enolase", "user_id": "curator", "session_id": "202",
+            **change}
+    response = client.post("/api/export/copick", json=body)
+    assert response.status_code == status and words in response.json()["detail"]
+    for run in ("TS_1", "TS_2"):
+        for obj in FAMILIES:
+            assert not _read_picks(data[0], run, "curator", "202", obj)
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs /sys, a place no one may write")
+def test_a_read_only_copick_project_is_a_403_and_nothing_is_written(table, data, tmp_path):
+    """The project as a read-only share: its data as copick's static root, its overlay (where
+    picks go) somewhere that cannot be written, even by root."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    config = json.loads(data[0].read_text())
+    config["static_root"] = config["overlay_root"]
+    config["overlay_root"] = "local:///sys/cryolens-explore-read-only"
+    read_only = tmp_path / "read_only.json"
+    read_only.write_text(json.dumps(config))
+    arrow = table.arrow.set_column(table.arrow.column_names.index("source"), "source",
+                                   pa.array([str(read_only)] * table.rows))
+    pq.write_table(arrow, tmp_path / "t.parquet")
+    with _sync(EmbeddingTable.open(tmp_path / "t.parquet")) as client:
+        body = {"rows": [0, 60], "object": "enolase", "user_id": "curator", "session_id": "303"}
+        response = client.post("/api/export/copick", json=body)
+    assert response.status_code == 403
+    assert "cannot be written" in response.json()["detail"]
+    assert "nothing was written" in response.json()["detail"]
+    assert not Path("/sys/cryolens-explore-read-only").exists()
+    for run in ("TS_1", "TS_2"):
+        assert not _read_picks(read_only, run, "curator", "303", "enolase")
+
+
+def test_rows_not_from_copick_cannot_become_picks(tmp_path):
+    from io_helpers import particle_stack
+
+    stack = tmp_path / "stack.npy"
+    np.save(stack, particle_stack(4))
+    out = tmp_path / "e.parquet"
+    assert main(["embed", str(stack), "-o", str(out), "-c", "demo", "--device", "cpu",
+                 "--quiet"]) == 0
+    with _sync(EmbeddingTable.open(out)) as client:
+        assert client.get("/api/table").json()["copick"] is None
+        response = client.post("/api/export/copick", json={
+            "rows": [0], "object": "x", "user_id": "a", "session_id": "1"})
+        assert response.status_code == 422 and "copick project" in response.json()["detail"]
+        # a file source: the picture is that file's particle
+        got = client.get("/api/particle/2.png")
+        assert got.content == slices_png(np.load(stack)[2])
+        stack.unlink()  # its source gone: a 404 that says so (row 3 was never read)
+        gone = client.get("/api/particle/3.png")
+        assert gone.status_code == 404 and "is gone" in gone.json()["detail"]
+
+
+def test_a_table_without_embeddings_is_a_one_line_error(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"source": ["a", "b"], "x": [1.0, 2.0]}), plain)
+    with pytest.raises(InputError, match="has no embedding_0 .. embedding_k columns"):
+        EmbeddingTable.open(plain)
+    assert main(["explore", str(plain), "--port", "0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cryolens: ") and "no embedding_0" in err and len(err.splitlines()) == 1
+    text = tmp_path / "notes.parquet"
+    text.write_text("not parquet")
+    assert main(["explore", str(text)]) == 1
+    assert "not a readable Parquet file" in capsys.readouterr().err
+    assert main(["explore", str(tmp_path / "missing.parquet")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_explore_refuses_both_a_checkpoint_and_a_server(data, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["explore", str(data[1]), "--checkpoint", "demo", "--server", "http://x"])
+    assert stop.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # numba compiles UMAP's kernels on first use
+def test_umap_layout_is_cached_beside_the_table(table, tmp_path):
+    pytest.importorskip("umap", reason="umap-learn is the optional 'explore' extra")
+    from cryolens.explore.layout import Layouts
+
+    path = tmp_path / "copy.parquet"
+    shutil.copyfile(table.path, path)
+    first, info = Layouts(path, table.embeddings).get("umap")
+    assert info["cached"] is False and (tmp_path / "copy.parquet.umap.npz").exists()
+    again, info = Layouts(path, table.embeddings).get("umap")
+    assert info["cached"] is True
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first).max() <= 1.0
+
+
+def test_hdbscan_finds_the_families(client, table):
+    pytest.importorskip("sklearn", reason="scikit-learn is the optional 'explore' extra")
+    got = client.post("/api/cluster", json={"method": "hdbscan", "min_cluster_size": 10})
+    assert got.status_code == 200 and got.json()["name"] == "hdbscan_10"
+    codes = np.frombuffer(client.get("/api/values/hdbscan_10").content, "<f4").astype(int)
+    names = np.array(table.arrow["object"].to_pylist())
+    categories = got.json()["categories"]
+    for family in FAMILIES:  # each family is one cluster, bar a few rows called noise
+        found = [categories[c] for c in codes[names == family] if categories[c] != "noise"]
+        assert len(set(found)) == 1 and len(found) >= 20
+
+
+def test_hdbscan_without_scikit_learn_says_how_to_get_it(client):
+    import importlib.util
+
+    if importlib.util.find_spec("sklearn") is not None:
+        pytest.skip("scikit-learn is installed")
+    got = client.post("/api/cluster", json={"method": "hdbscan", "min_cluster_size": 10})
+    assert got.status_code == 422
+    assert "pip install 'cryolens-server[explore]'" in got.json()["detail"]
+
+
+def test_a_model_that_fails_is_a_502_naming_it(table):
+    def broken(volume):
+        raise ConnectionError("server at http://127.0.0.1:9 refused the connection")
+
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(Explorer.open(table, broken, "server http://127.0.0.1:9"))) as c:
+        got = c.get("/api/reconstruction/4.png")
+    assert got.status_code == 502
+    assert got.json()["detail"] == ("row 4: server http://127.0.0.1:9 did not reconstruct it: "
+                                    "ConnectionError: server at http://127.0.0.1:9 refused the "
+                                    "connection")
+
+
+@pytest.mark.slow  # a server process
+def test_with_server_the_reconstruction_comes_from_that_server(table, server, tmp_path):
+    """``cryolens explore --server URL``: the panel's reconstruction is the server's (the
+    conftest server runs server_helpers' small model, rebuilt here for the answer)."""
+    import argparse
+
+    from fastapi.testclient import TestClient
+    from server_helpers import small_model_file
+
+    from cryolens.commands.explore import model
+    from cryolens.explore.sources import ParticleSource, read_options
+    from cryolens.operations import Operation, run
+
+    args = argparse.Namespace(server=server.url, checkpoint=None, device="cpu")
+    reconstruct, described = model(args, table)
+    assert described == f"server {server.url}"
+    with TestClient(create_app(Explorer.open(table, reconstruct, described))) as client:
+        got = client.get("/api/reconstruction/9.png")
+        assert client.get("/api/table").json()["reconstruction"] == described
+    assert got.status_code == 200
+    small = Engine.from_checkpoint(str(small_model_file(tmp_path / "small.safetensors")),
+                                   device="cpu")
+    volume = ParticleSource(table.row, read_options(table.meta)).volume(9)
+    want = run(small, Operation(kind="reconstruct", use_predicted_pose=True),
+               volume[None]).arrays["reconstruction"][0]
+    np.testing.assert_allclose(_png(got.content), _png(slices_png(want)), atol=2 / 255)
+
+
+def test_edge_boxes_are_padded_as_embed_padded_them(tmp_path):
+    """Picks at a tomogram's corner and far edge (io_helpers' project): the explorer's box,
+    cut from the zarr array alone, is the very box `cryolens embed` read."""
+    from io_helpers import make_copick_project
+
+    from cryolens.explore.sources import ParticleSource, read_options
+    from cryolens.io import CopickOptions, load_particles
+
+    config, _ = make_copick_project(tmp_path)
+    out = tmp_path / "edges.parquet"
+    assert main(["embed", str(config), "--object", "ribosome", "-o", str(out), "-c", "demo",
+                 "--device", "cpu", "--quiet"]) == 0
+    table = EmbeddingTable.open(out)
+    assert sum(table.arrow["edge"].to_pylist()) >= 2
+    particles, records = load_particles(str(config), copick=CopickOptions(object="ribosome"))
+    source = ParticleSource(table.row, read_options(table.meta))
+    for row in range(table.rows):
+        assert table.row(row)["particle_key"] == records[row].key
+        np.testing.assert_array_equal(source.volume(row), particles[row])
+
+
+def test_the_api_is_described_and_the_page_names_no_other_host(client):
+    spec = client.get("/api/openapi.json").json()
+    assert {"/api/table", "/api/layout", "/api/neighbours/{row}", "/api/particle/{row}.png",
+            "/api/export/copick"} <= set(spec["paths"])
+    page = client.get("/").text
+    assert "data-state" in page and "http" not in page.replace("http-equiv", "")
+    script = client.get("/static/explore.js").text
+    assert "https://" not in script and "http://" not in script
+    assert client.get("/static/vendor/regl-scatterplot.js").status_code == 200
