@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cryolens.embtable import embedding_columns
 from cryolens.errors import InputError
 from cryolens.explore.errors import UnknownColumn, UnknownRow
 
-EMBEDDING_PREFIX = "embedding_"
 #: Numbers with at most this many distinct values are shown as categories (as `cryolens map`).
 FEW_NUMBERS = 12
 #: Text columns with more distinct values than this are searchable but not a colour.
@@ -25,12 +25,6 @@ MAX_CATEGORIES = 256
 SEARCH_COLUMNS = ("particle_key", "source", "run", "object", "user_id", "session_id",
                   "tomo_type")
 NONE_LABEL = "(none)"
-
-
-def embedding_columns(names) -> list[str]:
-    """``embedding_0`` .. ``embedding_{k-1}`` in numeric order."""
-    found = [n for n in names if n.startswith(EMBEDDING_PREFIX) and n[10:].isdigit()]
-    return sorted(found, key=lambda n: int(n[10:]))
 
 
 @dataclass
