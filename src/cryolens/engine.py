@@ -203,6 +203,8 @@ class Engine:
 
     ``exact_zscore`` (default: True on the CPU, False on CUDA) z-scores on the host with numpy,
     bit-exact with CryoLens; False z-scores on the engine's device (:func:`zscore_tensor`).
+    On CUDA, unless ``allow_tf32``, each operation runs its convolutions and products in full
+    float32 (torch's TF32 flags are switched off while it runs, then restored).
     """
 
     def __init__(
@@ -224,13 +226,6 @@ class Engine:
             max_chunk = _at_least_one("max_chunk", max_chunk, "particles")
         self.device = resolve_device(device)
         cuda = self.device.type == "cuda"
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)  # denormal products are ~100x slower on x86
-        elif cuda and not allow_tf32:
-            # cuDNN convolutions default to TF32 (10-bit mantissa): ~1e-3 relative error in the
-            # encoder, far outside CryoLens parity. Full float32 costs little at these sizes.
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
         self.model = model.to(self.device).eval()
         self.config: CryoLensConfig = model.config
         if memory_budget is None and cuda:  # at most half of what is free now: no OOM on a
@@ -244,6 +239,7 @@ class Engine:
         self.max_chunk = int(max_chunk)
         self.checkpoint = checkpoint
         self.exact_zscore = (not cuda) if exact_zscore is None else bool(exact_zscore)
+        self.allow_tf32 = allow_tf32
         self._lock = threading.Lock()  # guards the pinned buffers, streams and thread below
         self._pinned: dict[str, torch.Tensor] = {}
         self._streams: tuple | None = None
@@ -370,7 +366,8 @@ class Engine:
         input's device (tensor input), and that device (None for numpy).
         """
         place = volumes.device if isinstance(volumes, torch.Tensor) else None
-        with torch.inference_mode():
+        full_float32 = self.device.type == "cuda" and not self.allow_tf32
+        with torch.inference_mode(), _full_float32() if full_float32 else contextlib.nullcontext():
             bad = None
             if not self.exact_zscore:
                 if place is not None and place.type == self.device.type:
@@ -674,6 +671,34 @@ def _read_flags(flags: dict) -> dict[str, bool]:
     if all(isinstance(flag, np.bool_) for flag in flags.values()):
         return {k: bool(flags[k]) for k in names}
     return dict(zip(names, torch.stack([flags[k] for k in names]).cpu().tolist(), strict=True))
+
+
+_FLOAT32_LOCK = threading.Lock()
+_float32_users = 0
+_tf32_saved: tuple[bool, bool] = (False, False)
+
+
+@contextlib.contextmanager
+def _full_float32():
+    """While any engine operation runs on CUDA (``allow_tf32=False``): cuDNN convolutions and
+    cuBLAS products in full float32. cuDNN defaults to TF32 (10-bit mantissa): ~1e-3 relative
+    error in the encoder, far outside CryoLens parity; full float32 costs little at these
+    sizes. torch's flags are process-wide, so they are set only for the duration (counted over
+    threads: the last operation to finish restores what was there before)."""
+    global _float32_users, _tf32_saved
+    with _FLOAT32_LOCK:
+        if _float32_users == 0:
+            _tf32_saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        _float32_users += 1
+    try:
+        yield
+    finally:
+        with _FLOAT32_LOCK:
+            _float32_users -= 1
+            if _float32_users == 0:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = \
+                    _tf32_saved
 
 
 def _result(future: Future | None) -> None:

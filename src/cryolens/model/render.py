@@ -10,12 +10,23 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import math
 import warnings
 
 import torch
 
 #: CryoLens floors the Gaussian exponent here; exp(-88) is below float32's normal range.
 EXPONENT_FLOOR = -88.0
+#: The separable renderers set each splat's profile (and its weighted x profile) to exactly 0
+#: where it falls below this, so that no factor of the matrix product is subnormal: a term is
+#: a product of three factors, each 0 or >= 2^-40, hence 0 or >= 2^-120, inside float32's
+#: normal range (>= 2^-126). Subnormal operands cost ~100x on x86 CPUs (microcode assists)
+#: unless the thread flushes them, and flushing is per-thread state that torch's worker
+#: threads do not share. What is dropped is negligible: a dropped term is below 2^-40 (every
+#: factor is <= 1), so even 2^15 splats dropped at one voxel sum to less than 2^-25, half an
+#: ulp of 1, where renders are of order 1 (clamped to [0, 1]).
+PROFILE_FLOOR = 2.0**-40
+_LOG_PROFILE_FLOOR = math.log(PROFILE_FLOOR)
 
 #: How inference renders on a GPU: "auto" (the fused Triton kernel of
 #: :mod:`cryolens.model.render_kernel`, its products in three-pass TF32 on Ampere and later,
@@ -40,7 +51,7 @@ def render_separable(
     batch, _, n_splats = centres.shape
     n = axis.shape[0]
     inv_two_var = 1.0 / (2.0 * sigmas * sigmas)  # (B, N)
-    gx = _profile(centres, inv_two_var, axis, 0) * weights[:, :, None]
+    gx = weighted_profile(centres, inv_two_var, axis, weights)
     precision = None if torch.is_grad_enabled() else fused_precision(centres.device)
     if precision is not None:
         volume = _render_fused(centres, gx, inv_two_var, axis, precision)
@@ -65,7 +76,28 @@ def _profile(centres, inv_two_var, axis, k: int, *, splats_last: bool = False) -
     ``axis``: (B, N, n), or (B, n, N) with ``splats_last`` (the fused kernel reads along N)."""
     at = 1 if splats_last else 2  # where the grid axis goes
     diff = axis.view((1, -1, 1) if splats_last else (1, 1, -1)) - centres[:, k].unsqueeze(at)
-    return torch.exp(-(diff * diff) * inv_two_var.unsqueeze(at))
+    exponent = -(diff * diff) * inv_two_var.unsqueeze(at)
+    # -inf where the profile would fall below the floor: exp gives exactly 0 there, and never
+    # produces a subnormal on the way.
+    return torch.exp(exponent.masked_fill(exponent < _LOG_PROFILE_FLOOR, -math.inf))
+
+
+def weighted_profile(centres, inv_two_var, axis, weights) -> torch.Tensor:
+    """Each splat's weighted profile along x, (B, N, n), floored like :func:`_profile` (a tiny
+    weight could make a subnormal product)."""
+    gx = _profile(centres, inv_two_var, axis, 0) * weights[:, :, None]
+    return gx.masked_fill(gx < PROFILE_FLOOR, 0.0)
+
+
+def profiles(
+    centres: torch.Tensor, weights: torch.Tensor, sigmas: torch.Tensor, axis: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The factors of the separable render, each (B, N, n): the profiles along z and y and the
+    weighted profile along x, every entry 0 or >= :data:`PROFILE_FLOOR` (arguments as
+    :func:`render_separable`); ``V[d, h, w] = sum_j gz[j, d] gy[j, h] gx[j, w]``."""
+    inv_two_var = 1.0 / (2.0 * sigmas * sigmas)
+    gx = weighted_profile(centres, inv_two_var, axis, weights)
+    return _profile(centres, inv_two_var, axis, 2), _profile(centres, inv_two_var, axis, 1), gx
 
 
 def fused_precision(device: torch.device) -> str | None:
