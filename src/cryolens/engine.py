@@ -83,12 +83,14 @@ class Features:
 @dataclass
 class Reconstruction:
     """volume: (N, S, S, S) float32; affinity/free: the two segments rendered on their own
-    (same shape, or None when not asked for); features: the encoder outputs used."""
+    (same shape, or None when not asked for); features: the encoder outputs used; splats: the
+    particles' splats in their predicted pose (:class:`SplatSet`, or None when not asked for)."""
 
     volume: np.ndarray
     features: Features
     affinity: np.ndarray | None = None
     free: np.ndarray | None = None
+    splats: SplatSet | None = None
 
 
 @dataclass
@@ -554,6 +556,8 @@ class Engine:
         final_convolution: bool = True,
         segments: bool = False,
         denormalise: bool = True,
+        with_splats: bool = False,
+        include_free: bool = True,
     ) -> Reconstruction:
         """Decode each particle's embedding (mu) to a (box)^3 volume.
 
@@ -563,11 +567,15 @@ class Engine:
         an InputError). ``use_predicted_pose`` decodes in the particle's predicted pose
         and global weight instead; ``final_convolution=False`` returns the centre of the raw
         [0, 1] render; ``segments`` also renders the affinity and free splats on their own.
+        ``with_splats`` also returns what :meth:`splats` would (``include_free`` as there),
+        from the same single pass of the encoder.
         """
         use_predicted_pose = _switch("use_predicted_pose", use_predicted_pose)
         final_convolution = _switch("final_convolution", final_convolution)
         segments = _switch("segments", segments)
         denormalise = _switch("denormalise", denormalise)
+        with_splats = _switch("with_splats", with_splats)
+        include_free = _switch("include_free", include_free)
         decoder = self.model.decoder
         region = "conv" if final_convolution else "crop"
         n_render = len(decoder.region_axis(region))
@@ -589,33 +597,33 @@ class Engine:
                 if denormalise:  # two float32 roundings, as numpy's ``*=`` then ``+=``
                     render = render.mul_(std[:, None, None, None]).add_(mean[:, None, None, None])
                 out[key] = render
+            if with_splats:
+                self._splat_outputs(enc, include_free, out)
             return out
 
-        outs, _ = self._run(volumes, n_render, len(_FEATURE_FIELDS) + 1 + 2 * segments, step)
+        n_outputs = len(_FEATURE_FIELDS) + 1 + 2 * segments + 3 * with_splats
+        outs, place = self._run(volumes, n_render, n_outputs, step)
         return Reconstruction(
             volume=outs["volume"], features=_features(outs),
             affinity=outs.get("affinity"), free=outs.get("free"),
+            splats=self._splat_set(outs, place, include_free) if with_splats else None,
         )
 
-    def splats(self, volumes, *, include_free: bool = True) -> SplatSet:
-        """The splats each particle decodes to, in its predicted pose; see :class:`SplatSet`."""
-        include_free = _switch("include_free", include_free)
+    def _splat_outputs(self, enc, include_free: bool, out: dict) -> None:
+        """Add the splats of encoder outputs ``enc``, in their predicted pose, to ``out``."""
         cfg = self.config
         half = (cfg.render_size - 1) / 2  # grid units -> render voxels
+        splats = self.model.decoder.splats(enc.mu, enc.pose, enc.global_weight)
+        if not include_free:
+            splats = splats.segment("affinity")
+        # rows (x, y, z) -> columns (z, y, x), the array axes (d, h, w)
+        xyz = splats.centres.flip(1).transpose(1, 2)
+        out["centres"] = (xyz + 1) * half - cfg.margin
+        out["sigmas"] = splats.sigmas * half
+        out["weights"] = splats.weights
 
-        def step(x, mean, std):
-            enc, out = self._encode(x)
-            splats = self.model.decoder.splats(enc.mu, enc.pose, enc.global_weight)
-            if not include_free:
-                splats = splats.segment("affinity")
-            # rows (x, y, z) -> columns (z, y, x), the array axes (d, h, w)
-            xyz = splats.centres.flip(1).transpose(1, 2)
-            out["centres"] = (xyz + 1) * half - cfg.margin
-            out["sigmas"] = splats.sigmas * half
-            out["weights"] = splats.weights
-            return out
-
-        outs, place = self._run(volumes, 1, len(_FEATURE_FIELDS) + 3, step)
+    def _splat_set(self, outs: dict, place, include_free: bool) -> SplatSet:
+        cfg = self.config
         n_free = cfg.n_free if include_free else 0
         segment = np.repeat(np.array([SEGMENT_AFFINITY, SEGMENT_FREE], np.int8),
                             [cfg.n_affinity, n_free])
@@ -624,6 +632,18 @@ class Engine:
             segment=segment if place is None else torch.from_numpy(segment).to(place),
             n_affinity=cfg.n_affinity, n_free=n_free, features=_features(outs),
         )
+
+    def splats(self, volumes, *, include_free: bool = True) -> SplatSet:
+        """The splats each particle decodes to, in its predicted pose; see :class:`SplatSet`."""
+        include_free = _switch("include_free", include_free)
+
+        def step(x, mean, std):
+            enc, out = self._encode(x)
+            self._splat_outputs(enc, include_free, out)
+            return out
+
+        outs, place = self._run(volumes, 1, len(_FEATURE_FIELDS) + 3, step)
+        return self._splat_set(outs, place, include_free)
 
 
 _NOT_FINITE = "volumes must be finite: found NaN or infinity (or a value beyond float32 range)"
