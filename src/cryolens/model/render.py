@@ -65,7 +65,8 @@ def render_separable(
     elif centres.device.type != "cpu":
         volume = torch.bmm(_planes(gz, gy).transpose(1, 2), gx)
     else:
-        volume = _render_windowed(gz, gy, gx)
+        # a buffer of its own (in place: no copy of the volume)
+        return _render_windowed(gz, gy, gx).clamp_(0.0, 1.0)
     return volume.reshape(batch, n, n, n).clamp(0.0, 1.0)
 
 
@@ -122,7 +123,7 @@ def _span(nonzero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _render_windowed(gz: torch.Tensor, gy: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
-    """(B, n*n, n) unclamped sum of the factors (each (B, N, n), exact zeros where floored),
+    """(B, n, n, n) unclamped sum of the factors (each (B, N, n), exact zeros where floored),
     computed slab by slab along d with only the splats non-zero in that slab, and only over the
     rows h and columns w some of them reach.
 
@@ -162,7 +163,7 @@ def _render_windowed(gz: torch.Tensor, gy: torch.Tensor, gx: torch.Tensor) -> to
         x = gx_rows.index_select(0, flat).view(len(rows), k, n)[:, :, w0:w1]
         part = torch.bmm(planes.transpose(1, 2), x)
         out[rows, :, h0:h1, w0:w1] = part.view(len(rows), SLAB, h1 - h0, w1 - w0)
-    return out.view(batch, slabs * SLAB, n, n)[:, :n].reshape(batch, n * n, n)
+    return out.view(batch, slabs * SLAB, n, n)[:, :n].contiguous()  # a copy where padded
 
 
 def fused_precision(device: torch.device) -> str | None:
