@@ -106,9 +106,9 @@ def profiles(
 
 
 #: The CPU render works in slabs of SLAB planes along d, SLAB_GROUP slabs to one batched
-#: product (slabs sorted by how many splats reach them, so little is padded). bench/engine.py
-#: on v001 (2-core x86, one thread, CPU time per particle): dense 3.9 ms, slabs of 1: 3.6, of
-#: 2: 3.1, of 4: 2.5, of 8: 3.0.
+#: product (slabs sorted by how many splats reach them, so little is padded). Render CPU time
+#: per particle on v001's splats (2-core x86, one thread; docs/benchmarks.md): dense 3.9 ms,
+#: slabs of 1: 3.6, of 2: 3.1, of 4: 2.5, of 8: 3.0.
 SLAB = 4
 SLAB_GROUP = 8
 
