@@ -1,9 +1,17 @@
 """Engine throughput: particles/s for features and reconstruction by batch size, and peak RSS.
 
-Run: python bench/engine.py [--device cpu|cuda] [--checkpoint PATH] [--batches 1 8 32 128]
-         [--input numpy|tensor] [--max-chunk N] [--memory-budget BYTES] [--compare OLD.py]
+Run: python bench/engine.py [--device cpu|cuda] [--checkpoint PATH] [--models v001 demo]
+         [--threads 1 N] [--batches 1 8 32 128] [--input numpy|tensor] [--max-chunk N]
+         [--memory-budget BYTES] [--compare OLD.py]
          [--variant cudnn-benchmark|channels-last|compile|cublas-render|ieee-render] [--kernels N]
-Prints a numpy float32 matmul rate last, as this machine's yardstick. ``--input tensor`` hands
+By default it measures the v001 architecture (../shared/parity/v001_random_lightning.ckpt;
+skipped with a message where absent) and the shipped demo model, each at 1 and N threads on a
+CPU (N: the cores this process may use). For every model and thread count it prints the
+float32 matrix-product rate measured there and then (torch, 2048^2, those threads), the FLOPs
+of one reconstruction and one embedding (matrix products and convolutions, by
+torch.utils.flop_counter, with the dense render), the dense ceiling (that rate / those FLOPs)
+and the share of it each reconstruct rate reaches. Prints a numpy float32 matmul rate last, as
+this machine's yardstick. ``--input tensor`` hands
 the engine torch tensors already on its device (no host round trip). On CUDA it also profiles
 one reconstruct call per batch: the share of its wall time the GPU was busy (union of kernel
 and copy intervals, torch.profiler) and the host<->device copy rate. ``--compare OLD.py``
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import resource
 import sys
 import time
@@ -38,6 +47,73 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     for _ in range(repeats):
         a @ a
     return repeats * 2 * n**3 / (time.perf_counter() - start) / 1e9
+
+
+def torch_sgemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """float32 matrix-product rate on ``device`` (a CPU: torch's current threads), the
+    ceiling's yardstick (on CUDA in full float32, as the engine computes)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a = torch.rand(n, n, device=device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a @ a
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ a
+        sync()
+        return repeats * 2 * n**3 / (time.perf_counter() - start) / 1e9
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def dense_flops(model) -> tuple[float, float]:
+    """FLOPs (matrix products and convolutions) of one reconstruction (encoder, splats, the
+    dense separable render of the final convolution's region; the FFT is not counted) and of
+    one embedding, as torch.utils.flop_counter counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    x = torch.randn(1, *(model.config.box_size,) * 3, device=device)
+    # grad mode: the renderer's dense product (inference on a CPU skips its zeros)
+    with torch.enable_grad(), FlopCounterMode(display=False) as embed:
+        model.encode(x)
+    with torch.enable_grad(), FlopCounterMode(display=False) as recon:
+        enc = model.encode(x)
+        model.decoder(enc.mu, *model.identity_pose(1, device))
+    return float(recon.get_total_flops()), float(embed.get_total_flops())
+
+
+def default_thread_counts(device: str) -> list[int]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return sorted({1, cores or 1}) if device == "cpu" else [torch.get_num_threads()]
+
+
+def load_models(args) -> list[tuple[str, torch.nn.Module]]:
+    """(label, model) for --checkpoint, or for each of --models that is available here."""
+    from cryolens.checkpoints import load_model
+
+    if args.checkpoint:
+        return [(args.checkpoint, load_model(args.checkpoint, device="cpu")[0])]
+    models = []
+    for name in args.models:
+        if name == "v001":
+            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                "shared", "parity", "v001_random_lightning.ckpt")
+            path = os.environ.get("CRYOLENS_V001", path)
+            if not os.path.exists(path):
+                print(f"skipping v001: no checkpoint at {os.path.normpath(path)} (set "
+                      "CRYOLENS_V001, or pass --checkpoint)")
+                continue
+            models.append(("v001 architecture (seeded random weights)",
+                           load_model(path, device="cpu")[0]))
+        elif name == "random":
+            torch.manual_seed(0)
+            models.append(("v001 architecture, torch default init", CryoLensVAE()))
+        else:
+            models.append((name, load_model(name, device="cpu")[0]))
+    return models
 
 
 def rate(fn, volumes, min_time: float = 2.0, sync=lambda: None) -> float:
@@ -129,10 +205,80 @@ def gpu_profile(fn, volumes, bytes_moved: int, kernels: int = 0) -> str:
     return "\n         ".join([summary, *top_kernels(device, kernels)])
 
 
+def measure(args, label: str, model) -> None:
+    """The throughput table of one model on torch's current thread count."""
+    options = {k: v for k, v in [("max_chunk", args.max_chunk),
+                                 ("memory_budget", args.memory_budget)] if v is not None}
+    if args.exact_zscore:
+        options["exact_zscore"] = True
+    engines = {"new": Engine(model, device=args.device, **options)}
+    if args.variant:
+        apply_variant(engines["new"], args.variant)
+    if args.compare:
+        engines["old"] = load_engine_class(args.compare)(model, device=args.device, **options)
+    engine = engines["new"]
+    cuda = engine.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cfg = engine.config
+    recon_flops, embed_flops = dense_flops(engine.model)
+    sgemm = torch_sgemm_gflops(engine.device)
+    ceiling = sgemm * 1e9 / recon_flops
+    print(f"\n== {label}, threads {torch.get_num_threads()}")
+    print(f"model: latent {cfg.latent_dims}, splats {cfg.n_affinity}+{cfg.n_free}, box {cfg.box_size}, "
+          f"device {engine.device}, input {args.input}, max_chunk {engine.max_chunk}, "
+          f"memory_budget {engine.memory_budget / 1024**2:.0f} MiB, exact_zscore {engine.exact_zscore}, "
+          f"variant {args.variant or 'none'}")
+    where = "CUDA" if cuda else f"{torch.get_num_threads()} threads"
+    print(f"sgemm {sgemm:.0f} GFLOP/s (torch float32 2048^2, {where}); "
+          f"FLOPs per reconstruction {recon_flops / 1e9:.3f} G, per embedding "
+          f"{embed_flops / 1e9:.3f} G; dense ceiling {ceiling:.0f} reconstructions/s")
+    print(f"{'engine':>6} {'batch':>5} {'features/s':>11} {'reconstruct/s':>14} "
+          f"{'recon+segments/s':>17} {'peak RSS MB':>12} {'recon % ceiling':>16}")
+    rng = np.random.default_rng(0)
+    profiled = []
+    for batch in args.batches:
+        volumes = rng.standard_normal((batch, *engine.box_shape), dtype=np.float32)
+        if args.input == "tensor":
+            volumes = torch.from_numpy(volumes).to(engine.device)
+        best: dict[str, list[float]] = {name: [0.0, 0.0, 0.0] for name in engines}
+        for _ in range(args.rounds if args.compare else 1):
+            for name, e in engines.items():
+                calls = [e.features, e.reconstruct]
+                if not args.no_segments:
+                    calls.append(lambda v, e=e: e.reconstruct(v, segments=True))
+                for i, call in enumerate(calls):
+                    best[name][i] = max(best[name][i], rate(call, volumes, args.min_time, sync))
+        for name, (f, r, s) in best.items():
+            print(f"{name:>6} {batch:>5} {f:>11.1f} {r:>14.1f} {s:>17.1f} {peak_rss_mb():>12.0f} "
+                  f"{100 * r / ceiling:>15.1f}%", flush=True)
+        profiled.append(batch)
+    # Profiles after every rate: tracing CUDA may leave each later launch dearer for the rest of
+    # the process (on an H200, batch 32 measured after a profile of batch 1 ran at half the rate
+    # of another engine's batch 32 measured before any profile), which would cut small batches.
+    for batch in profiled if cuda else []:
+        volumes = rng.standard_normal((batch, *engine.box_shape), dtype=np.float32)
+        if args.input == "tensor":
+            volumes = torch.from_numpy(volumes).to(engine.device)
+        moved = 0 if args.input == "tensor" else 2 * volumes.nbytes
+        try:
+            profile = gpu_profile(engine.reconstruct, volumes, moved, args.kernels)
+            print(f"batch {batch:>5} reconstruct profile: {profile}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - a profiler quirk must not cost the figures
+            print(f"batch {batch:>5} reconstruct profile failed: {type(exc).__name__}: {exc}")
+    if cuda:
+        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 1024**2:.0f} MB")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--checkpoint", default=None, help="default: v001 architecture, random weights")
+    parser.add_argument("--checkpoint", default=None,
+                        help="one model to measure (default: each of --models)")
+    parser.add_argument("--models", nargs="+", default=["v001", "demo"],
+                        help="v001 (../shared/parity's checkpoint), random (the v001 "
+                        "architecture, torch's default init), or checkpoint names")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch thread counts (default: 1 and all cores on a CPU)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--min-time", type=float, default=2.0)
     parser.add_argument("--input", choices=["numpy", "tensor"], default="numpy")
@@ -153,65 +299,10 @@ def main(argv=None) -> None:
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"python {sys.version.split()[0]}, heap {'tuned' if tuned else 'glibc defaults'}")
-    if args.checkpoint:
-        from cryolens.checkpoints import load_model
-
-        model = load_model(args.checkpoint, device="cpu")[0]
-    else:
-        torch.manual_seed(0)
-        model = CryoLensVAE()
-    options = {k: v for k, v in [("max_chunk", args.max_chunk),
-                                 ("memory_budget", args.memory_budget)] if v is not None}
-    if args.exact_zscore:
-        options["exact_zscore"] = True
-    engines = {"new": Engine(model, device=args.device, **options)}
-    if args.variant:
-        apply_variant(engines["new"], args.variant)
-    if args.compare:
-        engines["old"] = load_engine_class(args.compare)(model, device=args.device, **options)
-    engine = engines["new"]
-    cuda = engine.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    cfg = engine.config
-    print(f"model: latent {cfg.latent_dims}, splats {cfg.n_affinity}+{cfg.n_free}, box {cfg.box_size}, "
-          f"device {engine.device}, input {args.input}, max_chunk {engine.max_chunk}, "
-          f"memory_budget {engine.memory_budget / 1024**2:.0f} MiB, exact_zscore {engine.exact_zscore}, "
-          f"variant {args.variant or 'none'}")
-    print(f"{'engine':>6} {'batch':>5} {'features/s':>11} {'reconstruct/s':>14} "
-          f"{'recon+segments/s':>17} {'peak RSS MB':>12}")
-    rng = np.random.default_rng(0)
-    profiled = []
-    for batch in args.batches:
-        volumes = rng.standard_normal((batch, *engine.box_shape), dtype=np.float32)
-        if args.input == "tensor":
-            volumes = torch.from_numpy(volumes).to(engine.device)
-        best: dict[str, list[float]] = {name: [0.0, 0.0, 0.0] for name in engines}
-        for _ in range(args.rounds if args.compare else 1):
-            for name, e in engines.items():
-                calls = [e.features, e.reconstruct]
-                if not args.no_segments:
-                    calls.append(lambda v, e=e: e.reconstruct(v, segments=True))
-                for i, call in enumerate(calls):
-                    best[name][i] = max(best[name][i], rate(call, volumes, args.min_time, sync))
-        for name, (f, r, s) in best.items():
-            print(f"{name:>6} {batch:>5} {f:>11.1f} {r:>14.1f} {s:>17.1f} {peak_rss_mb():>12.0f}",
-                  flush=True)
-        profiled.append(batch)
-    # Profiles after every rate: tracing CUDA may leave each later launch dearer for the rest of
-    # the process (on an H200, batch 32 measured after a profile of batch 1 ran at half the rate
-    # of another engine's batch 32 measured before any profile), which would cut small batches.
-    for batch in profiled if cuda else []:
-        volumes = rng.standard_normal((batch, *engine.box_shape), dtype=np.float32)
-        if args.input == "tensor":
-            volumes = torch.from_numpy(volumes).to(engine.device)
-        moved = 0 if args.input == "tensor" else 2 * volumes.nbytes
-        try:
-            profile = gpu_profile(engine.reconstruct, volumes, moved, args.kernels)
-            print(f"batch {batch:>5} reconstruct profile: {profile}", flush=True)
-        except Exception as exc:  # noqa: BLE001 - a profiler quirk must not cost the figures
-            print(f"batch {batch:>5} reconstruct profile failed: {type(exc).__name__}: {exc}")
-    if cuda:
-        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 1024**2:.0f} MB")
+    for label, model in load_models(args):
+        for threads in args.threads or default_thread_counts(args.device):
+            torch.set_num_threads(threads)
+            measure(args, label, model)
     # Last: its 16 MiB arrays, once freed, raise glibc's own thresholds for the rest of the
     # process, which would hide what --default-heap is there to show.
     print(f"numpy float32 matmul (the machine's yardstick): {matmul_gflops():.0f} GFLOP/s")

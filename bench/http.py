@@ -7,7 +7,7 @@ Run: python bench/http.py [--checkpoint demo] [--device cpu] [--seconds 8] [--ro
 Prints, each with its fraction of the in-process engine's rate at the same batch size:
   engine in-process (the ceiling): reconstruct at 1, 32 and 128, features at 1 and 16;
   single /reconstruct with the documented defaults (segments on), JSON and binary: p50, p95;
-  binary /batch_process (reconstruct) of 32 and 128 particles: particles/s, taking turns
+  binary /batch_process (reconstruct) of 32, 64 and 128 particles: particles/s, taking turns
   with the in-process engine over --rounds rounds;
   binary single-volume /extract_features from 1 and 16 concurrent clients: requests/s, the
   two taking turns over --rounds rounds, with 16 clients as a multiple of one;
@@ -236,7 +236,7 @@ def bench_server(url: str, engine, volumes: np.ndarray, seconds: float, count: i
     p50, p95 = latencies(post_npy, count)
     line("binary /reconstruct (segments on): p50 / p95",
          f"{p50 * 1e3:.1f} / {p95 * 1e3:.1f} ms", "reconstruct-segments@1", 1 / p50)
-    for n in (32, 128):
+    for n in (32, 64, 128):
         body = formats.write_npy(volumes[:n])
 
         def batch(body=body):

@@ -83,12 +83,14 @@ class Features:
 @dataclass
 class Reconstruction:
     """volume: (N, S, S, S) float32; affinity/free: the two segments rendered on their own
-    (same shape, or None when not asked for); features: the encoder outputs used."""
+    (same shape, or None when not asked for); features: the encoder outputs used; splats: the
+    particles' splats in their predicted pose (:class:`SplatSet`, or None when not asked for)."""
 
     volume: np.ndarray
     features: Features
     affinity: np.ndarray | None = None
     free: np.ndarray | None = None
+    splats: SplatSet | None = None
 
 
 @dataclass
@@ -203,6 +205,8 @@ class Engine:
 
     ``exact_zscore`` (default: True on the CPU, False on CUDA) z-scores on the host with numpy,
     bit-exact with CryoLens; False z-scores on the engine's device (:func:`zscore_tensor`).
+    On CUDA, unless ``allow_tf32``, each operation runs its convolutions and products in full
+    float32 (torch's TF32 flags are switched off while it runs, then restored).
     """
 
     def __init__(
@@ -224,13 +228,6 @@ class Engine:
             max_chunk = _at_least_one("max_chunk", max_chunk, "particles")
         self.device = resolve_device(device)
         cuda = self.device.type == "cuda"
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)  # denormal products are ~100x slower on x86
-        elif cuda and not allow_tf32:
-            # cuDNN convolutions default to TF32 (10-bit mantissa): ~1e-3 relative error in the
-            # encoder, far outside CryoLens parity. Full float32 costs little at these sizes.
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
         self.model = model.to(self.device).eval()
         self.config: CryoLensConfig = model.config
         if memory_budget is None and cuda:  # at most half of what is free now: no OOM on a
@@ -244,6 +241,7 @@ class Engine:
         self.max_chunk = int(max_chunk)
         self.checkpoint = checkpoint
         self.exact_zscore = (not cuda) if exact_zscore is None else bool(exact_zscore)
+        self.allow_tf32 = allow_tf32
         self._lock = threading.Lock()  # guards the pinned buffers, streams and thread below
         self._pinned: dict[str, torch.Tensor] = {}
         self._streams: tuple | None = None
@@ -370,7 +368,8 @@ class Engine:
         input's device (tensor input), and that device (None for numpy).
         """
         place = volumes.device if isinstance(volumes, torch.Tensor) else None
-        with torch.inference_mode():
+        full_float32 = self.device.type == "cuda" and not self.allow_tf32
+        with torch.inference_mode(), _full_float32() if full_float32 else contextlib.nullcontext():
             bad = None
             if not self.exact_zscore:
                 if place is not None and place.type == self.device.type:
@@ -557,6 +556,8 @@ class Engine:
         final_convolution: bool = True,
         segments: bool = False,
         denormalise: bool = True,
+        with_splats: bool = False,
+        include_free: bool = True,
     ) -> Reconstruction:
         """Decode each particle's embedding (mu) to a (box)^3 volume.
 
@@ -566,11 +567,15 @@ class Engine:
         an InputError). ``use_predicted_pose`` decodes in the particle's predicted pose
         and global weight instead; ``final_convolution=False`` returns the centre of the raw
         [0, 1] render; ``segments`` also renders the affinity and free splats on their own.
+        ``with_splats`` also returns what :meth:`splats` would (``include_free`` as there),
+        from the same single pass of the encoder.
         """
         use_predicted_pose = _switch("use_predicted_pose", use_predicted_pose)
         final_convolution = _switch("final_convolution", final_convolution)
         segments = _switch("segments", segments)
         denormalise = _switch("denormalise", denormalise)
+        with_splats = _switch("with_splats", with_splats)
+        include_free = _switch("include_free", include_free)
         decoder = self.model.decoder
         region = "conv" if final_convolution else "crop"
         n_render = len(decoder.region_axis(region))
@@ -592,33 +597,33 @@ class Engine:
                 if denormalise:  # two float32 roundings, as numpy's ``*=`` then ``+=``
                     render = render.mul_(std[:, None, None, None]).add_(mean[:, None, None, None])
                 out[key] = render
+            if with_splats:
+                self._splat_outputs(enc, include_free, out)
             return out
 
-        outs, _ = self._run(volumes, n_render, len(_FEATURE_FIELDS) + 1 + 2 * segments, step)
+        n_outputs = len(_FEATURE_FIELDS) + 1 + 2 * segments + 3 * with_splats
+        outs, place = self._run(volumes, n_render, n_outputs, step)
         return Reconstruction(
             volume=outs["volume"], features=_features(outs),
             affinity=outs.get("affinity"), free=outs.get("free"),
+            splats=self._splat_set(outs, place, include_free) if with_splats else None,
         )
 
-    def splats(self, volumes, *, include_free: bool = True) -> SplatSet:
-        """The splats each particle decodes to, in its predicted pose; see :class:`SplatSet`."""
-        include_free = _switch("include_free", include_free)
+    def _splat_outputs(self, enc, include_free: bool, out: dict) -> None:
+        """Add the splats of encoder outputs ``enc``, in their predicted pose, to ``out``."""
         cfg = self.config
         half = (cfg.render_size - 1) / 2  # grid units -> render voxels
+        splats = self.model.decoder.splats(enc.mu, enc.pose, enc.global_weight)
+        if not include_free:
+            splats = splats.segment("affinity")
+        # rows (x, y, z) -> columns (z, y, x), the array axes (d, h, w)
+        xyz = splats.centres.flip(1).transpose(1, 2)
+        out["centres"] = (xyz + 1) * half - cfg.margin
+        out["sigmas"] = splats.sigmas * half
+        out["weights"] = splats.weights
 
-        def step(x, mean, std):
-            enc, out = self._encode(x)
-            splats = self.model.decoder.splats(enc.mu, enc.pose, enc.global_weight)
-            if not include_free:
-                splats = splats.segment("affinity")
-            # rows (x, y, z) -> columns (z, y, x), the array axes (d, h, w)
-            xyz = splats.centres.flip(1).transpose(1, 2)
-            out["centres"] = (xyz + 1) * half - cfg.margin
-            out["sigmas"] = splats.sigmas * half
-            out["weights"] = splats.weights
-            return out
-
-        outs, place = self._run(volumes, 1, len(_FEATURE_FIELDS) + 3, step)
+    def _splat_set(self, outs: dict, place, include_free: bool) -> SplatSet:
+        cfg = self.config
         n_free = cfg.n_free if include_free else 0
         segment = np.repeat(np.array([SEGMENT_AFFINITY, SEGMENT_FREE], np.int8),
                             [cfg.n_affinity, n_free])
@@ -627,6 +632,18 @@ class Engine:
             segment=segment if place is None else torch.from_numpy(segment).to(place),
             n_affinity=cfg.n_affinity, n_free=n_free, features=_features(outs),
         )
+
+    def splats(self, volumes, *, include_free: bool = True) -> SplatSet:
+        """The splats each particle decodes to, in its predicted pose; see :class:`SplatSet`."""
+        include_free = _switch("include_free", include_free)
+
+        def step(x, mean, std):
+            enc, out = self._encode(x)
+            self._splat_outputs(enc, include_free, out)
+            return out
+
+        outs, place = self._run(volumes, 1, len(_FEATURE_FIELDS) + 3, step)
+        return self._splat_set(outs, place, include_free)
 
 
 _NOT_FINITE = "volumes must be finite: found NaN or infinity (or a value beyond float32 range)"
@@ -674,6 +691,34 @@ def _read_flags(flags: dict) -> dict[str, bool]:
     if all(isinstance(flag, np.bool_) for flag in flags.values()):
         return {k: bool(flags[k]) for k in names}
     return dict(zip(names, torch.stack([flags[k] for k in names]).cpu().tolist(), strict=True))
+
+
+_FLOAT32_LOCK = threading.Lock()
+_float32_users = 0
+_tf32_saved: tuple[bool, bool] = (False, False)
+
+
+@contextlib.contextmanager
+def _full_float32():
+    """While any engine operation runs on CUDA (``allow_tf32=False``): cuDNN convolutions and
+    cuBLAS products in full float32. cuDNN defaults to TF32 (10-bit mantissa): ~1e-3 relative
+    error in the encoder, far outside CryoLens parity; full float32 costs little at these
+    sizes. torch's flags are process-wide, so they are set only for the duration (counted over
+    threads: the last operation to finish restores what was there before)."""
+    global _float32_users, _tf32_saved
+    with _FLOAT32_LOCK:
+        if _float32_users == 0:
+            _tf32_saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        _float32_users += 1
+    try:
+        yield
+    finally:
+        with _FLOAT32_LOCK:
+            _float32_users -= 1
+            if _float32_users == 0:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = \
+                    _tf32_saved
 
 
 def _result(future: Future | None) -> None:

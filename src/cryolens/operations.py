@@ -102,13 +102,14 @@ def run(engine: Engine, operation: Operation, volumes) -> Result:
         return _splat_result(engine.splats(volumes, include_free=operation.include_free))
     rec = engine.reconstruct(volumes, use_predicted_pose=operation.use_predicted_pose,
                              final_convolution=operation.final_convolution,
-                             segments=operation.segments)
+                             segments=operation.segments, with_splats=operation.with_splats,
+                             include_free=operation.include_free)
     result = Result({"reconstruction": rec.volume, **_feature_arrays(rec.features)})
     if operation.segments:
         result.arrays["affinity_reconstruction"] = rec.affinity
         result.arrays["free_reconstruction"] = rec.free
-    if operation.with_splats:
-        splats = _splat_result(engine.splats(volumes, include_free=operation.include_free))
+    if operation.with_splats:  # encoded once, with the reconstruction
+        splats = _splat_result(rec.splats)
         result.arrays.update({k: splats.arrays[k] for k in SPLAT_ARRAYS})
         result.shared.update(splats.shared)
     return result
