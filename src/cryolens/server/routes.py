@@ -13,7 +13,7 @@ from fastapi import FastAPI, Query, Request
 from starlette.responses import Response
 
 from cryolens import __version__, formats, operations
-from cryolens.errors import InputError, NotReady
+from cryolens.errors import Busy, InputError, NotReady
 from cryolens.operations import Operation, Result
 from cryolens.server import bodies, codecs, schemas
 from cryolens.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -92,6 +92,9 @@ def parse_room(request: Request, max_body_bytes: int):
 
 def engine_of(request: Request):
     worker = request.app.state.worker
+    fault = worker.fault()
+    if fault is not None:
+        raise Busy(f"the server is restarting: {fault}")
     if not worker.ready.is_set():
         raise NotReady("the model is still loading; retry in a few seconds")
     return worker.engine
@@ -133,8 +136,12 @@ def _add_info_routes(app: FastAPI, settings: Settings) -> None:
                                "status": "running", "endpoints": endpoints})
 
     @app.get("/health", response_model=schemas.HealthResponse,
-             summary="Liveness check (never touches the model)")
-    async def health() -> ORJSONResponse:
+             summary="Liveness check (never touches the model): 503 once the inference "
+                     "thread is gone or stuck", responses={503: {"model": schemas.ErrorResponse}})
+    async def health(request: Request) -> ORJSONResponse:
+        fault = request.app.state.worker.fault()
+        if fault is not None:
+            return ORJSONResponse({"status": "unhealthy", "detail": fault}, status_code=503)
         return ORJSONResponse({"status": "healthy"})
 
     @app.get("/ready", response_model=schemas.HealthResponse,

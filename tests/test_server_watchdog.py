@@ -1,0 +1,77 @@
+"""The inference worker cannot die of its queue, and when it is gone or stuck anyway the server
+says so and exits for its supervisor (issue #25, class 1). Real server processes: what matters
+here is the process (its exit status, /health from outside)."""
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+from server_helpers import small_model_file, start_cli_server
+
+NPY = {"Content-Type": "application/x-npy"}
+NPZ = {"Accept": "application/x-npz"}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return small_model_file(tmp_path_factory.mktemp("model") / "small.safetensors")
+
+
+def npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array)
+    return out.getvalue()
+
+
+def features(url: str, stack: np.ndarray) -> requests.Response:
+    return requests.post(url + "/extract_features", data=npy(stack), headers={**NPY, **NPZ},
+                         timeout=60)
+
+
+def embeddings(response: requests.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text[:300]
+    with np.load(io.BytesIO(response.content)) as arrays:
+        return arrays["embedding"]
+
+
+def test_queued_jobs_of_one_operation_that_do_not_all_fit_one_batch(model):
+    """The reported crash: while a 64-volume /reconstruct holds the worker, three .npy
+    /extract_features of 20, 20 and 1 volumes queue up; taking the 1 past the 20 that does not
+    fit compared two jobs by value (their numpy volumes) and killed the inference thread, after
+    which nothing was answered and /ready still said 200."""
+    rng = np.random.default_rng(25)
+    stacks = [rng.standard_normal((n, 48, 48, 48)).astype(np.float32) for n in (20, 20, 1)]
+    server = start_cli_server(model, "--max-batch-size", "32")
+    try:
+        alone = [embeddings(features(server.url, stack)) for stack in stacks]
+        big = rng.standard_normal((64, 48, 48, 48)).astype(np.float32)
+        answers: dict[str, requests.Response] = {}
+
+        def post(name: str, call) -> None:
+            answers[name] = call()
+
+        threads = [threading.Thread(target=post, args=("reconstruct", lambda: requests.post(
+            server.url + "/reconstruct?use_segmented_decoder=false", data=npy(big),
+            headers={**NPY, **NPZ}, timeout=60)))]
+        threads[0].start()
+        time.sleep(0.5)  # the 64 volumes are parsed and running
+        for i, stack in enumerate(stacks):
+            threads.append(threading.Thread(target=post, args=(
+                str(i), lambda stack=stack: features(server.url, stack))))
+            threads[-1].start()
+            time.sleep(0.05)  # queued in this order
+        for thread in threads:
+            thread.join(120)
+        assert answers["reconstruct"].status_code == 200, answers["reconstruct"].text[:300]
+        for i, expected in enumerate(alone):
+            np.testing.assert_allclose(embeddings(answers[str(i)]), expected,
+                                       rtol=1e-4, atol=1e-5)
+        assert requests.get(server.url + "/ready", timeout=5).status_code == 200
+        np.testing.assert_allclose(embeddings(features(server.url, stacks[2])), alone[2],
+                                   rtol=1e-4, atol=1e-5)
+    finally:
+        server.stop()
