@@ -253,12 +253,8 @@ class InferenceWorker:
                       Operation("reconstruct", segments=True)]
         if self.engine.device.type == "cuda":  # the fused render compiles once for each region
             operations.append(Operation("reconstruct", final_convolution=False, segments=True))
-        self._running_since = time.monotonic()
-        try:
-            for operation in operations:
-                run_batched(self.engine, operation, [zeros])
-        finally:
-            self._running_since = None
+        for operation in operations:  # not timed as a batch: a first call's lazy set-up
+            run_batched(self.engine, operation, [zeros])  # may take long on a busy machine
 
     def _take(self) -> list[Job] | None:
         """The oldest live job and every waiting job of the same operation, up to
