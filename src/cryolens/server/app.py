@@ -103,12 +103,16 @@ def create_app(settings: Settings | None = None, *, engine=None, warm_up: bool |
             yield
         finally:
             watchdog.cancel()
-            finished = worker.stop(timeout=min(settings.drain_timeout_s, ABANDON_AFTER_S))
+            # joined off the event loop: requests given up at the drain deadline are still
+            # writing their 503s on it
+            grace = min(settings.drain_timeout_s, ABANDON_AFTER_S)
+            finished = await asyncio.get_running_loop().run_in_executor(
+                None, worker.stop, grace)
             app.state.codec_pool.shutdown(wait=False, cancel_futures=True)
             if not finished:
-                logger.warning("the running batch did not finish within %g s of the drain: "
-                               "abandoned; exiting", min(settings.drain_timeout_s,
-                                                         ABANDON_AFTER_S))
+                logger.warning("the running batch did not finish within %g s after the "
+                               "drain: abandoned; exiting", grace)
+                await asyncio.sleep(0.1)  # the last answers leave
                 exit_process(0)
 
     app = FastAPI(title=SERVICE_NAME, version=__version__, lifespan=lifespan,
@@ -127,7 +131,7 @@ def create_app(settings: Settings | None = None, *, engine=None, warm_up: bool |
     app.add_middleware(HeadAsGet)
     app.add_middleware(ModelLane, paths=model_paths, routes=app.router.routes,
                        exception_handlers=app.exception_handlers)
-    app.add_middleware(ErrorMiddleware, metrics=metrics)
+    app.add_middleware(ErrorMiddleware, metrics=metrics, retry_after_s=settings.retry_after_s)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        timeout_s=settings.body_timeout_s, min_rate=settings.min_body_rate)
     if settings.cors_origins:
