@@ -188,7 +188,8 @@ def _serve(settings: Settings, args: argparse.Namespace, prog: str) -> int:
         # The app and protocol built from these very settings: no round trip through the
         # environment.
         uvicorn.run(create_app(settings), **common, http=protocol.configured(
-            settings.header_timeout_s, settings.max_header_bytes))
+            settings.header_timeout_s, settings.max_header_bytes, settings.send_timeout_s,
+            settings.min_send_rate))
         return 0
     settings.export_env()
     uvicorn.run(APP_IMPORT_STRING, http=protocol.IMPORT_STRING, reload=args.reload,

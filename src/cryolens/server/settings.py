@@ -84,7 +84,7 @@ DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_KEEP_ALIVE_S = 5
 #: Open connections (and tasks) beyond which uvicorn answers 503 at once.
 DEFAULT_MAX_CONNECTIONS = 256
-#: Largest incomplete HTTP event (request line plus headers) h11 buffers, in bytes.
+#: Largest request line plus headers, in bytes, however they arrive (431 beyond it).
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 #: Seconds SIGTERM waits for requests in flight before closing their connections.
 DEFAULT_DRAIN_TIMEOUT_S = 30
@@ -205,7 +205,8 @@ class Settings:
     max_connections: int = field(default=DEFAULT_MAX_CONNECTIONS, metadata={
         "help": "open connections beyond which new requests get 503 at once"})
     max_header_bytes: int = field(default=DEFAULT_MAX_HEADER_BYTES, metadata={
-        "help": "largest request line plus headers, in bytes"})
+        "help": "largest request line plus headers, in bytes; larger ones get 431 and the "
+                "connection is closed"})
     drain_timeout_s: int = field(default=DEFAULT_DRAIN_TIMEOUT_S, metadata={
         "help": "seconds SIGTERM waits for requests in flight; then requests still waiting "
                 "get 503 with Retry-After, connections are closed and the process exits 0"})
