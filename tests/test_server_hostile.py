@@ -131,3 +131,53 @@ def test_answers_not_read_are_dropped_after_the_send_timeout(server):
     assert rss_mib(server.process.pid) < before + 150
     assert requests.post(server.url + "/statistics", json={"volume": [1, 2]},
                          timeout=10).status_code == 200
+
+
+# -- the parse budget -------------------------------------------------------------------------
+def test_slow_chunked_uploads_cannot_starve_other_requests(server):
+    """Two chunked uploads of unknown size, each above the minimum rate (96 KiB/s): they
+    reserved the body limit each (the whole budget between them), and every other request
+    carrying a body got 503 for as long as they lasted. Now they hold what they sent."""
+    socks = []
+    for _ in range(2):
+        sock = connect(server)
+        sock.sendall(b"POST /statistics HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nTransfer-Encoding: chunked\r\n\r\n" + b'5\r\n{"vol\r\n')
+        socks.append(sock)
+    piece = b"0," * 4915  # 9830 bytes every 0.1 s: 96 KiB/s
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    statuses = []
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < BODY_TIMEOUT_S + 1:
+            for sock in socks:
+                sock.sendall(chunk)
+            statuses.append(requests.post(server.url + "/statistics", json={"volume": [1, 2]},
+                                          timeout=10).status_code)
+            time.sleep(0.1)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert statuses and set(statuses) == {200}, statuses
+
+
+def test_a_budget_filled_by_received_bytes_answers_503_with_retry_after(server):
+    sock = connect(server)
+    sock.sendall(b"POST /statistics HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % (2 * PARSE_BUDGET)
+                 + b'{"volume": [' + b"0," * (PARSE_BUDGET // 2))
+    try:
+        time.sleep(0.3)
+        refused = requests.post(server.url + "/statistics", json={"volume": [1, 2]},
+                                timeout=10)
+        assert refused.status_code == 503 and refused.headers["Retry-After"].isdigit()
+        assert "parsing" in refused.json()["detail"]
+    finally:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the closed upload's bytes are returned
+        answer = requests.post(server.url + "/statistics", json={"volume": [1, 2]}, timeout=10)
+        if answer.status_code == 200:
+            break
+        time.sleep(0.2)
+    assert answer.status_code == 200

@@ -83,11 +83,10 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-def parse_room(request: Request, max_body_bytes: int):
-    """Reserve this request's body in the server-wide parse budget (503 when it stays full):
-    its Content-Length, or the body limit when it declares none."""
-    size = bodies.declared_size(request, unknown=max_body_bytes)
-    return request.app.state.parse_budget.reserve(size)
+def parse_room(request: Request):
+    """Reserve this request's body in the server-wide parse budget as its bytes arrive (503
+    when the budget stays full); returned when the block ends."""
+    return request.app.state.parse_budget.reserve_body(request)
 
 
 def engine_of(request: Request):
@@ -306,7 +305,7 @@ def _add_model_routes(app: FastAPI, settings: Settings) -> tuple[str, ...]:
             rid = request.scope.get("state", {}).get("request_id", "")
             with worker.arriving():  # a batch being formed waits for this request
                 engine = await loaded_engine(request, settings.request_timeout_s)
-                async with parse_room(request, settings.max_body_bytes):
+                async with parse_room(request):
                     parsed = await bodies.read_volumes(
                         request, options, field, box=tuple(engine.box_shape),
                         max_volumes=settings.max_volumes, batch=batch)
@@ -407,7 +406,7 @@ def _add_statistics_routes(app: FastAPI, settings: Settings) -> None:
               summary="Statistics of a volume sent as JSON, .npy or MRC",
               responses=_VOLUME_ERRORS, openapi_extra=_body_doc(schemas.StatisticsRequest))
     async def statistics_post(request: Request) -> ORJSONResponse:
-        async with parse_room(request, settings.max_body_bytes):
+        async with parse_room(request):
             return await _statistics_post(request)
 
     async def _statistics_post(request: Request) -> ORJSONResponse:
