@@ -171,14 +171,19 @@ def startup_failed(settings: Settings):
     """What the worker does when the model cannot load: one line on stderr (no traceback)
     and the process ends, as uvicorn does when its own startup fails."""
     def fail(exc: BaseException) -> None:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        kind = "" if isinstance(exc, CryoLensError) else f"{type(exc).__name__}: "
-        sys.stderr.write(f"cryolens-server: cannot load checkpoint {settings.checkpoint!r} "
-                         f"on device {settings.device!r}: {kind}{reason}\n")
+        sys.stderr.write(startup_failure_line(settings, exc))
         sys.stderr.flush()
         os._exit(STARTUP_FAILURE_EXIT)
 
     return fail
+
+
+def startup_failure_line(settings: Settings, exc: BaseException) -> str:
+    """The one line that says why the model cannot load (no traceback)."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    kind = "" if isinstance(exc, CryoLensError) else f"{type(exc).__name__}: "
+    return (f"cryolens-server: cannot load checkpoint {settings.checkpoint!r} on device "
+            f"{settings.device!r}: {kind}{reason}\n")
 
 
 def exit_zero_on_sigterm() -> None:
