@@ -138,3 +138,41 @@ def test_every_accepted_job_is_answered_once_with_its_own_numbers(engine, pool, 
                   for v in picks[i])
     assert not must - ran, "a kept job did not run"
     assert not ran - must - may, "a job ran twice, or one cancelled while queued ran"
+
+
+class FailsOnce:
+    """Worker events whose first ``batch`` report raises: a bug in the loop itself, after
+    the engine ran."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def batch(self, operation, jobs, particles, seconds) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a bug in the batching loop")
+
+    def dropped(self, reason: str) -> None:
+        pass
+
+
+def test_an_error_in_the_loop_costs_only_the_jobs_in_hand(engine, pool):
+    volumes, alone, _ = pool
+
+    async def scenario():
+        worker = InferenceWorker(lambda: engine, queue_size=4, max_batch=32, batch_wait_s=0.0,
+                                 timeout_s=60, warm_up=False, events=FailsOnce())
+        worker.start(on_failure=lambda exc: None)
+        while not worker.ready.is_set():
+            await asyncio.sleep(0.01)
+        first = worker.enqueue(OPERATIONS[0], volumes[:2])
+        with pytest.raises(RuntimeError, match="inference worker error: a bug in the batching"):
+            await asyncio.wait_for(first, 60)
+        second = await asyncio.wait_for(worker.enqueue(OPERATIONS[0], volumes[2:3]), 60)
+        assert worker.fault() is None
+        assert worker.stop(timeout=30)
+        return second
+
+    second = asyncio.run(scenario())
+    np.testing.assert_allclose(second.arrays["embedding"], alone[0].arrays["embedding"][2:3],
+                               **TOL)
