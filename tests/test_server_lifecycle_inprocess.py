@@ -46,7 +46,10 @@ def test_an_ended_inference_thread_is_reported_and_the_process_asked_to_exit(eng
         assert client.get("/health").status_code == 200
         answer = client.post("/extract_features", json={"input_volume": volume.tolist()})
         assert answer.status_code == 503 and answer.headers["retry-after"].isdigit()
-        health = client.get("/health")
+        deadline = time.monotonic() + 10
+        while (health := client.get("/health")).status_code == 200 and \
+                time.monotonic() < deadline:  # the thread answers its job, then ends
+            time.sleep(0.02)
         assert health.status_code == 503
         assert health.json() == {"status": "unhealthy",
                                  "detail": "the inference thread has stopped"}

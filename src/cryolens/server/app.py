@@ -50,7 +50,7 @@ WATCHDOG_EXIT = 70
 WATCH_EVERY_S = 1.0
 #: Seconds a faulty process answers 503 on /health and /ready before it exits, so that load
 #: balancers and probes see why.
-FAULT_GRACE_S = 2.0
+FAULT_GRACE_S = 5.0
 #: Most seconds shutdown waits, after the drain, for a batch still running; then the batch is
 #: abandoned (its requests were answered 503 at the drain deadline) and the process exits 0.
 ABANDON_AFTER_S = 10.0
