@@ -8,9 +8,11 @@ This layer never imports torch.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -41,12 +43,41 @@ SERVICE_NAME = "CryoLens VAE Server"
 #: Exit status when the model cannot load: uvicorn's own "startup failed", which also stops a
 #: ``--workers N`` supervisor instead of restarting the child forever.
 STARTUP_FAILURE_EXIT = 3
+#: Exit status when the watchdog finds the inference thread gone or stuck (EX_SOFTWARE): the
+#: supervisor (systemd, Kubernetes, uvicorn's --workers) starts a fresh process.
+WATCHDOG_EXIT = 70
+#: Seconds between two looks of the watchdog at the inference worker.
+WATCH_EVERY_S = 1.0
+#: Seconds a faulty process answers 503 on /health and /ready before it exits, so that load
+#: balancers and probes see why.
+FAULT_GRACE_S = 5.0
+#: Most seconds shutdown waits, after the drain, for a batch still running; then the batch is
+#: abandoned (its requests were answered 503 at the drain deadline) and the process exits 0.
+ABANDON_AFTER_S = 10.0
 
 
-def create_app(settings: Settings | None = None, *, engine=None) -> FastAPI:
+def exit_now(status: int) -> None:
+    """End the process at once with ``status``: logs and stdio flushed, no interpreter
+    shutdown. For an inference thread that cannot be joined (stuck, or abandoned mid-batch):
+    finalising the interpreter under a running PyTorch thread aborts the process ("terminate
+    called without an active exception", SIGABRT)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+def create_app(settings: Settings | None = None, *, engine=None, warm_up: bool | None = None,
+               exit_process: Callable[[int], None] = exit_now) -> FastAPI:
     """Build the server from ``settings`` (default: ``CRYOLENS_*`` variables). ``engine`` (an
     already loaded :class:`cryolens.engine.Engine`) skips loading the checkpoint named in the
-    settings; tests and embedding applications use it. Nothing is loaded until the app starts."""
+    settings; tests and embedding applications use it. ``warm_up``: run each operation once
+    before /ready (default: only for an engine loaded here). ``exit_process(status)`` is
+    called when the process must end without the usual shutdown (the watchdog, a batch
+    abandoned at shutdown); tests pass their own. Nothing is loaded until the app starts."""
     settings = settings or Settings.from_env()
     metrics = Metrics()
 
@@ -60,17 +91,29 @@ def create_app(settings: Settings | None = None, *, engine=None) -> FastAPI:
             (lambda: engine) if engine is not None else (lambda: load_engine(settings)),
             queue_size=settings.queue_size, max_batch=settings.max_batch_size,
             batch_wait_s=settings.batch_wait_ms / 1000, timeout_s=settings.request_timeout_s,
-            retry_after_s=settings.retry_after_s, warm_up=engine is None, events=metrics,
-            nice=settings.model_nice)
+            retry_after_s=settings.retry_after_s,
+            warm_up=engine is None if warm_up is None else warm_up, events=metrics,
+            nice=settings.model_nice, stall_timeout_s=settings.stall_timeout_s)
         app.state.worker = worker
         app.state.codec_pool = ThreadPoolExecutor(settings.codec_threads,
                                                   thread_name_prefix="cryolens-codec")
         worker.start(on_failure=startup_failed(settings))
+        watchdog = asyncio.ensure_future(watch(worker, exit_process))
         try:
             yield
         finally:
-            worker.stop(timeout=settings.drain_timeout_s)
+            watchdog.cancel()
+            # joined off the event loop: requests given up at the drain deadline are still
+            # writing their 503s on it
+            grace = min(settings.drain_timeout_s, ABANDON_AFTER_S)
+            finished = await asyncio.get_running_loop().run_in_executor(
+                None, worker.stop, grace)
             app.state.codec_pool.shutdown(wait=False, cancel_futures=True)
+            if not finished:
+                logger.warning("the running batch did not finish within %g s after the "
+                               "drain: abandoned; exiting", grace)
+                await asyncio.sleep(0.1)  # the last answers leave
+                exit_process(0)
 
     app = FastAPI(title=SERVICE_NAME, version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, default_response_class=ORJSONResponse,
@@ -88,7 +131,7 @@ def create_app(settings: Settings | None = None, *, engine=None) -> FastAPI:
     app.add_middleware(HeadAsGet)
     app.add_middleware(ModelLane, paths=model_paths, routes=app.router.routes,
                        exception_handlers=app.exception_handlers)
-    app.add_middleware(ErrorMiddleware, metrics=metrics)
+    app.add_middleware(ErrorMiddleware, metrics=metrics, retry_after_s=settings.retry_after_s)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        timeout_s=settings.body_timeout_s, min_rate=settings.min_body_rate)
     if settings.cors_origins:
@@ -99,24 +142,48 @@ def create_app(settings: Settings | None = None, *, engine=None) -> FastAPI:
     return app
 
 
+async def watch(worker: InferenceWorker, exit_process: Callable[[int], None]) -> None:
+    """The watchdog: once the worker reports a fault (its thread gone, or stuck in one batch),
+    waiting requests get 503, /health and /ready answer 503 for :data:`FAULT_GRACE_S`, and
+    the process exits :data:`WATCHDOG_EXIT` for its supervisor to restart it."""
+    while (reason := worker.fault()) is None:
+        await asyncio.sleep(WATCH_EVERY_S)
+    logger.error("%s; /health answers 503 and the process exits with status %d for its "
+                 "supervisor to restart it", reason, WATCHDOG_EXIT)
+    worker.stop(timeout=0, reason=f"the server is restarting ({reason}); retry shortly")
+    await asyncio.sleep(FAULT_GRACE_S)
+    exit_process(WATCHDOG_EXIT)
+
+
 def load_engine(settings: Settings):
+    """The engine for ``settings``; logs the checkpoint's name, sha256 and device once loaded."""
     from cryolens.engine import Engine
 
-    return Engine.from_checkpoint(settings.checkpoint, device=settings.device)
+    engine = Engine.from_checkpoint(settings.checkpoint, device=settings.device)
+    info = getattr(engine, "checkpoint", None)
+    logger.info("serving checkpoint %s (sha256 %s) on %s",
+                getattr(info, "display_name", "in-memory"), getattr(info, "sha256", "-"),
+                engine.device)
+    return engine
 
 
 def startup_failed(settings: Settings):
     """What the worker does when the model cannot load: one line on stderr (no traceback)
     and the process ends, as uvicorn does when its own startup fails."""
     def fail(exc: BaseException) -> None:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        kind = "" if isinstance(exc, CryoLensError) else f"{type(exc).__name__}: "
-        sys.stderr.write(f"cryolens-server: cannot load checkpoint {settings.checkpoint!r} "
-                         f"on device {settings.device!r}: {kind}{reason}\n")
+        sys.stderr.write(startup_failure_line(settings, exc))
         sys.stderr.flush()
         os._exit(STARTUP_FAILURE_EXIT)
 
     return fail
+
+
+def startup_failure_line(settings: Settings, exc: BaseException) -> str:
+    """The one line that says why the model cannot load (no traceback)."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    kind = "" if isinstance(exc, CryoLensError) else f"{type(exc).__name__}: "
+    return (f"cryolens-server: cannot load checkpoint {settings.checkpoint!r} on device "
+            f"{settings.device!r}: {kind}{reason}\n")
 
 
 def exit_zero_on_sigterm() -> None:

@@ -199,11 +199,16 @@ async def _within(awaitable: Awaitable[Message], timeout_s: float) -> Message:
 class ErrorMiddleware:
     """Any exception that escapes a route: logged with its traceback, answered with a bare 500
     that carries the request id. A client that left mid-upload (``ClientDisconnect``) is no
-    error of ours: counted, logged at INFO, and nothing is sent."""
+    error of ours: counted, logged at INFO, and nothing is sent. A request cancelled before
+    its answer started is one the server gave up on at the end of its drain (uvicorn cancels
+    what still runs after ``timeout_graceful_shutdown``): answered 503 with ``Retry-After``,
+    where uvicorn would write a plain-text 500."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics | None = None) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics | None = None,
+                 retry_after_s: int = 5) -> None:
         self.app = app
         self.metrics = metrics
+        self.retry_after_s = retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -214,6 +219,18 @@ class ErrorMiddleware:
             await self.app(scope, receive, tracked)
         except (BodyTooLarge, BodyTimeout):
             raise
+        except asyncio.CancelledError:
+            if tracked.started:
+                raise
+            task = asyncio.current_task()
+            if task is not None and hasattr(task, "uncancel"):  # handled (Python >= 3.11)
+                task.uncancel()
+            logger.info("%s %s given up at the end of the drain: answered 503",
+                        scope.get("method"), scope.get("path"))
+            response = ORJSONResponse(
+                {"detail": "the server is shutting down; retry shortly"}, status_code=503,
+                headers={"Retry-After": str(self.retry_after_s), "Connection": "close"})
+            await response(scope, receive, send)
         except ClientDisconnect:
             if self.metrics is not None:
                 self.metrics.disconnected("upload")

@@ -22,7 +22,14 @@ from pathlib import Path
 
 from cryolens.cliutil import ArgumentParser, fail
 from cryolens.server import protocol
-from cryolens.server.app import create_app, exit_zero_on_sigterm
+from cryolens.server.app import (
+    STARTUP_FAILURE_EXIT,
+    configure_logging,
+    create_app,
+    exit_zero_on_sigterm,
+    load_engine,
+    startup_failure_line,
+)
 from cryolens.server.settings import Settings, field_flags, field_type
 
 APP_IMPORT_STRING = "cryolens.server.minimal_cryolens_server:app"
@@ -175,6 +182,17 @@ def _serve(settings: Settings, args: argparse.Namespace, prog: str) -> int:
     if problem:
         print(f"{prog}: {problem}", file=sys.stderr)
         return BIND_FAILURE_EXIT
+    # The model loads before the port is bound: a missing, unsafe or broken checkpoint, or a
+    # device that is not there, is one line and exit 3, never "Uvicorn running on" nor a
+    # /health that says 200.
+    configure_logging(settings.log_level)
+    try:
+        engine = load_engine(settings)
+    except Exception as exc:
+        if settings.log_level == "DEBUG":
+            raise
+        sys.stderr.write(startup_failure_line(settings, exc))
+        return STARTUP_FAILURE_EXIT
 
     import uvicorn
 
@@ -187,9 +205,12 @@ def _serve(settings: Settings, args: argparse.Namespace, prog: str) -> int:
     if args.workers == 1 and not args.reload:
         # The app and protocol built from these very settings: no round trip through the
         # environment.
-        uvicorn.run(create_app(settings), **common, http=protocol.configured(
-            settings.header_timeout_s, settings.max_header_bytes))
+        uvicorn.run(create_app(settings, engine=engine, warm_up=True), **common,
+                    http=protocol.configured(
+            settings.header_timeout_s, settings.max_header_bytes, settings.send_timeout_s,
+            settings.min_send_rate))
         return 0
+    del engine  # it was the check; each worker process loads its own
     settings.export_env()
     uvicorn.run(APP_IMPORT_STRING, http=protocol.IMPORT_STRING, reload=args.reload,
                 reload_dirs=[str(Path(__file__).resolve().parents[1])] if args.reload else None,

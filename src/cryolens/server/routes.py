@@ -13,7 +13,7 @@ from fastapi import FastAPI, Query, Request
 from starlette.responses import Response
 
 from cryolens import __version__, formats, operations
-from cryolens.errors import InputError, NotReady
+from cryolens.errors import Busy, InputError, NotReady
 from cryolens.operations import Operation, Result
 from cryolens.server import bodies, codecs, schemas
 from cryolens.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -83,15 +83,17 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-def parse_room(request: Request, max_body_bytes: int):
-    """Reserve this request's body in the server-wide parse budget (503 when it stays full):
-    its Content-Length, or the body limit when it declares none."""
-    size = bodies.declared_size(request, unknown=max_body_bytes)
-    return request.app.state.parse_budget.reserve(size)
+def parse_room(request: Request):
+    """Reserve this request's body in the server-wide parse budget as its bytes arrive (503
+    when the budget stays full); returned when the block ends."""
+    return request.app.state.parse_budget.reserve_body(request)
 
 
 def engine_of(request: Request):
     worker = request.app.state.worker
+    fault = worker.fault()
+    if fault is not None:
+        raise Busy(f"the server is restarting: {fault}")
     if not worker.ready.is_set():
         raise NotReady("the model is still loading; retry in a few seconds")
     return worker.engine
@@ -133,8 +135,12 @@ def _add_info_routes(app: FastAPI, settings: Settings) -> None:
                                "status": "running", "endpoints": endpoints})
 
     @app.get("/health", response_model=schemas.HealthResponse,
-             summary="Liveness check (never touches the model)")
-    async def health() -> ORJSONResponse:
+             summary="Liveness check (never touches the model): 503 once the inference "
+                     "thread is gone or stuck", responses={503: {"model": schemas.ErrorResponse}})
+    async def health(request: Request) -> ORJSONResponse:
+        fault = request.app.state.worker.fault()
+        if fault is not None:
+            return ORJSONResponse({"status": "unhealthy", "detail": fault}, status_code=503)
         return ORJSONResponse({"status": "healthy"})
 
     @app.get("/ready", response_model=schemas.HealthResponse,
@@ -299,7 +305,7 @@ def _add_model_routes(app: FastAPI, settings: Settings) -> tuple[str, ...]:
             rid = request.scope.get("state", {}).get("request_id", "")
             with worker.arriving():  # a batch being formed waits for this request
                 engine = await loaded_engine(request, settings.request_timeout_s)
-                async with parse_room(request, settings.max_body_bytes):
+                async with parse_room(request):
                     parsed = await bodies.read_volumes(
                         request, options, field, box=tuple(engine.box_shape),
                         max_volumes=settings.max_volumes, batch=batch)
@@ -400,7 +406,7 @@ def _add_statistics_routes(app: FastAPI, settings: Settings) -> None:
               summary="Statistics of a volume sent as JSON, .npy or MRC",
               responses=_VOLUME_ERRORS, openapi_extra=_body_doc(schemas.StatisticsRequest))
     async def statistics_post(request: Request) -> ORJSONResponse:
-        async with parse_room(request, settings.max_body_bytes):
+        async with parse_room(request):
             return await _statistics_post(request)
 
     async def _statistics_post(request: Request) -> ORJSONResponse:

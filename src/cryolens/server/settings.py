@@ -84,10 +84,18 @@ DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_KEEP_ALIVE_S = 5
 #: Open connections (and tasks) beyond which uvicorn answers 503 at once.
 DEFAULT_MAX_CONNECTIONS = 256
-#: Largest incomplete HTTP event (request line plus headers) h11 buffers, in bytes.
+#: Largest request line plus headers, in bytes, however they arrive (431 beyond it).
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 #: Seconds SIGTERM waits for requests in flight before closing their connections.
 DEFAULT_DRAIN_TIMEOUT_S = 30
+#: Seconds one batch may run before the inference thread counts as stuck (the server then
+#: answers 503 and exits 70 for its supervisor to restart it): far beyond any real batch.
+DEFAULT_STALL_TIMEOUT_S = 600.0
+#: Seconds an answer may sit unread: while the client takes less than --min-send-rate bytes
+#: per second of it over this long, the connection is closed and the answer freed.
+DEFAULT_SEND_TIMEOUT_S = 30.0
+#: Bytes per second a client must read of an answer it is sent (512 kbit/s, as for uploads).
+DEFAULT_MIN_SEND_RATE = 64 * 1024
 
 #: Accepted devices; ``cuda:N`` (N = 0, 1, ...) picks one GPU of several.
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
@@ -197,10 +205,21 @@ class Settings:
     max_connections: int = field(default=DEFAULT_MAX_CONNECTIONS, metadata={
         "help": "open connections beyond which new requests get 503 at once"})
     max_header_bytes: int = field(default=DEFAULT_MAX_HEADER_BYTES, metadata={
-        "help": "largest request line plus headers, in bytes"})
+        "help": "largest request line plus headers, in bytes; larger ones get 431 and the "
+                "connection is closed"})
     drain_timeout_s: int = field(default=DEFAULT_DRAIN_TIMEOUT_S, metadata={
-        "help": "seconds SIGTERM waits for requests in flight before closing their "
-                "connections (the process then exits 0)"})
+        "help": "seconds SIGTERM waits for requests in flight; then requests still waiting "
+                "get 503 with Retry-After, connections are closed and the process exits 0"})
+    stall_timeout_s: float = field(default=DEFAULT_STALL_TIMEOUT_S, metadata={
+        "help": "seconds one batch may run before the inference thread counts as stuck: "
+                "/health and /ready then answer 503 and the process exits 70, for its "
+                "supervisor to restart it"})
+    send_timeout_s: float = field(default=DEFAULT_SEND_TIMEOUT_S, metadata={
+        "help": "seconds over which a client must read at least --min-send-rate bytes/s of an "
+                "answer it is sent; otherwise the connection is closed and the answer freed"})
+    min_send_rate: int = field(default=DEFAULT_MIN_SEND_RATE, metadata={
+        "help": "bytes per second a client must read of its answer, over every "
+                "--send-timeout-s seconds (0: any progress will do)"})
 
     def __post_init__(self) -> None:
         try:
@@ -216,11 +235,13 @@ class Settings:
         for name in ("port", "max_body_bytes", "max_volumes", "queue_size", "retry_after_s",
                      "max_batch_size", "request_timeout_s", "codec_threads", "max_parse_bytes",
                      "body_timeout_s", "header_timeout_s", "keep_alive_s", "max_connections",
-                     "max_header_bytes", "drain_timeout_s"):
+                     "max_header_bytes", "drain_timeout_s", "stall_timeout_s",
+                     "send_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.min_body_rate < 0:
-            raise ValueError(f"min_body_rate must be 0 or more, got {self.min_body_rate}")
+        for name in ("min_body_rate", "min_send_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.parse_wait_s < 0:
             raise ValueError(f"parse_wait_s must be 0 or more, got {self.parse_wait_s}")
         if self.batch_wait_ms < 0:

@@ -10,6 +10,11 @@ runs them as one engine call and splits the results. A full queue raises
 :class:`~cryolens.errors.InferenceTimeout` (504) and never run; a job whose client went away
 (its future cancelled) is dropped.
 
+Nothing a job holds can stop the thread: jobs are compared by identity, and an exception in the
+loop itself (a bug of ours) is answered to the jobs in hand as a 500 while the loop goes on.
+:meth:`InferenceWorker.fault` says when the thread is gone anyway, or when one batch has run
+past ``stall_timeout_s``; the server's watchdog then answers 503 and ends the process.
+
 The thread also loads the model (``load()``) and warms it up before it takes the first job, so
 the server answers ``/health`` at once and ``/ready`` when the model is ready; requests sent
 while it loads simply wait in the queue. It runs ``nice`` steps below the event loop, and so do
@@ -34,6 +39,7 @@ import numpy as np
 from cryolens import heap
 from cryolens.errors import Busy, InferenceTimeout
 from cryolens.operations import Operation, Result, run_batched
+from cryolens.server.settings import DEFAULT_STALL_TIMEOUT_S
 
 if TYPE_CHECKING:
     from cryolens.engine import Engine
@@ -60,10 +66,11 @@ class _NoEvents:
         pass
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """``operation`` on ``volumes`` ((N, D, H, W) float32); its :class:`Result` or exception
-    resolves ``future`` on ``loop``."""
+    resolves ``future`` on ``loop``. Jobs are equal only to themselves: the queue removes them
+    by identity (a generated ``__eq__`` would compare their arrays, and raise)."""
 
     operation: Operation
     volumes: np.ndarray
@@ -79,8 +86,8 @@ class InferenceWorker:
 
     def __init__(self, load: Callable[[], Engine], *, queue_size: int, max_batch: int,
                  batch_wait_s: float, timeout_s: float, retry_after_s: int = 5,
-                 warm_up: bool = True, events: WorkerEvents | None = None, nice: int = 0
-                 ) -> None:
+                 warm_up: bool = True, events: WorkerEvents | None = None, nice: int = 0,
+                 stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> None:
         self._load = load
         self.queue_size = queue_size
         self.max_batch = max_batch
@@ -89,6 +96,7 @@ class InferenceWorker:
         self.retry_after_s = retry_after_s
         self.warm_up = warm_up
         self.nice = nice
+        self.stall_timeout_s = stall_timeout_s
         self.events = events or _NoEvents()
         self.engine: Engine | None = None
         self.ready = threading.Event()
@@ -100,6 +108,9 @@ class InferenceWorker:
         self._trim, self._trimmed_at = heap.trim, 0.0
         self._idle_trim_due = False  # a batch ran since the worker last fell idle
         self._thread: threading.Thread | None = None
+        self._in_hand: list[Job] = []  # taken from the queue, not yet answered
+        self._running_since: float | None = None  # monotonic start of the running batch
+        self._fault: str | None = None  # once found, for good
 
     @property
     def pending(self) -> int:
@@ -112,17 +123,44 @@ class InferenceWorker:
                                         name="cryolens-inference", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Stop after the running batch; jobs still queued are answered 503."""
+    def stop(self, timeout: float = STOP_TIMEOUT_S,
+             reason: str = "the server is shutting down") -> bool:
+        """Stop after the running batch; jobs still queued are answered 503 (``reason``).
+        True when the thread has ended, False when its batch still runs after ``timeout``."""
         with self._cond:
             self._stopping = True
             left = list(self._jobs)
             self._jobs.clear()
             self._cond.notify_all()
         for job in left:
-            _answer(job, None, Busy("the server is shutting down"))
+            _answer(job, None, Busy(reason))
         if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            return True
+        self._answer_in_hand(Busy(reason))  # the batch is abandoned: its requests are not
+        return False
+
+    def fault(self) -> str | None:
+        """Why the worker can no longer answer (its thread ended while serving, or one batch
+        has run past ``stall_timeout_s``), or None while it is sound. Once found, it stays."""
+        if self._fault is None:
+            self._fault = self._find_fault()
+        return self._fault
+
+    def _find_fault(self) -> str | None:
+        thread = self._thread
+        if thread is not None and not thread.is_alive() and not self._stopping \
+                and self.failure is None:
+            return "the inference thread has stopped"
+        since = self._running_since
+        if since is not None:
+            running = time.monotonic() - since
+            if running > self.stall_timeout_s:
+                return (f"one batch has run for {running:.0f} s, past the "
+                        f"{self.stall_timeout_s:g} s stall timeout: the inference thread is "
+                        "stuck")
+        return None
 
     @contextmanager
     def arriving(self) -> Iterator[None]:
@@ -175,15 +213,38 @@ class InferenceWorker:
             on_failure(exc)
             return
         self.ready.set()
-        while True:
+        try:
+            while self._serve_one():
+                pass
+        finally:  # the thread ends (stopping, or a BaseException): nobody is left waiting
+            self._answer_in_hand(Busy("the inference thread has stopped; retry shortly"))
+
+    def _serve_one(self) -> bool:
+        """Take and run one batch (or trim when idle); False once stopping. An exception
+        here is a bug of ours: logged, the jobs it concerns answered 500, the loop goes on."""
+        try:
             jobs = self._take()
             if jobs is None:
-                return
+                return False
             if jobs:
                 self._execute(jobs)
             else:  # idle a second since the last batch: what its requests freed goes back
                 self._trim_heap(at_once=True)
                 self._idle_trim_due = False
+        except Exception as exc:
+            logger.exception("inference worker error; the %d request(s) in hand get 500",
+                             len(self._in_hand))
+            self._answer_in_hand(RuntimeError(f"inference worker error: {exc}"))
+        finally:
+            self._running_since = None
+        self._in_hand = []
+        return True
+
+    def _answer_in_hand(self, exc: BaseException) -> None:
+        """Answer ``exc`` to every taken job not answered yet (answered ones keep theirs)."""
+        for job in list(self._in_hand):
+            _answer(job, None, exc)
+        self._in_hand = []
 
     def _warm_up(self) -> None:
         """One pass of each operation, so the first request does not pay for lazy set-up."""
@@ -192,8 +253,8 @@ class InferenceWorker:
                       Operation("reconstruct", segments=True)]
         if self.engine.device.type == "cuda":  # the fused render compiles once for each region
             operations.append(Operation("reconstruct", final_convolution=False, segments=True))
-        for operation in operations:
-            run_batched(self.engine, operation, [zeros])
+        for operation in operations:  # not timed as a batch: a first call's lazy set-up
+            run_batched(self.engine, operation, [zeros])  # may take long on a busy machine
 
     def _take(self) -> list[Job] | None:
         """The oldest live job and every waiting job of the same operation, up to
@@ -208,18 +269,21 @@ class InferenceWorker:
                 if self._stopping:
                     return None
                 first = self._jobs.popleft()
+                self._in_hand = [first]
                 if self._live(first):
                     break
-            group, size = [first], len(first.volumes)
+            group, size = self._in_hand, len(first.volumes)
             until = time.monotonic() + self.batch_wait_s
             while size < self.max_batch:
                 for job in list(self._jobs):
                     if job.operation == first.operation and \
                             size + len(job.volumes) <= self.max_batch:
-                        self._jobs.remove(job)
+                        self._jobs.remove(job)  # by identity (Job has no __eq__)
+                        group.append(job)
                         if self._live(job):
-                            group.append(job)
                             size += len(job.volumes)
+                        else:
+                            group.pop()
                 left = until - time.monotonic()
                 if size >= self.max_batch or left <= 0 or self._stopping or not self._arriving:
                     break
@@ -250,10 +314,10 @@ class InferenceWorker:
             self._trimmed_at = now
 
     def _execute(self, jobs: list[Job]) -> None:
-        started = time.monotonic()
+        started = self._running_since = time.monotonic()
         try:
             results = run_batched(self.engine, jobs[0].operation, [j.volumes for j in jobs])
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting requests
+        except Exception as exc:  # noqa: BLE001 - handed to the awaiting requests
             if len(jobs) == 1:
                 _answer(jobs[0], None, exc)
             else:  # find the job at fault: run each alone, so the others still get answers

@@ -1,0 +1,66 @@
+"""SIGTERM under load, past the drain deadline (issue #25, class 4), on a real process: every
+request in flight gets its answer or a JSON 503 with Retry-After (never uvicorn's plain-text
+500), the batch still running is finished or abandoned, and the process exits 0."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+from server_helpers import small_model_file, start_cli_server
+
+NPY = {"Content-Type": "application/x-npy"}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return small_model_file(tmp_path_factory.mktemp("model") / "small.safetensors")
+
+
+@pytest.mark.slow
+def test_sigterm_past_the_drain_deadline_answers_503_and_exits_0(model):
+    drain = 2
+    server = start_cli_server(model, "--drain-timeout-s", str(drain), "--queue-size", "64")
+    stack = np.random.default_rng(4).standard_normal((16, 48, 48, 48)).astype(np.float32)
+    body = io.BytesIO()
+    np.save(body, stack)
+    answers: list[requests.Response | Exception] = []
+    lock = threading.Lock()
+
+    def post() -> None:
+        try:
+            got: requests.Response | Exception = requests.post(
+                server.url + "/reconstruct", data=body.getvalue(), headers=NPY, timeout=60)
+        except requests.RequestException as exc:
+            got = exc
+        with lock:
+            answers.append(got)
+
+    try:
+        threads = [threading.Thread(target=post) for _ in range(36)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.5)  # all sent; a few answered, most queued
+        os.kill(server.process.pid, signal.SIGTERM)
+        code = server.process.wait(drain + 30)
+        for thread in threads:
+            thread.join(30)
+        output = server.output()
+    finally:
+        server.stop()
+    assert code == 0, output[-3000:]
+    assert "terminate called" not in output and "Exception in ASGI application" not in output
+    statuses = [a.status_code if isinstance(a, requests.Response) else type(a).__name__
+                for a in answers]
+    assert len(answers) == 36
+    refused = [a for a in answers if isinstance(a, requests.Response) and a.status_code == 503]
+    assert refused, statuses  # the drain cannot have served 36 x 16 reconstructions
+    assert set(statuses) <= {200, 503}, statuses
+    for answer in refused:
+        assert answer.headers["Retry-After"].isdigit()
+        assert answer.json()["detail"] == "the server is shutting down; retry shortly"
