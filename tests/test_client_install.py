@@ -26,6 +26,20 @@ SERVER_ONLY = ("torch", "fastapi", "uvicorn", "cryolens-server")
 
 pytestmark = pytest.mark.slow
 
+# the Python client in the client-only environment, from there and not from this checkout
+PYTHON_API = """
+import sys
+import numpy as np
+import cryolens.client
+from cryolens.client import CryoLensClient
+
+with CryoLensClient(sys.argv[1]) as client:
+    out = client.extract_features(np.ones((2, 48, 48, 48), np.float32))
+assert cryolens.client.__file__.startswith(sys.prefix), cryolens.client.__file__
+assert "torch" not in sys.modules
+print(out["embedding"].shape, "ok")
+"""
+
 
 def run(args: list, **kwargs) -> subprocess.CompletedProcess:
     # without PYTHONPATH: the fresh environment must not see this checkout's sources
@@ -97,8 +111,11 @@ def test_embed_on_a_server_from_the_client_alone_writes_the_in_process_table(
         remote = tmp_path / "remote.parquet"
         done = run([client_venv / "bin" / "cryolens", "embed", folder, "-o", remote,
                     "--server", server.url, "--quiet"], cwd=tmp_path, timeout=300)
+        called = run([client_venv / "bin" / "python", "-c", PYTHON_API, server.url],
+                     cwd=tmp_path, timeout=120)
     finally:
         server.stop()
+    assert called.returncode == 0 and called.stdout == "(2, 8) ok\n", called.stderr
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("embedded 5 particles in ")
     want, got = pq.read_table(local), pq.read_table(remote)

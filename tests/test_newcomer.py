@@ -4,7 +4,6 @@ map, `make serve` installs what serving needs only, and the console's small trut
 --help examples, `| head`, one registry of commands)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -20,9 +19,8 @@ from hypothesis import strategies as st
 from io_helpers import particle_stack, write_mrc
 from server_helpers import small_model_file, start_cli_server
 
-from cryolens.cli import build_parser, main
+from cryolens.cli import build_parser, main, parse_args
 from cryolens.commands import COMMANDS
-from cryolens.commands.train import build_parser as train_parser
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -239,13 +237,8 @@ def test_help_has_examples_that_parse(command, capsys):
     examples = text.split("example")[1].splitlines()[1:]
     commands = [line.strip() for line in examples if line.strip().startswith("cryolens ")]
     assert commands, text
-    parser = build_parser()
     for line in commands:
-        words = line.split()[1:]
-        if words[0] == "train":  # `cryolens train` parses with its own parser (cryolens.cli)
-            train_parser(argparse.ArgumentParser(add_help=False)).parse_args(words[1:])
-        else:
-            parser.parse_args(words)
+        parse_args(line.split()[1:])
 
 
 def test_embed_help_names_cuda_n_and_the_io_extra(capsys):

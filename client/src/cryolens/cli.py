@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         return NEEDS_SERVER_EXIT
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line ``argv`` (without the program's name) as :func:`main` reads it; not
+    ``cryolens serve``, whose arguments are the server's."""
     if argv[:1] == ["train"]:
         from cryolens.commands.train import build_parser as train_parser
 
@@ -78,7 +80,7 @@ def _main(argv: list[str]) -> int:
         from cryolens.commands.serve import serve
 
         return serve(argv[1:])
-    args = _parse(argv)
+    args = parse_args(argv)
     args.began = began
     heap.tune()  # the engine's batches without page faults (cryolens/heap.py)
     # force: each call (tests call main in-process) logs to the stderr of its own time
