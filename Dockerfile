@@ -16,7 +16,8 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install . && useradd --create-home --uid 1000 cryolens
+COPY client ./client
+RUN pip install ./client . && useradd --create-home --uid 1000 cryolens
 
 USER cryolens
 ENV CRYOLENS_DEVICE=cpu \

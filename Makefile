@@ -19,7 +19,7 @@ TORCH_INDEX := $(if $(TORCH),--index-url $(TORCH_INDEX_URL))
 PYTEST_ARGS ?=
 # napari, pytest-qt and ./napari-cryolens for tests/test_napari.py (~900 MB, ~2 minutes)
 NAPARI ?= 1
-NAPARI_REQS := 'napari[pyqt6]>=0.9,<0.10' pytest-qt -e ./napari-cryolens
+NAPARI_REQS := 'napari[pyqt6]>=0.9,<0.10' pytest-qt -e ./client -e ./napari-cryolens
 
 .PHONY: help install serve test test-quick bench lint
 
@@ -31,18 +31,18 @@ help:
 # environment; a full environment also serves, so serve waits on .installed when it exists.
 SERVE_STAMP := $(if $(wildcard $(VENV)/.installed),$(VENV)/.installed,$(VENV)/.serve)
 
-$(VENV)/.serve: pyproject.toml
+$(VENV)/.serve: pyproject.toml client/pyproject.toml
 	@echo "==> creating $(VENV) (first use only; pip shows its progress below)"
 	test -x $(PY) || python3 -m venv $(VENV)
 	@echo "==> installing PyTorch $(TORCH_VERSION)$(if $(TORCH), from $(TORCH_INDEX_URL)) (the largest download: minutes on a slow link)"
 	$(PY) -m pip install --progress-bar on "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
-	@echo "==> installing cryolens-server (what serving needs; make test adds the test tools)"
-	$(PY) -m pip install --progress-bar on -e .
+	@echo "==> installing cryolens-client and cryolens-server (what serving needs; make test adds the test tools)"
+	$(PY) -m pip install --progress-bar on -e ./client -e .
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.serve pyproject.toml napari-cryolens/pyproject.toml
 	@echo "==> adding the test tools and Ray to $(VENV)"
-	$(PY) -m pip install --progress-bar on -e '.[dev,ray]'
+	$(PY) -m pip install --progress-bar on -e ./client -e '.[dev,ray]'
 	@echo "==> $(if $(filter 0,$(NAPARI)),skipping napari (NAPARI=0),installing napari and the napari-cryolens plugin)"
 	$(if $(filter 0,$(NAPARI)),,$(PY) -m pip install --progress-bar on $(NAPARI_REQS))
 	touch $@
@@ -62,4 +62,4 @@ bench: $(VENV)/.installed
 	$(PY) bench/engine.py
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests bench scripts napari-cryolens
+	$(VENV)/bin/ruff check src client tests bench scripts napari-cryolens

@@ -23,6 +23,10 @@ COMMANDS = ["train", "evaluate", "info"]
 
 
 def subparser(name: str) -> argparse.ArgumentParser:
+    if name == "train":  # built only for `cryolens train` (its defaults come with PyTorch)
+        from cryolens.commands.train import build_parser
+
+        return build_parser(cli._common_options())
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[name]

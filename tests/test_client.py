@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import shutil
 import socket
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -32,7 +26,6 @@ from cryolens.client import (
 )
 from cryolens.errors import CryoLensError, InputError
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 REQUEST_ID = r"[0-9a-f]{32}"
 
@@ -440,51 +433,6 @@ def test_415_to_json_is_an_error():
 
 
 # -- without PyTorch --------------------------------------------------------------------------
-NO_TORCH_SCRIPT = textwrap.dedent("""
-    import importlib.util
-    import sys
-
-    import numpy as np
-    import cryolens.client
-    from cryolens.client import CryoLensClient
-
-    with CryoLensClient(sys.argv[1]) as client:
-        out = client.extract_features(np.ones((2, 48, 48, 48), np.float32), progress=True)
-    assert out["embedding"].shape == (2, 8), out["embedding"].shape
-    assert "torch" not in sys.modules, "cryolens.client imported torch"
-    assert importlib.util.find_spec("torch") is None, "the venv should not have torch"
-    assert cryolens.client.__file__.startswith(sys.prefix), cryolens.client.__file__
-    print("ok without torch")
-""")
-
-
-@pytest.mark.slow
-def test_client_alone_installs_and_works_without_torch(server, tmp_path):
-    """The README's route: the package with --no-deps, then numpy, httpx and tqdm."""
-    repo = SRC.parent
-    copy = tmp_path / "cryolens-server"  # built from a copy: no build/ left in the checkout
-    copy.mkdir()
-    shutil.copy(repo / "pyproject.toml", copy)
-    shutil.copy(repo / "README.md", copy)
-    shutil.copytree(SRC, copy / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    venv, python = tmp_path / "venv", tmp_path / "venv" / "bin" / "python"
-    try:
-        for command in ([sys.executable, "-m", "venv", str(venv)],
-                        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(copy)],
-                        [str(python), "-m", "pip", "install", "--quiet", "numpy", "httpx",
-                         "tqdm"]):
-            subprocess.run(command, check=True, capture_output=True, timeout=300)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
-        output = getattr(exc, "stderr", b"") or b""
-        pytest.skip(f"cannot build a venv with the client here (offline?): {exc} "
-                    f"{output.decode(errors='replace')[-500:]}")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    result = subprocess.run([str(python), "-c", NO_TORCH_SCRIPT, server.url], check=False,
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok without torch"
-
-
 def test_a_stack_answered_in_many_requests_is_never_held_twice(server):
     """Each request's arrays are written into one array per field for the whole stack as they
     come (not kept in a list, then concatenated), and neither a request's body nor an answer's

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from cryolens.engine import Engine
 from cryolens.evaluate import evaluate
 from cryolens.train import DEMO_CONFIG
 
-DATA = Path(str(resources.files("cryolens") / "data"))
+DATA = resources.files("cryolens.data")  # the package data of cryolens-server
 
 
 def test_demo_file_matches_its_recorded_hash():

@@ -183,7 +183,7 @@ def test_plugin_imports_neither_torch_nor_the_server():
             "import cryolens.io; "
             "bad = [m for m in ('torch', 'fastapi', 'uvicorn') if m in sys.modules]; "
             "assert not bad, bad")
-    env_path = f"{PLUGIN / 'src'}:{REPO / 'src'}"
+    env_path = f"{PLUGIN / 'src'}:{REPO / 'client' / 'src'}:{REPO / 'src'}"
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": env_path},
                    timeout=60)
 

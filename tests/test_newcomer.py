@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from io_helpers import particle_stack, write_mrc
 from server_helpers import small_model_file, start_cli_server
 
-from cryolens.cli import build_parser, main
+from cryolens.cli import build_parser, main, parse_args
 from cryolens.commands import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,9 +237,8 @@ def test_help_has_examples_that_parse(command, capsys):
     examples = text.split("example")[1].splitlines()[1:]
     commands = [line.strip() for line in examples if line.strip().startswith("cryolens ")]
     assert commands, text
-    parser = build_parser()
     for line in commands:
-        parser.parse_args(line.split()[1:])
+        parse_args(line.split()[1:])
 
 
 def test_embed_help_names_cuda_n_and_the_io_extra(capsys):
@@ -271,11 +270,11 @@ def make_dry_run(venv: Path, target: str) -> str:
 def test_make_serve_installs_only_what_serving_needs_and_make_test_adds_the_rest(tmp_path):
     venv = tmp_path / "venv"
     serve = make_dry_run(venv, "serve")
-    assert "torch==" in serve and "-m pip install --progress-bar on -e .\n" in serve
+    assert "torch==" in serve and "-m pip install --progress-bar on -e ./client -e .\n" in serve
     assert "[dev" not in serve and "napari" not in serve and "ray" not in serve
     venv.mkdir()
     (venv / ".serve").touch()  # `make serve` was run: `make test` adds, never starts again
     os.utime(venv / ".serve", (2**31, 2**31))
     test = make_dry_run(venv, "test")
-    assert "-e '.[dev,ray]'" in test and "napari" in test
+    assert "-e ./client -e '.[dev,ray]'" in test and "napari" in test
     assert "torch==" not in test and "python3 -m venv" not in test

@@ -153,8 +153,8 @@ def exercise(argv: list[str], env: dict[str, str], request) -> None:
     elif program == "cryolens":
         from cryolens import cli
 
-        args = cli.build_parser().parse_args(argv[1:])
-        if args.command == "info" and (args.checkpoint is None or args.log_level == "DEBUG"):
+        args = cli.parse_args(argv[1:])
+        if getattr(args, "command", None) == "info" and (args.checkpoint is None or args.log_level == "DEBUG"):
             if args.log_level == "DEBUG":  # the documented traceback of a missing file
                 from cryolens.errors import CheckpointError
 

@@ -96,8 +96,8 @@ def test_fused_kernel_in_tritons_interpreter_matches_the_separable_render():
         print(worst, nan)
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests"),
-                                          os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(REPO / "client" / "src"), str(REPO / "src"),
+                                          str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", script], check=False, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -56,7 +56,7 @@ def test_structures_load_unique_and_match_provenance(structures: list[Structure]
     assert len(structures) >= 10
     names = [s.name for s in structures]
     assert len(set(names)) == len(names)
-    data = resources.files("cryolens") / "data"
+    data = resources.files("cryolens.data")
     meta = json.loads((data / "structures.json").read_text())
     records = {r["name"]: r for r in meta["structures"]}
     assert list(records) == names

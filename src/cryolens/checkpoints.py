@@ -232,7 +232,7 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
 
 def _package_path(spec: CheckpointSpec) -> Path:
     assert spec.package_file is not None
-    return Path(str(resources.files("cryolens") / "data" / spec.package_file))
+    return Path(str(resources.files("cryolens.data") / spec.package_file))
 
 
 def _package_checkpoint(spec: CheckpointSpec, source: str) -> ResolvedCheckpoint:

@@ -90,7 +90,7 @@ class ParticleBatch:
 
 @functools.lru_cache(maxsize=1)
 def _packaged_structures() -> tuple[Structure, ...]:
-    data = resources.files("cryolens") / "data"
+    data = resources.files("cryolens.data")
     meta = json.loads((data / "structures.json").read_text())
     pdb_ids = {rec["name"]: rec["pdb_id"] for rec in meta["structures"]}
     with (data / "structures.npz").open("rb") as fh, np.load(fh, allow_pickle=False) as npz:

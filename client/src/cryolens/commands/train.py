@@ -1,10 +1,15 @@
-"""``cryolens train``: train a model on simulated particles, or fine-tune one on yours."""
+"""``cryolens train``: train a model on simulated particles, or fine-tune one on yours.
+
+Its options' defaults are those of :class:`cryolens.train.TrainSettings`, which comes with
+cryolens-server and PyTorch; so ``cryolens --help`` lists ``train`` without building its
+parser, and ``cryolens.cli`` builds it (:func:`build_parser`) only for ``cryolens train``.
+"""
 from __future__ import annotations
 
 import argparse
 from dataclasses import fields
 
-from cryolens.cliutil import positive_int, positive_number
+from cryolens.cliutil import ArgumentParser, positive_int, positive_number
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,13 +23,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+HELP = "train a model on simulated particles, or fine-tune on yours"
+
+
 def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
+    """``train`` in ``cryolens --help``; ``cryolens train`` itself parses with
+    :func:`build_parser`."""
+    subparsers.add_parser("train", add_help=False, help=HELP)
+
+
+def build_parser(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The parser of ``cryolens train``; needs cryolens-server (ModuleNotFoundError without)."""
     from cryolens.train import TrainSettings
 
     d = TrainSettings()
-    t = subparsers.add_parser(
-        "train", parents=[common],
-        help="train a model on simulated particles, or fine-tune on yours",
+    t = ArgumentParser(
+        prog="cryolens train", parents=[common],
         description="Train a CryoLens model on simulated particles, or fine-tune one on your own "
                     "particles (--data).\nRe-running the same command resumes from the last "
                     "checkpoint in --out-dir.",
@@ -76,3 +90,4 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
                    help="ignore checkpoints already in --out-dir and start again")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(run=run)
+    return t

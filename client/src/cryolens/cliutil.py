@@ -2,8 +2,9 @@
 default, usage errors in one line, and failures in one line unless the log level is DEBUG.
 
 Exit statuses: 0 success, 1 a failure while running (``prog: message`` on stderr), 2 a usage
-error (``prog: error: message (see prog --help)``), 3 a server whose model cannot load,
-130 interrupted with Ctrl-C.
+error (``prog: error: message (see prog --help)``), 3 a server whose model cannot load, or a
+command that needs cryolens-server run where only cryolens-client is installed, 130
+interrupted with Ctrl-C.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from typing import NoReturn
 
 FAILURE_EXIT = 1
 USAGE_EXIT = 2
+NEEDS_SERVER_EXIT = 3
+#: What a command that computes here says where cryolens-server (PyTorch, the engine) is absent.
+NEEDS_SERVER = "install cryolens-server for local inference"
 INTERRUPTED_EXIT = 130
 
 
@@ -107,6 +111,17 @@ def fail(prog: str, exc: BaseException) -> int:
         print(f"{prog}: {type(exc).__name__}: {one_line(exc)} (run again with --log-level debug "
               "for the traceback)", file=sys.stderr)
     return FAILURE_EXIT
+
+
+def needs_server(exc: ModuleNotFoundError) -> bool:
+    """Whether ``exc`` means that this environment has cryolens-client without cryolens-server:
+    PyTorch or one of the server's ``cryolens`` modules is missing."""
+    from importlib.util import find_spec
+
+    name = exc.name or ""
+    if name.split(".")[0] != "torch" and not name.startswith("cryolens."):
+        return False
+    return find_spec("torch") is None or find_spec("cryolens.engine") is None
 
 
 def quiet_broken_pipe() -> int:

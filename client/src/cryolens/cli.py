@@ -3,9 +3,11 @@ and evaluate models; serve them.
 
 The sub-commands are the modules of :mod:`cryolens.commands`, registered there in one list;
 ``cryolens <command> --help`` lists a command's options with their defaults. ``cryolens serve``
-hands the rest of its command line to the server's own parser. A failure prints one line,
-``cryolens: <message>``, and exits 1 (usage errors exit 2); ``--log-level debug`` shows the
-traceback instead.
+hands the rest of its command line to the server's own parser, and ``cryolens train`` to its
+own (both need cryolens-server, so ``cryolens --help`` builds neither). A failure prints one
+line, ``cryolens: <message>``, and exits 1 (usage errors exit 2); ``--log-level debug`` shows
+the traceback instead. Where only cryolens-client is installed, the commands that compute here
+say ``cryolens: install cryolens-server for local inference`` and exit 3.
 """
 from __future__ import annotations
 
@@ -15,7 +17,14 @@ import sys
 import time
 
 from cryolens import __version__, heap
-from cryolens.cliutil import ArgumentParser, fail, quiet_broken_pipe
+from cryolens.cliutil import (
+    NEEDS_SERVER,
+    NEEDS_SERVER_EXIT,
+    ArgumentParser,
+    fail,
+    needs_server,
+    quiet_broken_pipe,
+)
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -46,13 +55,32 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except ModuleNotFoundError as exc:
+        if not needs_server(exc):
+            raise
+        print(f"cryolens: {NEEDS_SERVER}", file=sys.stderr)
+        return NEEDS_SERVER_EXIT
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line ``argv`` (without the program's name) as :func:`main` reads it; not
+    ``cryolens serve``, whose arguments are the server's."""
+    if argv[:1] == ["train"]:
+        from cryolens.commands.train import build_parser as train_parser
+
+        return train_parser(_common_options()).parse_args(argv[1:])
+    return build_parser().parse_args(argv)
+
+
+def _main(argv: list[str]) -> int:
     began = time.perf_counter()  # a command's summary counts its whole wall time from here
-    argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
         from cryolens.commands.serve import serve
 
         return serve(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     args.began = began
     heap.tune()  # the engine's batches without page faults (cryolens/heap.py)
     # force: each call (tests call main in-process) logs to the stderr of its own time
@@ -65,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `cryolens info demo | head`: the reader has all it wanted
         return quiet_broken_pipe()
     except (Exception, KeyboardInterrupt) as exc:
-        if args.log_level == "DEBUG":
-            raise
+        if args.log_level == "DEBUG" or (isinstance(exc, ModuleNotFoundError)
+                                         and needs_server(exc)):
+            raise  # the traceback, or main's one line
         return fail("cryolens", exc)
 
 
