@@ -22,7 +22,34 @@ from cryolens.records import (
 from cryolens.tables.read import TableOptions
 
 
-class CopickReader(Reader):
+class CutReader(Reader):
+    """Boxes cut around picks from their tomograms, each box placed by its record's origin and
+    filled with the tomogram's mean past its edge. The last tomogram read is kept while the
+    next picks are in it (``_cached``)."""
+
+    options: ReadOptions
+    _cached: tuple | None = None
+
+    def voxels(self, record: ParticleRecord) -> tuple[np.ndarray, float]:  # pragma: no cover
+        """The voxels (z, y, x) of the tomogram ``record`` was picked in, and their mean."""
+        raise NotImplementedError
+
+    def read(self, items: Sequence[int]) -> list[np.ndarray]:
+        out = []
+        for item in items:
+            record = self.records[item]
+            data, mean = self.voxels(record)
+            side = source_box(record.voxel_size, self.options)
+            lo = [round(o / record.voxel_size)
+                  for o in (record.origin_z, record.origin_y, record.origin_x)]
+            out.append(cut_box(data, lo, side, mean))
+        return out
+
+    def close(self) -> None:
+        self._cached = None
+
+
+class CopickReader(CutReader):
     """Boxes cut around picks in each run's tomogram; a run's tomogram is read once."""
 
     def __init__(self, config: Path, options: ReadOptions, picks: CopickOptions) -> None:
@@ -114,22 +141,11 @@ class CopickReader(Reader):
             self._cached = (run, data, float(data.mean(dtype=np.float64)))
         return self._cached[1], self._cached[2]
 
-    def read(self, items: Sequence[int]) -> list[np.ndarray]:
-        out = []
-        for item in items:
-            record = self.records[item]
-            data, mean = self._tomogram(record.run)
-            side = source_box(record.voxel_size, self.options)
-            lo = [round(o / record.voxel_size)
-                  for o in (record.origin_z, record.origin_y, record.origin_x)]
-            out.append(cut_box(data, lo, side, mean))
-        return out
-
-    def close(self) -> None:
-        self._cached = None
+    def voxels(self, record: ParticleRecord) -> tuple[np.ndarray, float]:
+        return self._tomogram(record.run)
 
 
-class TableReader(Reader):
+class TableReader(CutReader):
     """Boxes cut around a particle table's rows (:mod:`cryolens.tables`) in their tomograms,
     placed and rounded as copick picks are; a tomogram's voxels are memory-mapped."""
 
@@ -161,25 +177,14 @@ class TableReader(Reader):
     def files(self) -> list[Path]:
         return [self.path, *(Path(p) for p in sorted(self.tomograms))]
 
-    def read(self, items: Sequence[int]) -> list[np.ndarray]:
-        out = []
-        for item in items:
-            record = self.records[item]
-            if self._cached is None or self._cached[0] != record.tomogram:
-                self._cached = None
-                try:
-                    data = self.tomograms[record.tomogram].data()
-                    mean = float(data.mean(dtype=np.float64))
-                except (ValueError, OSError) as exc:
-                    raise InputError(f"tomogram {record.tomogram}: cannot read its voxels: "
-                                     f"{exc}", field="tomograms") from exc
-                self._cached = (record.tomogram, data, mean)
-            _, data, mean = self._cached
-            side = source_box(record.voxel_size, self.options)
-            lo = [round(o / record.voxel_size)
-                  for o in (record.origin_z, record.origin_y, record.origin_x)]
-            out.append(cut_box(data, lo, side, mean))
-        return out
-
-    def close(self) -> None:
-        self._cached = None
+    def voxels(self, record: ParticleRecord) -> tuple[np.ndarray, float]:
+        if self._cached is None or self._cached[0] != record.tomogram:
+            self._cached = None
+            try:
+                data = self.tomograms[record.tomogram].data()
+                mean = float(data.mean(dtype=np.float64))
+            except (ValueError, OSError) as exc:
+                raise InputError(f"tomogram {record.tomogram}: cannot read its voxels: "
+                                 f"{exc}", field="tomograms") from exc
+            self._cached = (record.tomogram, data, mean)
+        return self._cached[1], self._cached[2]

@@ -55,7 +55,7 @@ from cryolens.boxes import (
     full_positions,
     source_box,
 )
-from cryolens.cutreaders import CopickReader, TableReader
+from cryolens.cutreaders import CopickReader, CutReader, TableReader
 from cryolens.errors import InputError
 from cryolens.readers import ArrayReader, MrcReader, Reader
 from cryolens.records import (
@@ -268,7 +268,7 @@ def open_particles(sources: str | Path | Sequence[str | Path], options: ReadOpti
     items = []
     for r, reader in enumerate(readers):
         if options.declared_voxel_size is not None and \
-                not isinstance(reader, (CopickReader, TableReader)):
+                not isinstance(reader, CutReader):
             reader.records = [replace(rec, voxel_size=float(options.declared_voxel_size))
                               for rec in reader.records]
         for i, record in enumerate(reader.records):
