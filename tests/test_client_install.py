@@ -1,6 +1,7 @@
 """cryolens-client installed alone (client/, no PyTorch): its wheel builds, installs into a fresh
 virtual environment, and there ``cryolens embed --server`` writes the table an in-process
-``cryolens embed`` writes, while local inference says in one line what to install.
+``cryolens embed`` writes, ``cryolens map`` draws it, and local inference says in one line what
+to install.
 
 The client's dependencies come from the package index (pip's cache makes a second run quick);
 set CRYOLENS_WHEELHOUSE to a folder of wheels to install with ``--no-index`` from it instead.
@@ -88,7 +89,8 @@ def test_the_client_alone_installs_without_pytorch_or_the_server(client_venv):
 @pytest.mark.parametrize("argv", [["info"], ["info", "demo", "--json"], ["serve"],
                                   ["train", "--steps", "1"], ["evaluate"],
                                   ["embed", "particles/", "-o", "out.parquet"],
-                                  ["reconstruct", "particles/", "-o", "out/"]])
+                                  ["reconstruct", "particles/", "-o", "out/"],
+                                  ["show", "particles/", "-o", "show.png"]])
 def test_local_inference_says_in_one_line_what_to_install(client_venv, argv):
     done = run([client_venv / "bin" / "cryolens", *argv], cwd=client_venv)
     assert done.returncode == 3
@@ -132,3 +134,6 @@ def test_embed_on_a_server_from_the_client_alone_writes_the_in_process_table(
     assert want_meta["identity"].pop("server") is None
     del got_meta["created"], want_meta["created"]  # the time each was written
     assert got_meta == want_meta and got_meta["checkpoint_sha256"]
+    mapped = run([client_venv / "bin" / "cryolens", "map", remote, "-o", tmp_path / "map.png"],
+                 cwd=tmp_path, timeout=300)  # no model needed: works with the client alone
+    assert mapped.returncode == 0 and (tmp_path / "map.png").stat().st_size > 0, mapped.stderr
