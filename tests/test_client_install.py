@@ -9,6 +9,7 @@ set CRYOLENS_WHEELHOUSE to a folder of wheels to install with ``--no-index`` fro
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,17 +54,20 @@ def run(args: list, **kwargs) -> subprocess.CompletedProcess:
 def client_venv(tmp_path_factory) -> Path:
     """A fresh virtual environment with the cryolens-client wheel and its dependencies only."""
     root = tmp_path_factory.mktemp("client-only")
+    source = root / "client"  # built from a copy: no build/ left in the checkout
+    shutil.copytree(REPO / "client", source,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     wheels = root / "wheels"
     built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                 "-w", wheels, REPO / "client"], timeout=300)
+                 "-w", wheels, source], timeout=300)
     assert built.returncode == 0, built.stdout + built.stderr
     (wheel,) = wheels.glob("cryolens_client-*.whl")
     venv = root / "venv"
     made = run([sys.executable, "-m", "venv", venv], timeout=120)
     assert made.returncode == 0, made.stderr
     house = os.environ.get("CRYOLENS_WHEELHOUSE")
-    source = ["--no-index", "--find-links", house] if house else []
-    installed = run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", *source, wheel],
+    index = ["--no-index", "--find-links", house] if house else []
+    installed = run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", *index, wheel],
                     timeout=600)
     if installed.returncode != 0 and not house and "No matching distribution" in installed.stderr:
         pytest.skip(f"the client's dependencies could not be installed (offline?): "
