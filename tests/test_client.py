@@ -16,12 +16,12 @@ import pytest
 from server_helpers import free_port
 
 from cryolens import formats
+from cryolens.answers import volume_stack
 from cryolens.client import (
     AsyncCryoLensClient,
     CryoLensClient,
     CryoLensConnectionError,
     CryoLensHTTPError,
-    _volumes,
     retry_wait,
 )
 from cryolens.errors import CryoLensError, InputError
@@ -197,10 +197,10 @@ def test_a_stack_is_converted_a_request_at_a_time_not_copied_whole(server):
     """A float64 stack, a strided view or a memmap is turned into float32 one request's
     volumes at a time: for a dataset on disk, a whole copy would be the dataset in memory."""
     stack = particles(6, seed=6).astype(np.float64)
-    kept, stacked = _volumes(stack)
+    kept, stacked = volume_stack(stack)
     assert stacked and kept.dtype == np.float64 and np.shares_memory(kept, stack)
     reversed_view = stack[::-1]
-    assert np.shares_memory(_volumes(reversed_view)[0], stack)
+    assert np.shares_memory(volume_stack(reversed_view)[0], stack)
     with CryoLensClient(server.url, batch_size=4) as c:
         expected = c.extract_features(stack.astype(np.float32))["embedding"]
         np.testing.assert_allclose(c.extract_features(stack)["embedding"], expected, **TOL)

@@ -1,6 +1,7 @@
 """cryolens-client installed alone (client/, no PyTorch): its wheel builds, installs into a fresh
 virtual environment, and there ``cryolens embed --server`` writes the table an in-process
-``cryolens embed`` writes, while local inference says in one line what to install.
+``cryolens embed`` writes, ``cryolens map`` draws it, and local inference says in one line what
+to install.
 
 The client's dependencies come from the package index (pip's cache makes a second run quick);
 set CRYOLENS_WHEELHOUSE to a folder of wheels to install with ``--no-index`` from it instead.
@@ -8,6 +9,7 @@ set CRYOLENS_WHEELHOUSE to a folder of wheels to install with ``--no-index`` fro
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,17 +54,20 @@ def run(args: list, **kwargs) -> subprocess.CompletedProcess:
 def client_venv(tmp_path_factory) -> Path:
     """A fresh virtual environment with the cryolens-client wheel and its dependencies only."""
     root = tmp_path_factory.mktemp("client-only")
+    source = root / "client"  # built from a copy: no build/ left in the checkout
+    shutil.copytree(REPO / "client", source,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     wheels = root / "wheels"
     built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                 "-w", wheels, REPO / "client"], timeout=300)
+                 "-w", wheels, source], timeout=300)
     assert built.returncode == 0, built.stdout + built.stderr
     (wheel,) = wheels.glob("cryolens_client-*.whl")
     venv = root / "venv"
     made = run([sys.executable, "-m", "venv", venv], timeout=120)
     assert made.returncode == 0, made.stderr
     house = os.environ.get("CRYOLENS_WHEELHOUSE")
-    source = ["--no-index", "--find-links", house] if house else []
-    installed = run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", *source, wheel],
+    index = ["--no-index", "--find-links", house] if house else []
+    installed = run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", *index, wheel],
                     timeout=600)
     if installed.returncode != 0 and not house and "No matching distribution" in installed.stderr:
         pytest.skip(f"the client's dependencies could not be installed (offline?): "
@@ -88,7 +93,8 @@ def test_the_client_alone_installs_without_pytorch_or_the_server(client_venv):
 @pytest.mark.parametrize("argv", [["info"], ["info", "demo", "--json"], ["serve"],
                                   ["train", "--steps", "1"], ["evaluate"],
                                   ["embed", "particles/", "-o", "out.parquet"],
-                                  ["reconstruct", "particles/", "-o", "out/"]])
+                                  ["reconstruct", "particles/", "-o", "out/"],
+                                  ["show", "particles/", "-o", "show.png"]])
 def test_local_inference_says_in_one_line_what_to_install(client_venv, argv):
     done = run([client_venv / "bin" / "cryolens", *argv], cwd=client_venv)
     assert done.returncode == 3
@@ -132,3 +138,6 @@ def test_embed_on_a_server_from_the_client_alone_writes_the_in_process_table(
     assert want_meta["identity"].pop("server") is None
     del got_meta["created"], want_meta["created"]  # the time each was written
     assert got_meta == want_meta and got_meta["checkpoint_sha256"]
+    mapped = run([client_venv / "bin" / "cryolens", "map", remote, "-o", tmp_path / "map.png"],
+                 cwd=tmp_path, timeout=300)  # no model needed: works with the client alone
+    assert mapped.returncode == 0 and (tmp_path / "map.png").stat().st_size > 0, mapped.stderr

@@ -1,16 +1,14 @@
 """Named, local and downloaded CryoLens checkpoints: find the file, check its sha256, load it safely.
 
 Never executes a pickle; infers the architecture from the weights alone, never from the file name.
+Reading a file (:mod:`cryolens.statedicts`) and downloading one (:mod:`cryolens.downloads`) are
+modules of their own; their public names are importable from here too.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import re
-import socket
-import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -20,9 +18,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
-from cryolens.errors import CheckpointError, DeviceError, UnsafeCheckpointError
-from cryolens.model.config import ENCODER_CHANNELS, CryoLensConfig
+from cryolens.downloads import CACHE_DIR_ENV, download
+from cryolens.errors import CheckpointError, DeviceError
+from cryolens.model.config import CryoLensConfig
 from cryolens.model.vae import CryoLensVAE
+from cryolens.statedicts import check_keys, infer_config, read_state_dict, sha256_of
 
 __all__ = [
     "CACHE_DIR_ENV",
@@ -46,16 +46,6 @@ __all__ = [
 DEFAULT_TIMEOUT = 10.0
 #: Seconds a whole download may take, however slowly its bytes come (v001 at 1 MB/s: ~3 min).
 DEFAULT_DOWNLOAD_DEADLINE = 900.0
-#: Bytes read from the network at a time, at most.
-_DOWNLOAD_CHUNK = 1 << 20
-#: Environment variable that moves the download cache away from the per-user default.
-CACHE_DIR_ENV = "CRYOLENS_CACHE_DIR"
-#: Key prefixes added by Lightning (``model.``), DDP (``module.``) and torch.compile (``_orig_mod.``).
-STRIPPED_PREFIXES: tuple[str, ...] = ("model.", "module.", "_orig_mod.")
-#: State-dict entries that are the renderer's grid, rebuilt on load whatever their stored shape.
-IGNORED_KEY_PART = "coords"
-#: How many offending keys an error message lists before giving the count only.
-_KEYS_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -148,14 +138,6 @@ def default_cache_dir() -> Path:
     import pooch
 
     return Path(pooch.os_cache("cryolens")).expanduser().resolve()
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def list_checkpoints(cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
@@ -277,303 +259,11 @@ def _fetch_url(url: str, *, cache_dir: str | os.PathLike | None, timeout: float,
 def _download(url: str, cached: Path, sha256: str | None, *, name: str, source: str,
               timeout: float, spec: CheckpointSpec | None,
               deadline: float = DEFAULT_DOWNLOAD_DEADLINE) -> ResolvedCheckpoint:
-    """The cached file, or ``url`` downloaded within ``deadline`` seconds in all into a part
-    file that becomes the cached one only once its sha256 matches (when known) and it reads as
-    a CryoLens checkpoint: a web page answered 200, say, is never cached."""
-    stale = ""
-    if cached.is_file():
-        actual = sha256_of(cached)
-        if actual == sha256 or (sha256 is None and _looks_like_checkpoint(_head(cached))):
-            return ResolvedCheckpoint(path=cached, name=name, sha256=actual, source=source,
-                                      origin="cache")
-        stale = f" (the cached copy at {cached} has the wrong sha256 {actual})" if sha256 else \
-            f" (the cached copy at {cached} is not a checkpoint)"
-
-    import requests
-    import urllib3
-
-    started = time.monotonic()
-    # a folder of its own, so the part file has the file's name (in messages too)
-    part = cached.parent / f".part-{os.getpid()}-{threading.get_ident()}" / cached.name
-    try:
-        _lookup_host(url, timeout)
-        # A blackholed network eats the connect timeout, so give it only what the lookup left.
-        connect = max(timeout - (time.monotonic() - started), 0.1)
-        actual = _stream(url, part, (connect, timeout), started + deadline)
-        if sha256 is not None and actual != sha256:
-            raise _HashMismatch(actual)
-        infer_config(read_state_dict(part)[0])
-        os.replace(part, cached)
-    except CheckpointError as exc:
-        raise type(exc)(f"Downloaded {url}, but {_lower_first(str(exc))}; it was not cached"
-                        ) from exc
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError
-            ) as exc:
-        raise CheckpointError(_download_failure(url, exc, timeout, cached, sha256, spec) + stale
-                              ) from exc
-    finally:
-        part.unlink(missing_ok=True)
-        if part.parent.is_dir():
-            part.parent.rmdir()
+    """The cached file, or ``url`` downloaded now (:func:`cryolens.downloads.download`)."""
+    actual, origin = download(url, cached, sha256, timeout=timeout, deadline=deadline,
+                              registry_name=spec.name if spec else None)
     return ResolvedCheckpoint(path=cached, name=name, sha256=actual, source=source,
-                              origin="download")
-
-
-class _HashMismatch(ValueError):
-    """The downloaded bytes hash to ``args[0]``, not the expected sha256."""
-
-
-class _DeadlinePassed(TimeoutError):
-    """A download still unfinished at its deadline (``args[0]``: bytes received by then)."""
-
-
-def _stream(url: str, part: Path, timeout: tuple[float, float], deadline_at: float) -> str:
-    """GET ``url`` into the file ``part``; its sha256. Each read returns whatever has arrived
-    (``read1``), so a server that sends a byte a second still meets the deadline, checked
-    between reads (one read waits at most ``timeout[1]``)."""
-    import requests
-
-    digest = hashlib.sha256()
-    received = 0
-    headers = {"Accept-Encoding": "identity"}  # the file's own bytes, hashed as they come
-    with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
-        response.raise_for_status()
-        part.parent.mkdir(parents=True, exist_ok=True)
-        # urllib3 < 2.1 has no read1: its read waits for a whole chunk (or the read timeout)
-        read = getattr(response.raw, "read1", None) or response.raw.read
-        with open(part, "wb") as out:
-            while True:
-                if time.monotonic() > deadline_at:
-                    raise _DeadlinePassed(received)
-                chunk = read(_DOWNLOAD_CHUNK)
-                if not chunk:
-                    break
-                digest.update(chunk)
-                out.write(chunk)
-                received += len(chunk)
-    return digest.hexdigest()
-
-
-def _lower_first(text: str) -> str:
-    return text[:1].lower() + text[1:]
-
-
-def _lookup_host(url: str, timeout: float) -> None:
-    """Resolve the URL's host within ``timeout``: requests' own timeouts do not cover DNS, and an
-    offline resolver can otherwise stall for tens of seconds."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    outcome: list[BaseException | None] = []
-
-    def lookup() -> None:
-        try:
-            default_port = 80 if parts.scheme.lower() == "http" else 443
-            socket.getaddrinfo(host, parts.port or default_port, type=socket.SOCK_STREAM)
-            outcome.append(None)
-        except OSError as exc:
-            outcome.append(exc)
-
-    worker = threading.Thread(target=lookup, name="cryolens-dns", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if not outcome:
-        raise TimeoutError(f"looking up host {host!r} took longer than {timeout:g} s")
-    if outcome[0] is not None:
-        raise OSError(f"cannot resolve host {host!r} ({outcome[0]})")
-
-
-def _download_failure(url: str, exc: BaseException, timeout: float, cached: Path,
-                      sha256: str | None, spec: CheckpointSpec | None) -> str:
-    """One paragraph: what happened, then what to do about it."""
-    import requests
-
-    if isinstance(exc, _HashMismatch):
-        what = (f"Downloaded {url} but its sha256 does not match the expected {sha256} (it "
-                f"is {exc.args[0]}); the file was discarded")
-    else:
-        if isinstance(exc, _DeadlinePassed):
-            reason = (f"the download was not finished by its deadline ({exc.args[0]} bytes "
-                      "received)")
-        elif isinstance(exc, requests.HTTPError) and exc.response is not None:
-            reason = f"HTTP {exc.response.status_code} {exc.response.reason or ''}".strip()
-        elif isinstance(exc, requests.ConnectTimeout | TimeoutError):
-            reason = f"no connection within {timeout:g} s"
-        elif isinstance(exc, requests.Timeout):
-            reason = f"the server did not answer within {timeout:g} s"
-        else:
-            found = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(exc))
-            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-            reason = found.group(0) if found else first_line
-        what = f"Could not download {url}: {reason}"
-    pinned = f" (sha256 {sha256})" if sha256 else ""
-    label = f"checkpoint {spec.name!r}" if spec else "the checkpoint"
-    # URL downloads live in a sub-folder of the cache; name the file as it sits under the root.
-    under_root = cached.name if spec else f"{cached.parent.name}/{cached.name}"
-    return (
-        f"{what}. To use {label} without this download: pass a local path to the file, or "
-        f"pre-fill the cache by copying it to {cached}{pinned}, or set {CACHE_DIR_ENV} to a "
-        f"folder that already holds {under_root}; or use `--checkpoint demo` for the small model "
-        f"shipped with the package."
-    )
-
-
-# -- reading ---------------------------------------------------------------------------------------
-def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
-    """Load a checkpoint file's weights without running any code from it.
-
-    Accepts safetensors and ``torch.save`` files loadable with ``weights_only=True`` holding a raw
-    state dict, a Lightning checkpoint (``state_dict``) or ``{'model_state_dict': ...}``; the format
-    is read from the bytes, not the file name. Returns the state dict with ``model.``,
-    ``module.`` and ``_orig_mod.`` prefixes stripped and the renderer's ``coords`` buffer dropped,
-    and the layout: ``"state_dict"``, ``"lightning"``, ``"model_state_dict"`` or ``"safetensors"``.
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(16)
-    except OSError as exc:
-        raise CheckpointError(f"Cannot read checkpoint {path.name}: {exc}") from exc
-
-    if not _looks_like_checkpoint(head):
-        raise CheckpointError(f"{path.name} is not a checkpoint: {_what_it_is(head)}, not "
-                              "safetensors or a PyTorch file")
-    if _looks_like_safetensors(head):
-        from safetensors.torch import load_file
-
-        try:
-            raw: Any = load_file(str(path), device="cpu")
-        except Exception as exc:
-            raise CheckpointError(f"{path.name} is not a readable safetensors file: {exc}") from exc
-        layout = "safetensors"
-    else:
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            # only a pickle that names a global (a function or class to call) would run code;
-            # any other refusal is of bytes that are no pickle torch wrote (an odd opcode)
-            if "weights only" not in str(exc).lower() or "GLOBAL" not in str(exc):
-                raise CheckpointError(f"{path.name} is not a checkpoint: a damaged or foreign "
-                                      "PyTorch pickle that torch.load cannot read") from exc
-            wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            asks = f" (it asks for {wanted.group(1)})" if wanted else ""
-            raise UnsafeCheckpointError(
-                f"Refusing to load {path.name}: it contains Python objects that would run code "
-                f"when loaded{asks}, and CryoLens never loads such files. Re-save it as a plain "
-                "state dict (torch.save(model.state_dict(), path)) or as safetensors, on a machine "
-                "where you trust the file."
-            ) from exc
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:160]
-            raise CheckpointError(
-                f"{path.name} is not a readable PyTorch checkpoint ({type(exc).__name__}: {first})"
-            ) from exc
-        layout, raw = _unwrap(raw, path.name)
-    return _clean(raw, path.name), layout
-
-
-def _head(path: Path) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read(16)
-
-
-def _looks_like_checkpoint(head: bytes) -> bool:
-    """Could a file starting with ``head`` be a checkpoint: safetensors, a zip (``torch.save``
-    since PyTorch 1.6) or a pickle of protocol 2 or later (``torch.save``'s legacy format)?"""
-    return _looks_like_safetensors(head) or head.startswith((b"PK\x03\x04", b"\x80"))
-
-
-def _what_it_is(head: bytes) -> str:
-    """What a file that is no checkpoint looks like, from its first bytes."""
-    if not head:
-        return "the file is empty"
-    if head.lstrip()[:1] == b"<":
-        return "it looks like an HTML or XML page (a web page served instead of the file?)"
-    return f"it starts with the bytes {head[:8].hex(' ')}"
-
-
-def _looks_like_safetensors(head: bytes) -> bool:
-    # safetensors: 8-byte little-endian header length, then the JSON header.
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return 2 <= int.from_bytes(head[:8], "little") < 100_000_000
-
-
-def _unwrap(obj: Any, label: str) -> tuple[str, Any]:
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{label} holds a {type(obj).__name__}, not a state dict")
-    if isinstance(obj.get("state_dict"), Mapping):
-        return "lightning", obj["state_dict"]
-    if isinstance(obj.get("model_state_dict"), Mapping):
-        return "model_state_dict", obj["model_state_dict"]
-    return "state_dict", obj
-
-
-def _clean(raw: Mapping[str, Any], label: str) -> dict[str, torch.Tensor]:
-    cleaned: dict[str, torch.Tensor] = {}
-    not_tensors = []
-    for key, value in raw.items():
-        name = str(key)
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in STRIPPED_PREFIXES:
-                if name.startswith(prefix):
-                    name, stripped = name[len(prefix):], True
-        if IGNORED_KEY_PART in name.lower():
-            continue
-        if not isinstance(value, torch.Tensor):
-            not_tensors.append(str(key))
-            continue
-        if name in cleaned:
-            raise CheckpointError(f"{label} holds {name!r} twice (under different prefixes)")
-        cleaned[name] = value
-    if not_tensors:
-        raise CheckpointError(f"{label}: entries that are not tensors: {_some(not_tensors)}")
-    return cleaned
-
-
-def _some(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_KEYS_SHOWN])
-    more = f" and {len(keys) - _KEYS_SHOWN} more" if len(keys) > _KEYS_SHOWN else ""
-    return f"{shown}{more} ({len(keys)} in all)"
-
-
-# -- architecture ----------------------------------------------------------------------------------
-def infer_config(state_dict: Mapping[str, torch.Tensor]) -> CryoLensConfig:
-    """The model's sizes, read from the weights' shapes alone (spec.md b)."""
-    needed = ["mu.bias", "mu.weight", "pose.weight", "decoder.affinity_weights.2.bias",
-              "decoder.affinity_centroids.0.weight"]
-    missing = [key for key in needed if key not in state_dict]
-    if missing:
-        raise CheckpointError(
-            f"Not a CryoLens checkpoint: missing {_some(missing)}; found "
-            f"{_some(sorted(state_dict)) if state_dict else 'no weights'}"
-        )
-    latent_dims = state_dict["mu.bias"].shape[0]
-    affinity_dims = state_dict["decoder.affinity_centroids.0.weight"].shape[1]
-    n_affinity = state_dict["decoder.affinity_weights.2.bias"].shape[0]
-    free_bias = state_dict.get("decoder.free_weights.2.bias")
-    n_free = 0 if free_bias is None else free_bias.shape[0]
-    free_centroids = state_dict.get("decoder.free_centroids.0.weight")
-    if free_centroids is not None and free_centroids.shape[1] != latent_dims - affinity_dims:
-        raise CheckpointError(
-            f"Inconsistent checkpoint: the free segment reads {free_centroids.shape[1]} latent "
-            f"dims but mu has {latent_dims} and the affinity segment {affinity_dims}"
-        )
-    flat = state_dict["mu.weight"].shape[1]
-    per_side = round((flat / ENCODER_CHANNELS[-1]) ** (1 / 3))
-    if ENCODER_CHANNELS[-1] * per_side**3 != flat:
-        raise CheckpointError(
-            f"mu.weight reads {flat} encoder features, which is not {ENCODER_CHANNELS[-1]}·k³ "
-            "for any box size"
-        )
-    try:
-        return CryoLensConfig(
-            box_size=16 * per_side, latent_dims=latent_dims, affinity_dims=affinity_dims,
-            n_affinity=n_affinity, n_free=n_free, pose_dims=state_dict["pose.weight"].shape[0],
-        )
-    except ValueError as exc:
-        raise CheckpointError(f"The weights describe an unsupported model: {exc}") from exc
+                              origin=origin)
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -597,33 +287,12 @@ def load_model(
     state_dict, layout = read_state_dict(resolved.path)
     config = infer_config(state_dict)
     model = CryoLensVAE(config)
-    _check_keys(model, state_dict, resolved.name)
+    check_keys(model, state_dict, resolved.name)
     model.load_state_dict(state_dict, strict=True)
     model.eval().to(target)
     return model, LoadedCheckpoint(name=resolved.name, source=resolved.source,
                                    path=resolved.path, sha256=resolved.sha256, layout=layout,
                                    config=config, origin=resolved.origin)
-
-
-def _check_keys(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], label: str
-                ) -> None:
-    expected = {k: v.shape for k, v in model.state_dict().items()
-                if IGNORED_KEY_PART not in k.lower()}
-    problems = []
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mis_shaped = [f"{k} {tuple(state_dict[k].shape)} != {tuple(shape)}"
-                  for k, shape in expected.items()
-                  if k in state_dict and state_dict[k].shape != shape]
-    if missing:
-        problems.append(f"missing {_some(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {_some(unexpected)}")
-    if mis_shaped:
-        problems.append(f"wrong shape {_some(mis_shaped)}")
-    if problems:
-        raise CheckpointError(f"Checkpoint {label} does not fit the model it describes: "
-                              + "; ".join(problems))
 
 
 def _device(device: str | torch.device) -> torch.device:
