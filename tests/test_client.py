@@ -517,38 +517,42 @@ def _one_request(server, stack):
         return client.reconstruct(stack)
 
 
+@pytest.fixture(scope="module")
+def four_volume_server(small_model):
+    """A server (in this process) that takes at most 4 volumes a request."""
+    from server_helpers import start_in_process
+
+    small = start_in_process(small_model, max_volumes=4)
+    yield small
+    small.stop()
+
+
 @pytest.mark.parametrize("binary", [True, False])
-def test_a_server_that_takes_fewer_volumes_a_request_gets_fewer(tmp_path, server, binary):
+def test_a_server_that_takes_fewer_volumes_a_request_gets_fewer(four_volume_server, binary):
     """A server started with --max-volumes 4 answers 413 to the client's 16 a request: the
     client halves its batch size until the server takes it, says so once per halving, and the
     answers are those of the same volumes sent 4 at a time."""
-    from server_helpers import small_model_file, start_cli_server
-
-    small = start_cli_server(small_model_file(tmp_path / "m.safetensors"), "--max-volumes", "4")
+    small = four_volume_server
     stack = particles(16, seed=7)
-    try:
-        with CryoLensClient(small.url, batch_size=16, binary=binary) as client:
-            with pytest.warns(RuntimeWarning) as said:
-                out = client.batch_process(stack, operation="features")
-            assert client.batch_size == 4
-            assert [str(w.message).split(" (")[0] for w in said] == [
-                f"{small.url} refused 16 volumes in one request",
-                f"{small.url} refused 8 volumes in one request"]
-            assert "at most 4 are accepted per request" in str(said[0].message)
-            assert said[0].filename == __file__  # pointed at the caller's line
-        with CryoLensClient(small.url, batch_size=4, binary=binary) as client:
-            assert_same(out, client.batch_process(stack, operation="features"))
-    finally:
-        small.stop()
+    with CryoLensClient(small.url, batch_size=16, binary=binary) as client:
+        with pytest.warns(RuntimeWarning) as said:
+            out = client.batch_process(stack, operation="features")
+        assert client.batch_size == 4
+        assert [str(w.message).split(" (")[0] for w in said] == [
+            f"{small.url} refused 16 volumes in one request",
+            f"{small.url} refused 8 volumes in one request"]
+        assert "at most 4 are accepted per request" in str(said[0].message)
+        assert said[0].filename == __file__  # pointed at the caller's line
+    with CryoLensClient(small.url, batch_size=4, binary=binary) as client:
+        assert_same(out, client.batch_process(stack, operation="features"))
 
 
-def test_a_413_to_one_volume_is_the_callers_error(tmp_path):
+def test_a_413_to_one_volume_is_the_callers_error(small_model):
     """Halving stops at one volume: a server whose body limit is below one volume's .npy
     (442 kB) refuses it, and that 413 is raised with the server's message."""
-    from server_helpers import small_model_file, start_cli_server
+    from server_helpers import start_in_process
 
-    tiny = start_cli_server(small_model_file(tmp_path / "m.safetensors"),
-                            "--max-body-bytes", "300000")
+    tiny = start_in_process(small_model, max_body_bytes=300000)
     try:
         with CryoLensClient(tiny.url, batch_size=4) as client:
             with pytest.warns(RuntimeWarning), pytest.raises(CryoLensHTTPError) as refused:

@@ -2,6 +2,7 @@
 no traceback), a full queue (503 + Retry-After), and settings from the environment."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import warnings
@@ -15,6 +16,7 @@ with warnings.catch_warnings():  # starlette's own note about its httpx-based cl
     from fastapi.testclient import TestClient
 
 from cryolens.server import Settings, create_app
+from cryolens.server.middleware import RepeatFilter
 
 BOX = (48, 48, 48)
 
@@ -96,3 +98,24 @@ def test_settings_from_environment_round_trip():
 def test_bad_environment_settings_are_refused(env):
     with pytest.raises(ValueError):
         Settings.from_env(env)
+
+
+# -- logging (the accept-error flood filter) --------------------------------------------------------------------------------------
+def test_repeated_accept_errors_are_logged_once_per_window():
+    logger = logging.getLogger("test.flood")
+    logger.propagate = False
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    flood = RepeatFilter(window_s=0.5)
+    logger.addFilter(flood)
+    for _ in range(100):
+        logger.error("socket.accept() out of system resource")
+    logger.error("something else")
+    time.sleep(0.6)
+    logger.error("socket.accept() out of system resource")
+    messages = [r.getMessage() for r in records]
+    assert messages == ["socket.accept() out of system resource", "something else",
+                        ("socket.accept() out of system resource (99 identical messages held "
+                         "back)")]
