@@ -485,6 +485,7 @@ def test_client_alone_installs_and_works_without_torch(server, tmp_path):
     assert result.stdout.strip() == "ok without torch"
 
 
+@pytest.mark.slow  # tracemalloc slows every allocation
 def test_a_stack_answered_in_many_requests_is_never_held_twice(server):
     """Each request's arrays are written into one array per field for the whole stack as they
     come (not kept in a list, then concatenated), and neither a request's body nor an answer's

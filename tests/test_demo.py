@@ -75,6 +75,7 @@ def _can_isolate_network() -> bool:
     return subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False).returncode == 0
 
 
+@pytest.mark.slow  # a server process
 @pytest.mark.skipif(not _can_isolate_network(),
                     reason="needs `unshare -n` (root, util-linux) and `ip` to run without a network")
 def test_server_serves_demo_with_no_network():

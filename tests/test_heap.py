@@ -95,6 +95,7 @@ def test_the_server_tunes_its_process_when_it_starts():
     assert int(faults[-1]) < REUSING
 
 
+@pytest.mark.slow  # the cryolens command in a fresh interpreter
 def test_the_cryolens_command_tunes_its_process():
     faults = run_probe("""
         from cryolens import cli

@@ -16,8 +16,9 @@ import requests
 from conftest import PARITY_CKPT, SHARED
 from server_helpers import start_cli_server
 
-pytestmark = pytest.mark.skipif(not PARITY_CKPT.exists(),
-                                reason=f"v001 fixture checkpoint not found at {PARITY_CKPT}")
+pytestmark = [pytest.mark.skipif(not PARITY_CKPT.exists(),
+                                 reason=f"v001 fixture checkpoint not found at {PARITY_CKPT}"),
+              pytest.mark.slow]  # a server process on the full-size v001 model
 
 SEED_DOC = SHARED / "seed" / "server.md"
 SEED_COPY = __import__("pathlib").Path(__file__).with_name("data") / "seed_client_example.py"
@@ -164,7 +165,6 @@ def test_statistics_get_and_post(server):
         assert got["mean"] == pytest.approx(big.astype(np.float32).mean(), abs=1e-6)
 
 
-@pytest.mark.slow
 def test_health_answers_while_a_long_batch_runs(server):
     """/health keeps answering while the model works through a batch: several probes are
     answered before the batch's answer comes. The batch goes as .npy and comes back as .npz,
