@@ -17,6 +17,8 @@ import pytest
 import requests
 from server_helpers import (
     PYTHON,
+    START_TIMEOUT_S,
+    ServerProcess,
     console_script,
     free_port,
     small_model_file,
@@ -126,21 +128,38 @@ def launch(how: str, model: Path, port: int) -> tuple[list[str], dict[str, str]]
     }[how]
 
 
-@pytest.mark.parametrize("how", [
-    "cryolens-server", "cryolens serve", "python -m", "uvicorn",
-    "cryolens-server --workers 2", "uvicorn --workers 2",
-])
-def test_every_launcher_serves_the_given_model_with_the_given_options(model, tmp_path, how):
-    port = free_port()
-    args, env = launch(how, model, port)
-    server = start_command(args, port, env=env, cwd=tmp_path)
+LAUNCHERS = ["cryolens-server", "cryolens serve", "python -m", "uvicorn",
+             "cryolens-server --workers 2", "uvicorn --workers 2"]
+
+
+@pytest.fixture(scope="module")
+def launched(model, tmp_path_factory, request):
+    """The launchers this run tests, all started at once: each process spends its start-up
+    importing on one core, so on two cores they are ready in about half the time. Stopped at
+    the end of the module."""
+    wanted = [item.callspec.params["how"] for item in request.session.items
+              if item.originalname == "test_every_launcher_serves_the_given_model_with_the_"
+                                      "given_options"]
+    servers = {}
     try:
-        for _ in range(3 if "workers" in how else 1):
-            assert_serves(server.url)
-            assert_options_took_effect(server.url)
-        assert requests.get(server.url + "/model_info", timeout=5).json()["device"] == "cpu"
+        for how in wanted:
+            port = free_port()
+            args, env = launch(how, model, port)
+            servers[how] = ServerProcess(args, port, env=env, cwd=tmp_path_factory.mktemp("cwd"))
+        yield servers
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
+
+
+@pytest.mark.parametrize("how", LAUNCHERS)
+def test_every_launcher_serves_the_given_model_with_the_given_options(launched, how):
+    # started together: each may wait for the others' start-up
+    server = launched[how].wait_healthy(timeout=len(launched) * START_TIMEOUT_S)
+    for _ in range(3 if "workers" in how else 1):
+        assert_serves(server.url)
+        assert_options_took_effect(server.url)
+    assert requests.get(server.url + "/model_info", timeout=5).json()["device"] == "cpu"
 
 
 def make_serve_command(*variables: str) -> list[str]:
