@@ -210,6 +210,7 @@ def test_a_lone_request_never_waits_for_company(engine, volumes):
     assert took < 15  # three waits of 20 s would be 60 s
 
 
+@pytest.mark.slow  # waits 3.5 s for the idle trim, on purpose
 def test_freed_memory_is_returned_once_the_worker_falls_idle(engine, volumes, monkeypatch):
     """The worker gives freed memory back (``cryolens.heap.trim``) at most once a second
     while batches run, and once a second after the last batch (what its requests freed after
