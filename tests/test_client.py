@@ -27,7 +27,6 @@ from cryolens.client import (
     CryoLensClient,
     CryoLensConnectionError,
     CryoLensHTTPError,
-    _volumes,
     retry_wait,
 )
 from cryolens.errors import CryoLensError, InputError
@@ -201,18 +200,27 @@ def test_large_stacks_are_split_into_requests(server, client, capsys):
 
 
 def test_a_stack_is_converted_a_request_at_a_time_not_copied_whole(server):
-    """A float64 stack, a strided view or a memmap is turned into float32 one request's
-    volumes at a time: for a dataset on disk, a whole copy would be the dataset in memory."""
-    stack = particles(6, seed=6).astype(np.float64)
-    kept, stacked = _volumes(stack)
-    assert stacked and kept.dtype == np.float64 and np.shares_memory(kept, stack)
-    reversed_view = stack[::-1]
-    assert np.shares_memory(_volumes(reversed_view)[0], stack)
-    with CryoLensClient(server.url, batch_size=4) as c:
+    """A float64 stack or a strided view (or a memmap) is turned into float32 one request's
+    volumes at a time: for a dataset on disk, a whole copy would be the dataset in memory.
+    tracemalloc's peak while the stack is sent stays below half of one float32 copy."""
+    import gc
+    import tracemalloc
+
+    stack = particles(24, seed=6).astype(np.float64)
+    with CryoLensClient(server.url, batch_size=2) as c:
         expected = c.extract_features(stack.astype(np.float32))["embedding"]
-        np.testing.assert_allclose(c.extract_features(stack)["embedding"], expected, **TOL)
-        np.testing.assert_allclose(c.extract_features(reversed_view)["embedding"],
+        gc.collect()
+        tracemalloc.start()
+        try:
+            got = c.extract_features(stack)["embedding"]
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        np.testing.assert_allclose(got, expected, **TOL)
+        np.testing.assert_allclose(c.extract_features(stack[::-1])["embedding"],
                                    expected[::-1], **TOL)
+    whole = stack.size * 4  # one float32 copy of the stack
+    assert peak < whole / 2, f"peak {peak / 1e6:.1f} MB, a float32 copy {whole / 1e6:.1f} MB"
 
 
 def test_async_client_matches(server, client):
