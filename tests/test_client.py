@@ -199,6 +199,7 @@ def test_large_stacks_are_split_into_requests(server, client, capsys):
     assert "1/1" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # tracemalloc slows every allocation
 def test_a_stack_is_converted_a_request_at_a_time_not_copied_whole(server):
     """A float64 stack or a strided view (or a memmap) is turned into float32 one request's
     volumes at a time: for a dataset on disk, a whole copy would be the dataset in memory.
