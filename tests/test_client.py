@@ -537,7 +537,7 @@ def four_volume_server(small_model):
     small.stop()
 
 
-@pytest.mark.parametrize("binary", [True, False])
+@pytest.mark.parametrize("binary", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_a_server_that_takes_fewer_volumes_a_request_gets_fewer(four_volume_server, binary):
     """A server started with --max-volumes 4 answers 413 to the client's 16 a request: the
     client halves its batch size until the server takes it, says so once per halving, and the

@@ -55,6 +55,7 @@ def test_demo_evaluation_reproduces_the_model_card_and_meets_the_targets():
     assert at_5.nn_accuracy >= 0.95
 
 
+@pytest.mark.slow  # simulates and encodes particles of every structure
 def test_demo_encodes_structures_apart():
     """A trained model, not a random one: two different structures embed further apart than
     two particles of the same structure (affinity part of the embedding)."""
