@@ -39,14 +39,33 @@ def parity_engine():
     return Engine.from_checkpoint(str(PARITY_CKPT), device="cpu")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real server process on a small random model (fast to load), one per test module that
-    asks for it; modules that need another model or settings define their own ``server``."""
-    from server_helpers import small_model_file, start_cli_server
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory):
+    """The small random model of ``server_helpers.small_model_file``, written once per run."""
+    from server_helpers import small_model_file
 
-    model = small_model_file(tmp_path_factory.mktemp("model") / "small.safetensors")
-    proc = start_cli_server(model)
+    return small_model_file(tmp_path_factory.mktemp("model") / "small.safetensors")
+
+
+@pytest.fixture(scope="session")
+def server(small_model):
+    """A real server process on the small model with default settings, started once and shared
+    by every test module that asks for it (none changes it); modules that need another model
+    or other settings define their own ``server``."""
+    from server_helpers import start_cli_server
+
+    proc = start_cli_server(small_model)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_server():
+    """A real server process on the demo model, started once and shared (README examples,
+    the napari widget, values the small random model cannot produce)."""
+    from server_helpers import start_cli_server
+
+    proc = start_cli_server("demo")
     yield proc
     proc.stop()
 

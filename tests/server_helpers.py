@@ -131,3 +131,53 @@ def small_model_file(path: Path) -> Path:
     state = {k: v.contiguous() for k, v in model.state_dict().items() if "coords" not in k}
     save_file(state, str(path))
     return path
+
+
+class ServerThread:
+    """The app of ``create_app(settings)`` served by uvicorn on a free port of 127.0.0.1, in a
+    thread of this process: ``url``, ``port`` and ``stop()`` as for :class:`ServerProcess`.
+    For tests that need a server with settings of their own but not a process of its own
+    (nothing about start-up, signals, memory of the process or the HTTP protocol's limits):
+    it is ready in about a second, where a process imports torch again first."""
+
+    def __init__(self, settings) -> None:
+        import threading
+
+        import uvicorn
+
+        from cryolens.server import create_app
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
+                                log_level="warning", lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True,
+                                        name=f"test-server-{self.port}")
+        self._thread.start()
+
+    def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> ServerThread:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._thread.is_alive():
+                raise RuntimeError("the in-process server stopped before it was ready")
+            try:
+                if requests.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"in-process server not ready after {timeout} s")
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(STOP_TIMEOUT_S)
+
+
+def start_in_process(checkpoint: str | os.PathLike, **settings) -> ServerThread:
+    """A :class:`ServerThread` on ``checkpoint`` (CPU) with the given ``Settings`` fields."""
+    from cryolens.server import Settings
+
+    return ServerThread(Settings(checkpoint=str(checkpoint), device="cpu", **settings)
+                        ).wait_healthy()

@@ -162,6 +162,7 @@ def test_usage_error_is_one_line(capsys):
     assert err.count("\n") == 1 and err.startswith("cryolens evaluate: error: argument")
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch
 def test_console_entry_points_run_as_modules():
     done = subprocess.run([sys.executable, "-m", "cryolens.cli", "info"], check=False,
                           capture_output=True, text=True, timeout=60)

@@ -16,7 +16,6 @@ import pytest
 from server_helpers import free_port
 
 from cryolens import formats
-from cryolens.answers import volume_stack
 from cryolens.client import (
     AsyncCryoLensClient,
     CryoLensClient,
@@ -193,19 +192,29 @@ def test_large_stacks_are_split_into_requests(server, client, capsys):
     assert "1/1" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # tracemalloc slows every allocation
 def test_a_stack_is_converted_a_request_at_a_time_not_copied_whole(server):
-    """A float64 stack, a strided view or a memmap is turned into float32 one request's
-    volumes at a time: for a dataset on disk, a whole copy would be the dataset in memory."""
-    stack = particles(6, seed=6).astype(np.float64)
-    kept, stacked = volume_stack(stack)
-    assert stacked and kept.dtype == np.float64 and np.shares_memory(kept, stack)
-    reversed_view = stack[::-1]
-    assert np.shares_memory(volume_stack(reversed_view)[0], stack)
-    with CryoLensClient(server.url, batch_size=4) as c:
+    """A float64 stack or a strided view (or a memmap) is turned into float32 one request's
+    volumes at a time: for a dataset on disk, a whole copy would be the dataset in memory.
+    tracemalloc's peak while the stack is sent stays below half of one float32 copy."""
+    import gc
+    import tracemalloc
+
+    stack = particles(24, seed=6).astype(np.float64)
+    with CryoLensClient(server.url, batch_size=2) as c:
         expected = c.extract_features(stack.astype(np.float32))["embedding"]
-        np.testing.assert_allclose(c.extract_features(stack)["embedding"], expected, **TOL)
-        np.testing.assert_allclose(c.extract_features(reversed_view)["embedding"],
+        gc.collect()
+        tracemalloc.start()
+        try:
+            got = c.extract_features(stack)["embedding"]
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        np.testing.assert_allclose(got, expected, **TOL)
+        np.testing.assert_allclose(c.extract_features(stack[::-1])["embedding"],
                                    expected[::-1], **TOL)
+    whole = stack.size * 4  # one float32 copy of the stack
+    assert peak < whole / 2, f"peak {peak / 1e6:.1f} MB, a float32 copy {whole / 1e6:.1f} MB"
 
 
 def test_async_client_matches(server, client):
@@ -433,6 +442,7 @@ def test_415_to_json_is_an_error():
 
 
 # -- without PyTorch --------------------------------------------------------------------------
+@pytest.mark.slow  # tracemalloc slows every allocation
 def test_a_stack_answered_in_many_requests_is_never_held_twice(server):
     """Each request's arrays are written into one array per field for the whole stack as they
     come (not kept in a list, then concatenated), and neither a request's body nor an answer's
@@ -465,38 +475,42 @@ def _one_request(server, stack):
         return client.reconstruct(stack)
 
 
-@pytest.mark.parametrize("binary", [True, False])
-def test_a_server_that_takes_fewer_volumes_a_request_gets_fewer(tmp_path, server, binary):
+@pytest.fixture(scope="module")
+def four_volume_server(small_model):
+    """A server (in this process) that takes at most 4 volumes a request."""
+    from server_helpers import start_in_process
+
+    small = start_in_process(small_model, max_volumes=4)
+    yield small
+    small.stop()
+
+
+@pytest.mark.parametrize("binary", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_a_server_that_takes_fewer_volumes_a_request_gets_fewer(four_volume_server, binary):
     """A server started with --max-volumes 4 answers 413 to the client's 16 a request: the
     client halves its batch size until the server takes it, says so once per halving, and the
     answers are those of the same volumes sent 4 at a time."""
-    from server_helpers import small_model_file, start_cli_server
-
-    small = start_cli_server(small_model_file(tmp_path / "m.safetensors"), "--max-volumes", "4")
+    small = four_volume_server
     stack = particles(16, seed=7)
-    try:
-        with CryoLensClient(small.url, batch_size=16, binary=binary) as client:
-            with pytest.warns(RuntimeWarning) as said:
-                out = client.batch_process(stack, operation="features")
-            assert client.batch_size == 4
-            assert [str(w.message).split(" (")[0] for w in said] == [
-                f"{small.url} refused 16 volumes in one request",
-                f"{small.url} refused 8 volumes in one request"]
-            assert "at most 4 are accepted per request" in str(said[0].message)
-            assert said[0].filename == __file__  # pointed at the caller's line
-        with CryoLensClient(small.url, batch_size=4, binary=binary) as client:
-            assert_same(out, client.batch_process(stack, operation="features"))
-    finally:
-        small.stop()
+    with CryoLensClient(small.url, batch_size=16, binary=binary) as client:
+        with pytest.warns(RuntimeWarning) as said:
+            out = client.batch_process(stack, operation="features")
+        assert client.batch_size == 4
+        assert [str(w.message).split(" (")[0] for w in said] == [
+            f"{small.url} refused 16 volumes in one request",
+            f"{small.url} refused 8 volumes in one request"]
+        assert "at most 4 are accepted per request" in str(said[0].message)
+        assert said[0].filename == __file__  # pointed at the caller's line
+    with CryoLensClient(small.url, batch_size=4, binary=binary) as client:
+        assert_same(out, client.batch_process(stack, operation="features"))
 
 
-def test_a_413_to_one_volume_is_the_callers_error(tmp_path):
+def test_a_413_to_one_volume_is_the_callers_error(small_model):
     """Halving stops at one volume: a server whose body limit is below one volume's .npy
     (442 kB) refuses it, and that 413 is raised with the server's message."""
-    from server_helpers import small_model_file, start_cli_server
+    from server_helpers import start_in_process
 
-    tiny = start_cli_server(small_model_file(tmp_path / "m.safetensors"),
-                            "--max-body-bytes", "300000")
+    tiny = start_in_process(small_model, max_body_bytes=300000)
     try:
         with CryoLensClient(tiny.url, batch_size=4) as client:
             with pytest.warns(RuntimeWarning), pytest.raises(CryoLensHTTPError) as refused:

@@ -54,6 +54,7 @@ def test_demo_evaluation_reproduces_the_model_card_and_meets_the_targets():
     assert at_5.nn_accuracy >= 0.95
 
 
+@pytest.mark.slow  # simulates and encodes particles of every structure
 def test_demo_encodes_structures_apart():
     """A trained model, not a random one: two different structures embed further apart than
     two particles of the same structure (affinity part of the embedding)."""
@@ -74,6 +75,7 @@ def _can_isolate_network() -> bool:
     return subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False).returncode == 0
 
 
+@pytest.mark.slow  # a server process
 @pytest.mark.skipif(not _can_isolate_network(),
                     reason="needs `unshare -n` (root, util-linux) and `ip` to run without a network")
 def test_server_serves_demo_with_no_network():

@@ -40,10 +40,18 @@ def test_every_output_has_a_leading_n(engine, volumes):
 
 
 def test_chunking_by_memory_budget_changes_nothing(engine, volumes):
+    """A budget too small for two particles: the model sees one at a time (its encoder's
+    inputs, seen by a forward hook), and the numbers are those of one pass over all five."""
     whole = engine.reconstruct(volumes, use_predicted_pose=True)
     small = Engine(engine.model, device="cpu", memory_budget=1)
-    assert list(small._chunks(5, 56)) == [slice(i, i + 1) for i in range(5)]
-    chunked = small.reconstruct(volumes, use_predicted_pose=True)
+    seen: list[int] = []
+    hook = engine.model.encoder.register_forward_pre_hook(
+        lambda module, args: seen.append(len(args[0])))
+    try:
+        chunked = small.reconstruct(volumes, use_predicted_pose=True)
+    finally:
+        hook.remove()
+    assert seen == [1] * 5
     assert np.allclose(whole.volume, chunked.volume, atol=1e-5)
     assert np.allclose(whole.features.embedding, chunked.features.embedding, atol=1e-5)
 

@@ -46,18 +46,18 @@ def run_probe(code: str, env: dict | None = None) -> list[str]:
     return done.stdout.split()
 
 
-def test_default_heap_faults_every_round_in_again():
-    (faults,) = run_probe("print(faults_of_a_round())")
-    assert int(faults) > FAULTING
-
-
-def test_tuned_heap_reuses_the_pages():
-    applied, faults = run_probe("""
+def test_tuning_the_heap_makes_it_reuse_the_pages():
+    """The same process before and after ``heap.tune()``: every round faulted in again with
+    glibc's defaults (else there is nothing to show here), none after."""
+    untuned, applied, tuned = run_probe("""
         from cryolens import heap
-        print(heap.tune(), faults_of_a_round())
+        untuned = faults_of_a_round()
+        print(untuned, heap.tune(), faults_of_a_round())
     """)
+    if int(untuned) <= FAULTING:
+        pytest.skip(f"this malloc keeps the pages untuned ({untuned} faults a round)")
     assert applied == "True"
-    assert int(faults) < REUSING
+    assert int(tuned) < REUSING
 
 
 @pytest.mark.parametrize("variable", ["MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"])
@@ -80,6 +80,7 @@ def test_trim_gives_memory_back():
     assert gave == "True"
 
 
+@pytest.mark.slow  # imports the server and loads the demo model in a fresh interpreter
 def test_the_server_tunes_its_process_when_it_starts():
     faults = run_probe("""
         from starlette.testclient import TestClient
@@ -94,6 +95,7 @@ def test_the_server_tunes_its_process_when_it_starts():
     assert int(faults[-1]) < REUSING
 
 
+@pytest.mark.slow  # the cryolens command in a fresh interpreter
 def test_the_cryolens_command_tunes_its_process():
     faults = run_probe("""
         from cryolens import cli

@@ -356,19 +356,20 @@ def test_copick_nearest_spacing_runs_and_rescale(project):
         open_particles(config, copick=CopickOptions(object="virus"))
 
 
-def test_copick_reads_each_tomogram_once(project):
+def test_copick_reads_each_tomogram_once(project, monkeypatch):
+    import zarr
+
     config, _ = project
     particles = open_particles(config, copick=CopickOptions(object="ribosome"))
     reader = particles.readers[0]
     opened = []
-    real = reader._zarr
+    real = zarr.open
 
-    class Counting:
-        def open(self, store, mode="r"):
-            opened.append(store)
-            return real.open(store, mode=mode)
+    def counting(store, *args, **kwargs):
+        opened.append(store)
+        return real(store, *args, **kwargs)
 
-    reader._zarr = Counting()
+    monkeypatch.setattr(zarr, "open", counting)  # every zarr array the reader opens
     batches = list(particles.batches(1))
     assert len(batches) == 4 and len(opened) == 2  # TS_1 once for 3 picks, TS_2 once
     assert TOMO_SHAPE == reader.tomograms["TS_1"][2]

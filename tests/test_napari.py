@@ -25,7 +25,7 @@ pytest.importorskip("napari_cryolens", reason="napari-cryolens is not installed 
                     "(pip install ./napari-cryolens)")
 
 from napari_cryolens import core
-from server_helpers import free_port, start_cli_server
+from server_helpers import free_port
 
 from cryolens.client import CryoLensClient
 
@@ -76,10 +76,9 @@ def settings_file(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def server():
-    server = start_cli_server("demo")
-    yield server
-    server.stop()
+def server(demo_server):
+    """The demo model's server (conftest.py's shared process)."""
+    return demo_server
 
 
 def tomogram(seed: int = 0) -> np.ndarray:

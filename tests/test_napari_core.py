@@ -204,6 +204,7 @@ def test_manifest_names_the_distribution_and_the_widget():
     assert command["python_name"] == "napari_cryolens._widget:CryoLensWidget"
 
 
+@pytest.mark.slow  # imports the widget, with napari and Qt, in a fresh interpreter
 def test_npe2_validates_the_manifest():
     """``npe2 validate`` on the installed plugin (importing its widget), else on the file."""
     pytest.importorskip("npe2", reason="npe2 (napari's plugin engine) is not installed")

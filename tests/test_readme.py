@@ -86,12 +86,9 @@ def test_python_example_runs(document, block, request, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def server():
-    from server_helpers import start_cli_server
-
-    proc = start_cli_server("demo")
-    yield proc
-    proc.stop()
+def server(demo_server):
+    """The examples run against the demo model (conftest.py's shared process)."""
+    return demo_server
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ import requests
 from conftest import PARITY_CKPT, SHARED
 from server_helpers import start_cli_server
 
-pytestmark = pytest.mark.skipif(not PARITY_CKPT.exists(),
-                                reason=f"v001 fixture checkpoint not found at {PARITY_CKPT}")
+pytestmark = [pytest.mark.skipif(not PARITY_CKPT.exists(),
+                                 reason=f"v001 fixture checkpoint not found at {PARITY_CKPT}"),
+              pytest.mark.slow]  # a server process on the full-size v001 model
 
 SEED_DOC = SHARED / "seed" / "server.md"
 SEED_COPY = __import__("pathlib").Path(__file__).with_name("data") / "seed_client_example.py"
@@ -164,37 +165,32 @@ def test_statistics_get_and_post(server):
         assert got["mean"] == pytest.approx(big.astype(np.float32).mean(), abs=1e-6)
 
 
-@pytest.mark.slow
-def test_health_answers_fast_during_a_long_batch(server):
-    volumes = np.random.default_rng(4).standard_normal((64, 48, 48, 48)).astype(np.float32)
-    body = orjson.dumps({"input_volumes": volumes, "batch_size": 16},
-                        option=orjson.OPT_SERIALIZE_NUMPY)
+def test_health_answers_while_a_long_batch_runs(server):
+    """/health keeps answering while the model works through a batch: several probes are
+    answered before the batch's answer comes. The batch goes as .npy and comes back as .npz,
+    so nearly all of its request's time is the model's; an event loop blocked by inference
+    would answer no probe until the end. (How fast they are answered is bench/server.py's
+    figure, not a test's.)"""
+    from cryolens import formats
+
+    volumes = np.random.default_rng(4).standard_normal((32, 48, 48, 48)).astype(np.float32)
     outcome: dict = {}
 
     def post_batch() -> None:
-        start = time.monotonic()
-        response = requests.post(server.url + "/batch_process", data=body,
-                                 headers={"Content-Type": "application/json"}, timeout=300)
-        outcome["status"], outcome["seconds"] = response.status_code, time.monotonic() - start
-        outcome["content"] = response.content  # decoded after the loop: no client-side stall
+        response = requests.post(server.url + "/batch_process?batch_size=8", timeout=300,
+                                 data=formats.write_npy(volumes),
+                                 headers={"Content-Type": formats.NPY_MEDIA_TYPE,
+                                          "Accept": "application/x-npz"})
+        outcome["status"], outcome["content"] = response.status_code, response.content
 
     thread = threading.Thread(target=post_batch)
     thread.start()
-    latencies = []
-    while thread.is_alive():
-        start = time.monotonic()
-        assert requests.get(server.url + "/health", timeout=5).status_code == 200
-        latencies.append(time.monotonic() - start)
+    answered_during = 0
+    while thread.is_alive() and answered_during < 3:
+        assert requests.get(server.url + "/health", timeout=60).status_code == 200
+        answered_during += thread.is_alive()  # answered before the batch was
         time.sleep(0.05)
     thread.join()
-    assert outcome["status"] == 200
-    assert len(orjson.loads(outcome["content"])["reconstructions"]) == 64
-    assert len(latencies) >= 10, f"the batch took only {outcome['seconds']:.1f} s"
-    # Typical probes take milliseconds; on a shared 2-core CI machine a rare one waits a few
-    # hundred ms for a core (this client's own batch thread is busy receiving 160 MB). A loop
-    # blocked by inference would hold every probe for the whole batch (the reference: ~50 s).
-    ordered = sorted(latencies)
-    shown = [round(x, 3) for x in latencies]
-    assert ordered[len(ordered) // 2] < 0.05, f"median /health latency too high: {shown}"
-    assert ordered[int(0.9 * (len(ordered) - 1))] < 0.25, f"/health p90 too high: {shown}"
-    assert ordered[-1] < 2.0, f"/health stalled during the batch: {shown}"
+    assert outcome["status"] == 200, outcome["content"][:300]
+    assert formats.read_npz(outcome["content"])["reconstructions"].shape == (32, 48, 48, 48)
+    assert answered_during == 3

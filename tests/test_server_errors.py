@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 import pytest
 import requests
-from server_helpers import small_model_file, start_cli_server
+from server_helpers import start_in_process
 
 from cryolens import formats
 
@@ -22,10 +22,11 @@ ERROR_BODY_LIMIT = 2048
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model = small_model_file(tmp_path_factory.mktemp("model") / "small.safetensors")
-    proc = start_cli_server(model, "--max-volumes", str(MAX_VOLUMES),
-                            "--max-body-bytes", str(MAX_BODY))
+def server(small_model):
+    """The app with small limits, in this process: what is checked here is the app's answer to
+    a request, which a process of its own would not change (tests/test_server_hygiene.py and
+    the hostile-input tests send theirs to real processes)."""
+    proc = start_in_process(small_model, max_volumes=MAX_VOLUMES, max_body_bytes=MAX_BODY)
     yield proc
     proc.stop()
 
@@ -313,28 +314,25 @@ ENDPOINTS = [("/reconstruct", "input_volume"), ("/extract_features", "input_volu
              ("/statistics", "volume")]
 
 
-def test_a_reconstruction_beyond_float32_names_the_requests_own_field():
+def test_a_reconstruction_beyond_float32_names_the_requests_own_field(demo_server):
     """The engine finds it (after de-normalising) and names its own argument, ``volumes``;
-    the client hears of the field it sent, or ``body``, and of no Python-only option."""
+    the client hears of the field it sent, or ``body``, and of no Python-only option. (On the
+    demo model: the small random model's output stays in range here.)"""
     volume = np.where(np.random.default_rng(3).standard_normal((48, 48, 48)) > 0, 3e38,
                       -3e38).astype(np.float32)
-    demo = start_cli_server("demo")  # the small random model's output stays in range here
-    try:
-        for path, field, body, headers in [
-                ("/reconstruct", "input_volume", orjson.dumps(
-                    {"input_volume": volume}, option=orjson.OPT_SERIALIZE_NUMPY), {}),
-                ("/batch_process", "input_volumes", orjson.dumps(
-                    {"input_volumes": volume[None]}, option=orjson.OPT_SERIALIZE_NUMPY), {}),
-                ("/reconstruct", "body", formats.write_npy(volume),
-                 {"Content-Type": formats.NPY_MEDIA_TYPE})]:
-            response = requests.post(demo.url + path, data=body,
-                                     headers={"Content-Type": J, **headers}, timeout=120)
-            assert response.status_code == 422, response.text
-            answer = response.json()
-            assert answer["field"] == field and "float32's range" in answer["detail"], answer
-            assert "in Python ask for normalised units" in answer["detail"], answer
-    finally:
-        demo.stop()
+    for path, field, body, headers in [
+            ("/reconstruct", "input_volume", orjson.dumps(
+                {"input_volume": volume}, option=orjson.OPT_SERIALIZE_NUMPY), {}),
+            ("/batch_process", "input_volumes", orjson.dumps(
+                {"input_volumes": volume[None]}, option=orjson.OPT_SERIALIZE_NUMPY), {}),
+            ("/reconstruct", "body", formats.write_npy(volume),
+             {"Content-Type": formats.NPY_MEDIA_TYPE})]:
+        response = requests.post(demo_server.url + path, data=body,
+                                 headers={"Content-Type": J, **headers}, timeout=120)
+        assert response.status_code == 422, response.text
+        answer = response.json()
+        assert answer["field"] == field and "float32's range" in answer["detail"], answer
+        assert "in Python ask for normalised units" in answer["detail"], answer
 
 
 @pytest.mark.parametrize("path, field", ENDPOINTS, ids=[e[0] for e in ENDPOINTS])

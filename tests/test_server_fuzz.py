@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from server_helpers import small_model_file, start_cli_server
 
 #: Generated requests per operation and phase (kept so the run stays under about a minute).
 MAX_EXAMPLES = 8
@@ -23,19 +22,16 @@ def schemathesis_cli() -> str | None:
 
 
 @pytest.mark.slow
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path):
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(server):
+    """Against conftest.py's shared small-model server: the generated requests change nothing
+    that other tests read."""
     cli = schemathesis_cli()
     if cli is None:
         pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
-    model = small_model_file(tmp_path / "small.safetensors")
-    server = start_cli_server(model, "--log-level", "warning")
-    try:
-        done = subprocess.run(
-            [cli, "run", server.url + "/openapi.json", "--max-examples", str(MAX_EXAMPLES),
-             "--checks", CHECKS, "--seed", "9", "--no-color"],
-            capture_output=True, text=True, timeout=180, check=False)
-    finally:
-        server.stop()
+    done = subprocess.run(
+        [cli, "run", server.url + "/openapi.json", "--max-examples", str(MAX_EXAMPLES),
+         "--checks", CHECKS, "--seed", "9", "--no-color"],
+        capture_output=True, text=True, timeout=180, check=False)
     report = done.stdout + done.stderr
     assert done.returncode == 0, report[-4000:]
     assert " passed" in report and "failed" not in report.split("SUMMARY")[-1], report[-4000:]

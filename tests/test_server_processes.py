@@ -1,6 +1,8 @@
 """Every documented way to start a server process (cryolens-server, cryolens serve, python -m,
 uvicorn with and without --workers, --reload, make serve), each serving a non-default model with
-non-default options; how it refuses to start; and the CORS settings. All on real processes."""
+non-default options; how it refuses to start. All on real processes, each started for its
+test: all are marked slow. (The CORS settings, which need no process, are in
+test_server_app.py.)"""
 from __future__ import annotations
 
 import os
@@ -15,6 +17,8 @@ import pytest
 import requests
 from server_helpers import (
     PYTHON,
+    START_TIMEOUT_S,
+    ServerProcess,
     console_script,
     free_port,
     small_model_file,
@@ -31,6 +35,8 @@ CRYOLENS_SCRIPT = console_script("cryolens", "cryolens.cli:main")
 ORIGIN = "https://app.example.org"
 MAX_BODY_BYTES = 4096
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
@@ -41,16 +47,6 @@ def assert_serves(url: str) -> None:
     assert requests.get(url + "/health", timeout=5).json() == {"status": "healthy"}
     info = requests.get(url + "/model_info", timeout=5).json()
     assert info["n_gaussians"] == 40 and info["checkpoint"] == "small.safetensors"
-
-
-@pytest.mark.slow
-def test_uvicorn_with_two_workers(model, tmp_path):
-    server = start_uvicorn(model, "--workers", "2", cwd=tmp_path)
-    try:
-        for _ in range(4):
-            assert_serves(server.url)
-    finally:
-        server.stop()
 
 
 def test_uvicorn_reload(model, tmp_path):
@@ -99,33 +95,6 @@ def test_list_versions():
     assert done.stdout.startswith("v001 : ") and "\ndemo : " in done.stdout
 
 
-def test_cors_list_of_origins(model):
-    server = start_cli_server(model, "--cors", "https://example.com,https://app.example.com")
-    try:
-        ok = requests.get(server.url + "/health", headers={"Origin": "https://app.example.com"})
-        assert ok.headers["access-control-allow-origin"] == "https://app.example.com"
-        assert "access-control-allow-credentials" not in ok.headers
-        other = requests.get(server.url + "/health", headers={"Origin": "https://evil.example"})
-        assert "access-control-allow-origin" not in other.headers
-        preflight = requests.options(server.url + "/reconstruct", headers={
-            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
-        assert preflight.status_code == 400
-    finally:
-        server.stop()
-
-
-def test_cors_off(model):
-    server = start_cli_server(model, "--cors", "")
-    try:
-        response = requests.get(server.url + "/health", headers={"Origin": "https://a.example"})
-        assert "access-control-allow-origin" not in response.headers
-        preflight = requests.options(server.url + "/reconstruct", headers={
-            "Origin": "https://a.example", "Access-Control-Request-Method": "POST"})
-        assert preflight.status_code == 405
-    finally:
-        server.stop()
-
-
 def assert_options_took_effect(url: str) -> None:
     """The server runs with --cors ORIGIN and --max-body-bytes MAX_BODY_BYTES, not the defaults."""
     allowed = requests.get(url + "/health", headers={"Origin": ORIGIN}, timeout=5)
@@ -159,22 +128,38 @@ def launch(how: str, model: Path, port: int) -> tuple[list[str], dict[str, str]]
     }[how]
 
 
-@pytest.mark.parametrize("how", [
-    "cryolens-server", "cryolens serve", "python -m", "uvicorn",
-    pytest.param("cryolens-server --workers 2", marks=pytest.mark.slow),
-    pytest.param("uvicorn --workers 2", marks=pytest.mark.slow),
-])
-def test_every_launcher_serves_the_given_model_with_the_given_options(model, tmp_path, how):
-    port = free_port()
-    args, env = launch(how, model, port)
-    server = start_command(args, port, env=env, cwd=tmp_path)
+LAUNCHERS = ["cryolens-server", "cryolens serve", "python -m", "uvicorn",
+             "cryolens-server --workers 2", "uvicorn --workers 2"]
+
+
+@pytest.fixture(scope="module")
+def launched(model, tmp_path_factory, request):
+    """The launchers this run tests, all started at once: each process spends its start-up
+    importing on one core, so on two cores they are ready in about half the time. Stopped at
+    the end of the module."""
+    wanted = [item.callspec.params["how"] for item in request.session.items
+              if item.originalname == "test_every_launcher_serves_the_given_model_with_the_"
+                                      "given_options"]
+    servers = {}
     try:
-        for _ in range(3 if "workers" in how else 1):
-            assert_serves(server.url)
-            assert_options_took_effect(server.url)
-        assert requests.get(server.url + "/model_info", timeout=5).json()["device"] == "cpu"
+        for how in wanted:
+            port = free_port()
+            args, env = launch(how, model, port)
+            servers[how] = ServerProcess(args, port, env=env, cwd=tmp_path_factory.mktemp("cwd"))
+        yield servers
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
+
+
+@pytest.mark.parametrize("how", LAUNCHERS)
+def test_every_launcher_serves_the_given_model_with_the_given_options(launched, how):
+    # started together: each may wait for the others' start-up
+    server = launched[how].wait_healthy(timeout=len(launched) * START_TIMEOUT_S)
+    for _ in range(3 if "workers" in how else 1):
+        assert_serves(server.url)
+        assert_options_took_effect(server.url)
+    assert requests.get(server.url + "/model_info", timeout=5).json()["device"] == "cpu"
 
 
 def make_serve_command(*variables: str) -> list[str]:
@@ -224,8 +209,8 @@ def test_busy_port_is_reported_before_the_model_loads(model, command):
     assert elapsed < 30
 
 
-@pytest.mark.parametrize("command", ["cryolens-server", "cryolens serve"])
-@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+@pytest.mark.parametrize("command, device", [("cryolens-server", "cuda:1"),
+                                             ("cryolens serve", "cuda")])
 def test_cuda_device_without_a_gpu_fails_in_one_line(model, command, device):
     import torch
 

@@ -210,14 +210,17 @@ def test_a_lone_request_never_waits_for_company(engine, volumes):
     assert took < 15  # three waits of 20 s would be 60 s
 
 
-def test_freed_memory_is_returned_once_the_worker_falls_idle(engine, volumes):
-    """A trim at most once a second while batches run, and one a second after the last batch
-    (what its requests freed after it ran goes back too); none while idle after that."""
+@pytest.mark.slow  # waits 3.5 s for the idle trim, on purpose
+def test_freed_memory_is_returned_once_the_worker_falls_idle(engine, volumes, monkeypatch):
+    """The worker gives freed memory back (``cryolens.heap.trim``) at most once a second
+    while batches run, and once a second after the last batch (what its requests freed after
+    it ran goes back too); not again while idle after that."""
+    from cryolens import heap
+
+    trims: list[float] = []
+    monkeypatch.setattr(heap, "trim", lambda: trims.append(time.monotonic()))
     app = create_app(Settings(), engine=engine)
     with TestClient(app) as client:
-        worker = client.app.state.worker
-        trims: list[float] = []
-        worker._trim = lambda: trims.append(time.monotonic())
         assert post_features(client, volumes[0]).status_code == 200
         assert post_features(client, volumes[1]).status_code == 200
         answered = time.monotonic()
@@ -241,8 +244,9 @@ def test_the_model_threads_run_below_the_event_loop(engine, volumes, steps):
     before = set(os.listdir("/proc/self/task"))
     with TestClient(create_app(Settings(model_nice=steps), engine=engine)) as client:
         assert post_features(client, volumes[0]).status_code == 200  # runs PyTorch there
-        worker = client.app.state.worker._thread.native_id
         new = {int(t) for t in set(os.listdir("/proc/self/task")) - before}
+        (worker,) = [t.native_id for t in threading.enumerate()
+                     if t.name == "cryolens-inference" and t.native_id in new]
         lowered = {t for t in new if _nice(t) == min(19, base + steps)}
         assert worker in lowered
         if steps and torch.get_num_threads() > 1:

@@ -105,6 +105,7 @@ def test_particles_and_clean_are_zscored(batch: ParticleBatch) -> None:
         np.testing.assert_allclose(volumes.std(axis=(1, 2, 3), dtype=np.float64), 1.0, atol=1e-4)
 
 
+@pytest.mark.slow  # simulates five batches
 def test_same_seed_same_batches_other_seed_differs() -> None:
     a, b = ParticleSimulator(seed=11), ParticleSimulator(seed=11)
     for _ in range(2):  # the second call too: same call sequence, same stream
@@ -252,6 +253,7 @@ def test_snr_is_variance_ratio(snr: float) -> None:
     assert np.all(np.abs(measured / snr - 1) < 0.15)
 
 
+@pytest.mark.slow  # simulates two batches without noise
 def test_contrast_sign() -> None:
     dark = ParticleSimulator(seed=2, snr=None, contrast="dark").sample(2)
     light = ParticleSimulator(seed=2, snr=None, contrast="light").sample(2)
