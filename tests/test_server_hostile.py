@@ -94,6 +94,27 @@ def test_headers_over_the_limit_get_431_however_they_arrive(server, chunk):
     assert health_ok(server)
 
 
+def test_a_body_still_arriving_after_an_early_answer_is_not_counted_as_headers(server):
+    """A request refused before its body is read (422 on a query option) may go on sending
+    that body: its bytes are the old request's, not the next one's headers (they were counted
+    as such, and a body over 64 KiB drew an unrequested 431 and a reset)."""
+    body = npy(np.zeros((1, 48, 48, 48), np.float32))  # 442 KB
+    sock = connect(server)
+    sock.sendall(b"POST /batch_process?batch_size=0 HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: application/x-npy\r\nContent-Length: %d\r\n\r\n" % len(body))
+    sock.sendall(body[:1000])
+    first = b""
+    while b"\r\n\r\n" not in first:
+        first += sock.recv(65536)
+    assert first.startswith(b"HTTP/1.1 422 "), first[:200]
+    for at in range(1000, len(body), 100_000):
+        sock.sendall(body[at:at + 100_000])
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    rest = first.partition(b"\r\n\r\n")[2] + read_until_closed(sock)
+    assert b"HTTP/1.1 431" not in rest, rest[:300]
+    assert b"HTTP/1.1 200 " in rest, rest[:300]
+
+
 def test_headers_just_under_the_limit_are_served(server):
     filler = b"a" * (HEADER_LIMIT - 200)
     answer = requests.get(server.url + "/health", headers={"X-Filler": filler.decode()},

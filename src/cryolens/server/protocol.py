@@ -157,11 +157,16 @@ class HeaderTimeoutProtocol(_Base):
 
     def data_received(self, data: bytes) -> None:
         waiting = self._header_timer is not None  # for the headers of a request
+        # The body of a request answered before it was read (a 422 on a query option) may go
+        # on arriving: those bytes are its own, not the next request's headers. (A chunk that
+        # ends it and begins the next request goes uncounted here; the parsed count still holds
+        # complete headers to the limit, and a chunk is at most the transport's read size.)
+        in_body = self.cycle is not None and self.cycle.more_body
         super().data_received(data)
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             self._disarm()  # headers are in: a request is running
-        elif waiting and not self.transport.is_closing():
+        elif waiting and not in_body and not self.transport.is_closing():
             # every byte so far went to headers that are still incomplete
             self._header_bytes += len(data)
             if self._header_bytes > self.max_header_bytes:
