@@ -162,5 +162,6 @@ def test_particles_load_from_mrc_folder_npy_and_h5(tmp_path):
         f["particles"] = stack
     for source in (folder, tmp_path / "s.npy", tmp_path / "s.h5"):
         assert np.array_equal(load_particles(source), stack)
+    (tmp_path / "s.txt").write_text("not particles\n")
     with pytest.raises(ValueError, match="cannot read particles"):
         load_particles(tmp_path / "s.txt")

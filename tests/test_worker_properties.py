@@ -158,6 +158,9 @@ class FailsOnce:
     def dropped(self, reason: str) -> None:
         pass
 
+    def running(self, particles: int) -> None:
+        pass
+
 
 def test_an_error_in_the_loop_costs_only_the_jobs_in_hand(engine, pool):
     volumes, alone, _ = pool

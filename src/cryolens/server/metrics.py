@@ -51,6 +51,9 @@ class Metrics:
         self.busy_parse = Counter(
             "cryolens_parse_budget_refusals", "Requests answered 503 because the server-wide "
             "parse budget stayed full", registry=registry)
+        self.running_particles = Gauge(
+            "cryolens_running_particles",
+            "Particles in the engine call running now (0: the model is idle)", registry=registry)
         self.queue_depth = Gauge("cryolens_queue_depth", "Inference jobs waiting",
                                  registry=registry)
         self.in_flight = Gauge("cryolens_requests_in_flight", "HTTP requests being handled",
@@ -74,6 +77,9 @@ class Metrics:
 
     def dropped(self, reason: str) -> None:
         self.dropped_jobs.labels(reason).inc()
+
+    def running(self, particles: int) -> None:
+        self.running_particles.set(particles)
 
     def disconnected(self, stage: str) -> None:
         self.disconnects.labels(stage).inc()

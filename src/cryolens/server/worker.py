@@ -57,12 +57,17 @@ class WorkerEvents(Protocol):
 
     def dropped(self, reason: str) -> None: ...
 
+    def running(self, particles: int) -> None: ...
+
 
 class _NoEvents:
     def batch(self, operation: Operation, jobs: int, particles: int, seconds: float) -> None:
         pass
 
     def dropped(self, reason: str) -> None:
+        pass
+
+    def running(self, particles: int) -> None:
         pass
 
 
@@ -315,9 +320,11 @@ class InferenceWorker:
 
     def _execute(self, jobs: list[Job]) -> None:
         started = self._running_since = time.monotonic()
+        self.events.running(sum(len(j.volumes) for j in jobs))
         try:
             results = run_batched(self.engine, jobs[0].operation, [j.volumes for j in jobs])
         except Exception as exc:  # noqa: BLE001 - handed to the awaiting requests
+            self.events.running(0)
             if len(jobs) == 1:
                 _answer(jobs[0], None, exc)
             else:  # find the job at fault: run each alone, so the others still get answers
@@ -325,6 +332,7 @@ class InferenceWorker:
                     self._execute([job])
             return
         elapsed = time.monotonic() - started
+        self.events.running(0)
         self.events.batch(jobs[0].operation, len(jobs), sum(len(j.volumes) for j in jobs),
                           elapsed)
         _answer_all(jobs, results)
