@@ -99,8 +99,8 @@ def test_engine_bench_variant_runs(variant):
     each runs here on the CPU at its shortest and says which variant it measured. (compile is
     left out: ~1 minute of inductor on this CPU.)"""
     done = subprocess.run(
-        [sys.executable, "bench/engine.py", "--batches", "1", "--min-time", "0", "--no-segments",
-         "--variant", variant], check=False, cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "bench/engine.py", "--models", "demo", "--threads", "1", "--batches",
+         "1", "--min-time", "0", "--no-segments", "--variant", variant], check=False, cwd=ROOT, capture_output=True, text=True,
         timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"variant {variant}" in done.stdout, done.stdout
