@@ -9,10 +9,10 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from http_stand_in import LocalHTTPServer, QuietHandler
 from server_helpers import small_model_file
 
 from cryolens.checkpoints import read_state_dict, resolve_checkpoint
@@ -77,14 +77,14 @@ def test_info_on_random_bytes_says_it_is_not_a_checkpoint(tmp_path, capsys):
 
 
 # -- downloads ---------------------------------------------------------------------------------
-class Pages:
+class Pages(LocalHTTPServer):
     """A tiny HTTP server answering every GET with 200 and ``body``; counts the requests."""
 
     def __init__(self, body: bytes, content_type: str = "text/html") -> None:
         self.gets = 0
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 outer.gets += 1
                 self.send_response(200)
@@ -93,20 +93,7 @@ class Pages:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 def cached_files(cache: Path) -> list[Path]:

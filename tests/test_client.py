@@ -6,13 +6,12 @@ import asyncio
 import json
 import re
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
 import pytest
+from http_stand_in import LocalHTTPServer, QuietHandler
 from server_helpers import free_port
 
 from cryolens import formats
@@ -325,7 +324,7 @@ def test_a_read_timeout_names_the_setting_to_change():
 
 
 # -- stand-in servers for 503 and 415 -----------------------------------------------------------
-class StandIn:
+class StandIn(LocalHTTPServer):
     """A tiny HTTP server: ``answer(handler, n)`` gives (status, headers, body) for the n-th
     request; every request is recorded as (time, method, path, Content-Type)."""
 
@@ -333,7 +332,7 @@ class StandIn:
         self.requests: list[tuple[float, str, str, str]] = []
         stand_in = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def _reply(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
@@ -348,20 +347,7 @@ class StandIn:
 
             do_GET = do_POST = _reply
 
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 JSON = {"Content-Type": "application/json"}

@@ -4,12 +4,11 @@ not fit their request are an error naming the request id, never a result, and a 
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
 import pytest
+from http_stand_in import LocalHTTPServer, QuietHandler
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +24,7 @@ from cryolens.errors import CryoLensError
 LATENT = 8
 
 
-class Misbehaving:
+class Misbehaving(LocalHTTPServer):
     """A tiny HTTP server: ``answer(handler, body, n)`` gives (status, headers, body) for the
     n-th request. Every answer carries ``X-Request-ID: rid-<n>``."""
 
@@ -33,7 +32,7 @@ class Misbehaving:
         self.count = 0
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def _reply(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
@@ -49,20 +48,7 @@ class Misbehaving:
 
             do_GET = do_POST = _reply
 
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 NPZ = {"Content-Type": formats.NPZ_MEDIA_TYPE}
