@@ -19,7 +19,10 @@ def main(checkpoint: str, golden_path: str, device: str = "cuda") -> int:
     g = np.load(golden_path)
     engine = Engine.from_checkpoint(checkpoint, device=device)
     dec = engine.model.decoder
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(engine.device)
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(engine.device)
+
     rows = []
     f = engine.features(g["inputs"])
     rows += [("mu", f.embedding, g["mu"], 1e-6), ("log_var", f.log_var, g["log_var"], 1e-6),

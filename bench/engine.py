@@ -224,10 +224,10 @@ def measure(args, label: str, model) -> None:
     sgemm = torch_sgemm_gflops(engine.device)
     ceiling = sgemm * 1e9 / recon_flops
     print(f"\n== {label}, threads {torch.get_num_threads()}")
-    print(f"model: latent {cfg.latent_dims}, splats {cfg.n_affinity}+{cfg.n_free}, box {cfg.box_size}, "
-          f"device {engine.device}, input {args.input}, max_chunk {engine.max_chunk}, "
-          f"memory_budget {engine.memory_budget / 1024**2:.0f} MiB, exact_zscore {engine.exact_zscore}, "
-          f"variant {args.variant or 'none'}")
+    print(f"model: latent {cfg.latent_dims}, splats {cfg.n_affinity}+{cfg.n_free}, "
+          f"box {cfg.box_size}, device {engine.device}, input {args.input}, "
+          f"max_chunk {engine.max_chunk}, memory_budget {engine.memory_budget / 1024**2:.0f} MiB, "
+          f"exact_zscore {engine.exact_zscore}, variant {args.variant or 'none'}")
     where = "CUDA" if cuda else f"{torch.get_num_threads()} threads"
     print(f"sgemm {sgemm:.0f} GFLOP/s (torch float32 2048^2, {where}); "
           f"FLOPs per reconstruction {recon_flops / 1e9:.3f} G, per embedding "
@@ -284,7 +284,8 @@ def main(argv=None) -> None:
     parser.add_argument("--input", choices=["numpy", "tensor"], default="numpy")
     parser.add_argument("--max-chunk", type=int, default=None)
     parser.add_argument("--memory-budget", type=int, default=None)
-    parser.add_argument("--exact-zscore", action="store_true", help="z-score with numpy on the host")
+    parser.add_argument("--exact-zscore", action="store_true",
+                        help="z-score with numpy on the host")
     parser.add_argument("--compare", default=None, metavar="OLD.py")
     parser.add_argument("--rounds", type=int, default=3, help="alternations with --compare")
     parser.add_argument("--no-segments", action="store_true")

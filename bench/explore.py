@@ -31,8 +31,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from explore_helpers import CHROMIUM, CHROMIUM_ARGS, dataset, open_page
-from server_helpers import ServerProcess, free_port, stop_on_sigterm
+from explore_helpers import CHROMIUM, CHROMIUM_ARGS, dataset, open_page  # noqa: E402 - tests/ on sys.path
+from server_helpers import ServerProcess, free_port, stop_on_sigterm  # noqa: E402 - as above
 
 FAMILIES = 20
 

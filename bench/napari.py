@@ -28,7 +28,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from server_helpers import start_cli_server, stop_on_sigterm
+from server_helpers import start_cli_server, stop_on_sigterm  # noqa: E402 - tests/ on sys.path
 
 SCALE = (10.0, 10.0, 10.0)
 SHAPE = (96, 256, 256)

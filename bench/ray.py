@@ -196,8 +196,9 @@ def bench_serve(args) -> None:
                         "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{ray_tmp}/hap/admin.sock",
                         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": f"{ray_tmp}/hap",
                         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{ray_tmp}/hap/state"})
+    extra_env = " +" + ",".join(args.ray_env) if args.ray_env else ""
     runs = [("uvicorn (cryolens-server)", [str(BIN / "cryolens-server"), *common], {}),
-            (f"Ray Serve (1 replica, {cpus} CPUs){' +' + ','.join(args.ray_env) if args.ray_env else ''}",
+            (f"Ray Serve (1 replica, {cpus} CPUs){extra_env}",
              [str(BIN / "cryolens"), "serve", *common, "--ray", "--replica-cpus", str(cpus)],
              ray_env)]
     shared = Path("/tmp/haproxy-serve")  # Ray still puts a per-node folder here

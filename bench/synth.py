@@ -1,6 +1,7 @@
 """Particles per second of the synthetic cryo-ET simulator (cryolens.synth), default settings.
 
-Run single-threaded for the one-core figure: OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python bench/synth.py
+Run single-threaded for the one-core figure:
+OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python bench/synth.py
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         sim.sample(32, labels=[idx] * 32)
         per[s.name] = 32 / (time.perf_counter() - start)
     print("per structure (particles/s): "
-          + ", ".join(f"{k} {v:.0f} ({len(s.coords)} pts)" for (k, v), s in zip(per.items(), structures)))
+          + ", ".join(f"{s.name} {per[s.name]:.0f} ({len(s.coords)} pts)" for s in structures))
 
 
 if __name__ == "__main__":

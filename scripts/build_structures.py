@@ -128,7 +128,8 @@ def read_member(archive: Path, member: str) -> tuple[bytes, str]:
     raise FileNotFoundError(f"{member} not in {archive.name}")
 
 
-def coarse_grain(path: Path, chain_prefixes: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray]:
+def coarse_grain(path: Path, chain_prefixes: tuple[str, ...] | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """(R, 3) float64 residue positions in Å and (R,) weights from the first model."""
     import gemmi
 
@@ -155,7 +156,8 @@ def coarse_grain(path: Path, chain_prefixes: tuple[str, ...] | None) -> tuple[np
     return np.asarray(points, dtype=np.float64), np.asarray(weights, dtype=np.float64)
 
 
-def merge_on_grid(points: np.ndarray, weights: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray, float]:
+def merge_on_grid(points: np.ndarray, weights: np.ndarray, max_points: int
+                  ) -> tuple[np.ndarray, np.ndarray, float]:
     """Merge residues per grid cell (weighted centroid, summed weight) until <= max_points."""
     if len(points) <= max_points:
         return points, weights, 0.0
@@ -168,7 +170,8 @@ def merge_on_grid(points: np.ndarray, weights: np.ndarray, max_points: int) -> t
             break
         grid += MERGE_STEP_A
     summed = np.bincount(inverse, weights=weights)
-    centroids = np.stack([np.bincount(inverse, weights=weights * points[:, k]) for k in range(3)], axis=1)
+    centroids = np.stack([np.bincount(inverse, weights=weights * points[:, k])
+                          for k in range(3)], axis=1)
     return centroids / summed[:, None], summed, grid
 
 

@@ -22,7 +22,7 @@ def main(source: str) -> None:
     state, _ = read_state_dict(source)
     with safe_open(source, "pt") as f:
         meta = json.loads((f.metadata() or {}).get("cryolens", "{}"))
-    keep = {"step": meta.get("step"), "config": meta.get("config"), "settings": meta.get("settings")}
+    keep = {key: meta.get(key) for key in ("step", "config", "settings")}
     target = DATA / "demo.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(target),
               metadata={"cryolens": json.dumps(keep)})

@@ -84,7 +84,8 @@ class ServerProcess:
 
 def start_cli_server(checkpoint: str | os.PathLike, *extra: str, env: dict[str, str] | None = None,
                      wait: bool = True) -> ServerProcess:
-    """``python -m cryolens.server.minimal_cryolens_server --checkpoint X --port P --device cpu``."""
+    """``python -m cryolens.server.minimal_cryolens_server --checkpoint X --port P
+    --device cpu``."""
     port = free_port()
     server = ServerProcess([PYTHON, "-m", "cryolens.server.minimal_cryolens_server",
                             "--checkpoint", str(checkpoint), "--host", "127.0.0.1",

@@ -31,7 +31,7 @@ def helped() -> dict[str, subprocess.CompletedProcess]:
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
 
     with ThreadPoolExecutor(2) as pool:
-        return dict(zip(SCRIPTS, pool.map(run, SCRIPTS)))
+        return dict(zip(SCRIPTS, pool.map(run, SCRIPTS), strict=True))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -100,11 +100,12 @@ def test_engine_bench_variant_runs(variant):
     left out: ~1 minute of inductor on this CPU.)"""
     done = subprocess.run(
         [sys.executable, "bench/engine.py", "--models", "demo", "--threads", "1", "--batches",
-         "1", "--min-time", "0", "--no-segments", "--variant", variant], check=False, cwd=ROOT, capture_output=True, text=True,
-        timeout=300)
+         "1", "--min-time", "0", "--no-segments", "--variant", variant], check=False, cwd=ROOT,
+        capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"variant {variant}" in done.stdout, done.stdout
-    row = next(line.split() for line in done.stdout.splitlines() if line.split()[:2] == ["new", "1"])
+    row = next(line.split() for line in done.stdout.splitlines()
+               if line.split()[:2] == ["new", "1"])
     assert float(row[2]) > 0 and float(row[3]) > 0, done.stdout
 
 

@@ -160,7 +160,8 @@ def test_wrong_shape_is_named(tmp_path):
 
 def test_many_missing_keys_are_counted(tmp_path):
     weights = {k: v for k, v in small_state_dict().items() if not k.startswith("encoder.")}
-    with pytest.raises(CheckpointError, match=r"encoder\.model\.0\.weight.*and 3 more \(8 in all\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"encoder\.model\.0\.weight.*and 3 more \(8 in all\)"):
         load_model(_save(weights, tmp_path / "m.pt"))
 
 

@@ -72,12 +72,14 @@ def test_demo_encodes_structures_apart():
 def _can_isolate_network() -> bool:
     if not (shutil.which("unshare") and shutil.which("ip")):
         return False
-    return subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False).returncode == 0
+    done = subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False)
+    return done.returncode == 0
 
 
 @pytest.mark.slow  # a server process
 @pytest.mark.skipif(not _can_isolate_network(),
-                    reason="needs `unshare -n` (root, util-linux) and `ip` to run without a network")
+                    reason="needs `unshare -n` (root, util-linux) and `ip` to run without a "
+                           "network")
 def test_server_serves_demo_with_no_network():
     """Start the documented command in a network namespace with only loopback."""
     script = textwrap.dedent(f"""
@@ -94,7 +96,8 @@ def test_server_serves_demo_with_no_network():
                 urllib.request.urlopen(base + "/health", timeout=1); break
             except OSError:
                 time.sleep(0.2)
-        body = json.dumps({{"input_volume": np.random.default_rng(0).standard_normal((48, 48, 48)).tolist()}}).encode()
+        volume = np.random.default_rng(0).standard_normal((48, 48, 48)).tolist()
+        body = json.dumps({{"input_volume": volume}}).encode()
         out = {{}}
         for path in ("/extract_features", "/reconstruct", "/extract_gaussian_splats"):
             req = urllib.request.Request(base + path, body, {{"Content-Type": "application/json"}})

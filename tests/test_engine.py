@@ -58,12 +58,14 @@ def test_chunking_by_memory_budget_changes_nothing(engine, volumes):
 
 def test_options_change_the_output(engine, volumes):
     base = engine.reconstruct(volumes[:2])
-    assert not np.allclose(base.volume, engine.reconstruct(volumes[:2], final_convolution=False).volume)
-    assert not np.allclose(base.volume, engine.reconstruct(volumes[:2], use_predicted_pose=True).volume)
+    raw_render = engine.reconstruct(volumes[:2], final_convolution=False).volume
+    assert not np.allclose(base.volume, raw_render)
+    posed = engine.reconstruct(volumes[:2], use_predicted_pose=True).volume
+    assert not np.allclose(base.volume, posed)
     raw = engine.reconstruct(volumes[:2], denormalise=False).volume
     norm = engine.normalise(volumes[:2])
-    assert np.allclose(base.volume, raw * norm.std[:, None, None, None] + norm.mean[:, None, None, None],
-                       atol=1e-5)
+    std, mean = norm.std[:, None, None, None], norm.mean[:, None, None, None]
+    assert np.allclose(base.volume, raw * std + mean, atol=1e-5)
 
 
 def test_splats_rerender_to_the_raw_render(engine, volumes):
@@ -223,7 +225,8 @@ def test_denormalising_beyond_float32_is_an_input_error(engine):
         model.decoder._decoder[2].bias.fill_(10.0)
     loud = Engine(model, device="cpu")
     volume = _extreme_volumes()["float32 max and -max"][None]
-    with pytest.raises(InputError, match=r"volume of particle\(s\) \[0\] is not finite.*denormalise"):
+    with pytest.raises(InputError,
+                       match=r"volume of particle\(s\) \[0\] is not finite.*denormalise"):
         loud.reconstruct(volume)
     assert np.isfinite(loud.reconstruct(volume, denormalise=False).volume).all()
 

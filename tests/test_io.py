@@ -372,4 +372,4 @@ def test_copick_reads_each_tomogram_once(project, monkeypatch):
     monkeypatch.setattr(zarr, "open", counting)  # every zarr array the reader opens
     batches = list(particles.batches(1))
     assert len(batches) == 4 and len(opened) == 2  # TS_1 once for 3 picks, TS_2 once
-    assert TOMO_SHAPE == reader.tomograms["TS_1"][2]
+    assert reader.tomograms["TS_1"][2] == TOMO_SHAPE

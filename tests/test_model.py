@@ -35,7 +35,8 @@ def test_rotation_is_orthonormal_and_about_the_axis(angle, axis):
 
 def test_quarter_turn_about_z_is_counter_clockwise():
     r = pose_to_matrix(torch.tensor([[math.pi / 2, 0.0, 0.0, 1.0]]))[0]
-    assert torch.allclose(r @ torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)
+    x_axis, y_axis = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    assert torch.allclose(r @ x_axis, y_axis, atol=1e-6)
 
 
 def test_identity_convention_gives_identity_matrix_with_non_unit_quaternion():

@@ -87,7 +87,8 @@ def test_encoder_float64_truth(parity_engine, golden):
 
 def test_pipeline_reconstruction(parity_engine, golden):
     r = parity_engine.reconstruct(golden["inputs"])
-    for i, (ours, ref, std) in enumerate(zip(r.volume, golden["recon_pipeline"], golden["norm_std"])):
+    rows = zip(r.volume, golden["recon_pipeline"], golden["norm_std"], strict=True)
+    for i, (ours, ref, std) in enumerate(rows):
         span = max(float(ref.max() - ref.min()), float(std))
         _close(ours, ref, RECON_RTOL * span, f"recon_pipeline[{i}]")
     _close(r.features.embedding, golden["mu"], ENC_ATOL, "mu from reconstruct")
@@ -97,7 +98,8 @@ def test_pipeline_reconstruction_without_final_convolution(parity_engine, golden
     positions = [list(golden["subset_of_golden_idx"]).index(i)
                  for i in golden["recon_pipeline_noconv_idx"]]
     r = parity_engine.reconstruct(golden["inputs"][positions], final_convolution=False)
-    for ours, ref, std in zip(r.volume, golden["recon_pipeline_noconv"], golden["norm_std"][positions]):
+    for ours, ref, std in zip(r.volume, golden["recon_pipeline_noconv"],
+                              golden["norm_std"][positions], strict=True):
         _close(ours, ref, RAW_ATOL * std + 1e-5 * abs(ref).max(), "recon_pipeline_noconv")
 
 
@@ -159,7 +161,8 @@ def test_z_sweep(parity_engine, golden):
 
 def test_forward_frame_splats(parity_engine, golden, mu):
     with torch.inference_mode():
-        s = parity_engine.model.decoder.splats(mu, _t(golden["pose_raw"]), _t(golden["global_weight"]))
+        s = parity_engine.model.decoder.splats(mu, _t(golden["pose_raw"]),
+                                               _t(golden["global_weight"]))
     _close(s.centres.numpy(), golden["fwd_splat_coords"], ENC_ATOL, "fwd_splat_coords")
     _close(s.weights.numpy(), golden["fwd_splat_weights"], ENC_ATOL, "fwd_splat_weights")
     raw = (s.sigmas.numpy() - 0.005) / 0.095
@@ -198,5 +201,6 @@ def test_reference_splat_layouts_follow_from_ours(parity_engine, golden, mu):
     _close(soft_weight * golden["global_weight"], golden["pipe_splat_weights"], ENC_ATOL,
            "pipeline weights × raw logit")
     particle = (s.centres.numpy().transpose(0, 2, 1) + 1) * 24
-    _close(particle[:, :, [2, 0, 1]], golden["particle_splat_centroids"], 1e-4, "particle centroids")
+    _close(particle[:, :, [2, 0, 1]], golden["particle_splat_centroids"], 1e-4,
+           "particle centroids")
     _close(s.weights.numpy(), golden["particle_splat_weights"], ENC_ATOL, "particle weights")

@@ -121,19 +121,7 @@ def run_help(argv: list[str]) -> str:
 def exercise(argv: list[str], env: dict[str, str], request) -> None:
     program = argv[0]
     if program == "curl":
-        server, folder = request.getfixturevalue("server"), request.getfixturevalue("body_folder")
-        if shutil.which("curl") is None:
-            pytest.skip("curl is not installed")
-        address = server.url.removeprefix("http://")
-        args = [a.replace("localhost:8023", address) for a in argv]
-        done = subprocess.run(args, cwd=folder, check=False, capture_output=True, timeout=120)
-        assert done.returncode == 0, done.stderr[:300]
-        if "-o" in args:  # a binary answer written to a file: .npz is a zip archive
-            written = (folder / args[args.index("-o") + 1]).read_bytes()
-            assert written[:2] == b"PK", written[:300]
-        else:
-            assert done.stdout.startswith(b"{") and b'"detail"' not in done.stdout, \
-                done.stdout[:300]
+        exercise_curl(argv, request)
     elif program == "make":
         if shutil.which("make") is None:
             pytest.skip("make is not installed")
@@ -142,23 +130,8 @@ def exercise(argv: list[str], env: dict[str, str], request) -> None:
                                f"VENV={venv}", *argv[1:]], check=False, capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 0, done.stderr
-    elif program == "cryolens" and argv[1:2] == ["serve"]:
-        if "--help" in argv:
-            assert run_help(argv[1:]).startswith("usage: cryolens serve")
-        else:
-            check_server_command(argv[2:], "cryolens serve", env)
     elif program == "cryolens":
-        from cryolens import cli
-
-        args = cli.parse_args(argv[1:])
-        if getattr(args, "command", None) == "info" and (args.checkpoint is None or args.log_level == "DEBUG"):
-            if args.log_level == "DEBUG":  # the documented traceback of a missing file
-                from cryolens.errors import CheckpointError
-
-                with pytest.raises(CheckpointError):
-                    cli.main(argv[1:])
-            else:
-                assert cli.main(argv[1:]) == 0
+        exercise_cryolens(argv, env)
     elif program == "cryolens-server":
         check_server_command(argv[1:], "cryolens-server", env)
     elif program == "python" and argv[1:3] == ["-m", "cryolens.server.minimal_cryolens_server"]:
@@ -188,15 +161,57 @@ def exercise(argv: list[str], env: dict[str, str], request) -> None:
         if "napari-cryolens" not in names:
             pytest.skip("napari-cryolens is not installed (pip install ./napari-cryolens)")
     elif program in NOT_RUN:
-        pin = re.search(r"torch==([\d.]+)", " ".join(argv))
-        if pin:
-            makefile = (REPO / "Makefile").read_text()
-            assert f"TORCH_VERSION ?= {pin.group(1)}\n" in makefile
-        if program == "docker" and argv[1] == "build":
-            dockerfile = argv[argv.index("-f") + 1] if "-f" in argv else "Dockerfile"
-            assert (REPO / dockerfile).is_file()
+        check_not_run(program, argv)
     else:
         pytest.fail(f"no test exercises {shlex.join(argv)}: teach tests/test_readme.py how")
+
+
+def exercise_curl(argv: list[str], request) -> None:
+    server, folder = request.getfixturevalue("server"), request.getfixturevalue("body_folder")
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    address = server.url.removeprefix("http://")
+    args = [a.replace("localhost:8023", address) for a in argv]
+    done = subprocess.run(args, cwd=folder, check=False, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr[:300]
+    if "-o" in args:  # a binary answer written to a file: .npz is a zip archive
+        written = (folder / args[args.index("-o") + 1]).read_bytes()
+        assert written[:2] == b"PK", written[:300]
+    else:
+        assert done.stdout.startswith(b"{") and b'"detail"' not in done.stdout, \
+            done.stdout[:300]
+
+
+def exercise_cryolens(argv: list[str], env: dict[str, str]) -> None:
+    if argv[1:2] == ["serve"]:
+        if "--help" in argv:
+            assert run_help(argv[1:]).startswith("usage: cryolens serve")
+        else:
+            check_server_command(argv[2:], "cryolens serve", env)
+        return
+    from cryolens import cli
+
+    args = cli.parse_args(argv[1:])
+    if getattr(args, "command", None) == "info" and (args.checkpoint is None
+                                                     or args.log_level == "DEBUG"):
+        if args.log_level == "DEBUG":  # the documented traceback of a missing file
+            from cryolens.errors import CheckpointError
+
+            with pytest.raises(CheckpointError):
+                cli.main(argv[1:])
+        else:
+            assert cli.main(argv[1:]) == 0
+
+
+def check_not_run(program: str, argv: list[str]) -> None:
+    """A documented command this test does not run: the versions and files it names exist."""
+    pin = re.search(r"torch==([\d.]+)", " ".join(argv))
+    if pin:
+        makefile = (REPO / "Makefile").read_text()
+        assert f"TORCH_VERSION ?= {pin.group(1)}\n" in makefile
+    if program == "docker" and argv[1] == "build":
+        dockerfile = argv[argv.index("-f") + 1] if "-f" in argv else "Dockerfile"
+        assert (REPO / dockerfile).is_file()
 
 
 @pytest.mark.parametrize("document, argv, env", COMMANDS,

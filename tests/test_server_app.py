@@ -117,7 +117,7 @@ def test_bad_environment_settings_are_refused(env):
         Settings.from_env(env)
 
 
-# -- logging (the accept-error flood filter) --------------------------------------------------------------------------------------
+# -- logging (the accept-error flood filter) -------------------------------------------------
 def test_repeated_accept_errors_are_logged_once_per_window():
     logger = logging.getLogger("test.flood")
     logger.propagate = False

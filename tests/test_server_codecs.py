@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from cryolens.errors import CryoLensError
-from cryolens.server import codecs
+from cryolens.server import codecs, jsonscan
 
 BOX = (48, 48, 48)
 
@@ -162,7 +162,7 @@ def test_a_huge_body_is_judged_like_a_small_one_whatever_surrounds_its_volumes(v
     and an object where the volumes belong is a 422 naming the field (it was a 413 about the
     bytes "besides" the volumes, or "names input_volumes twice")."""
     monkeypatch.setattr(codecs, "SPLIT_THRESHOLD_BYTES", codecs.PLANE_WISE_BYTES)
-    monkeypatch.setattr(codecs, "MAX_OPTIONS_BYTES", 1024)  # the object is larger than this
+    monkeypatch.setattr(jsonscan, "MAX_OPTIONS_BYTES", 1024)  # the object is larger than this
     field, parse, plain = (("input_volume", parse_single, plain_single) if path == "single"
                            else ("input_volumes", parse_batch, plain_batch))
     value = volume if path == "single" else volume[None]
@@ -204,7 +204,7 @@ def plain_statistics(body: bytes, field: str = "volume"):
 @pytest.mark.parametrize("piece_bytes", [1, codecs.PIECE_BYTES])
 def test_large_arrays_of_any_shape_read_in_pieces_equal_one_parse(shape, piece_bytes,
                                                                   monkeypatch):
-    monkeypatch.setattr(codecs, "PIECE_BYTES", piece_bytes)  # 1: one element per piece
+    monkeypatch.setattr(jsonscan, "PIECE_BYTES", piece_bytes)  # 1: one element per piece
     parsed, loads_object = [], codecs.loads_object
     monkeypatch.setattr(codecs, "loads_object", lambda text: parsed.append(len(text)) or
                         loads_object(text))
@@ -288,7 +288,7 @@ EDGE_ARRAYS = [b"[1]", b"[ 1 ,\n2 ]", b"[-0, 1e-400, 1E2, 7]", b"[[1] ,\r\n [2]]
 @pytest.mark.parametrize("text", EDGE_ARRAYS)
 @pytest.mark.parametrize("piece_bytes", [1, codecs.PIECE_BYTES])
 def test_edge_arrays_in_a_large_body_are_judged_as_alone(text, piece_bytes, monkeypatch):
-    monkeypatch.setattr(codecs, "PIECE_BYTES", piece_bytes)
+    monkeypatch.setattr(jsonscan, "PIECE_BYTES", piece_bytes)
     monkeypatch.setattr(codecs, "SPLIT_THRESHOLD_BYTES", codecs.PLANE_WISE_BYTES)
     body = b'{"pad": "' + b"x" * codecs.PLANE_WISE_BYTES + b'", "volume": ' + text + b"}"
     got = outcome(parse_statistics, body)

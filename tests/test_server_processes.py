@@ -85,12 +85,14 @@ def test_unloadable_checkpoint_exits_with_one_line(model, args, fragment):
 
 
 def test_bad_cli_values_are_usage_errors():
-    done = subprocess.run([*CLI, "--device", "tpu"], check=False, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*CLI, "--device", "tpu"], check=False, capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 2 and "invalid choice" in done.stderr
 
 
 def test_list_versions():
-    done = subprocess.run([*CLI, "--list-versions"], check=False, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*CLI, "--list-versions"], check=False, capture_output=True,
+                          text=True, timeout=60)
     assert done.returncode == 0
     assert done.stdout.startswith("v001 : ") and "\ndemo : " in done.stdout
 

@@ -82,7 +82,7 @@ def test_structures_load_unique_and_match_provenance(structures: list[Structure]
 
 def test_load_structures_is_cached(structures: list[Structure]) -> None:
     again = load_structures()
-    assert all(a is b for a, b in zip(structures, again))
+    assert all(a is b for a, b in zip(structures, again, strict=True))
     assert not again[0].coords.flags.writeable
 
 

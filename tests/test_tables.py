@@ -93,8 +93,8 @@ def relion5(root: Path, tomograms: Path):
     origin = RNG.uniform(-30, 30, (len(PARTICLES), 3))
     angles = RNG.uniform(-180, 180, (len(PARTICLES), 3))
     shifts = np.einsum("nij,nj->ni", relion_matrices(*angles.T), origin)
-    centred = np.array([(p - _shape_xyz(t) / 2) * VOXEL for t, p in zip(NAMES, POSITIONS)]) \
-        + shifts
+    centred = np.array([(p - _shape_xyz(t) / 2) * VOXEL
+                        for t, p in zip(NAMES, POSITIONS, strict=True)]) + shifts
     frame = pd.DataFrame({"rlnTomoName": NAMES,
                           "rlnTomoParticleName": [f"{t}/{i + 1}" for i, t in enumerate(NAMES)],
                           **{f"rlnCenteredCoordinate{a}Angst": centred[:, k]

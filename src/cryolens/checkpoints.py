@@ -1,4 +1,5 @@
-"""Named, local and downloaded CryoLens checkpoints: find the file, check its sha256, load it safely.
+"""Named, local and downloaded CryoLens checkpoints: find the file, check its sha256, load it
+safely.
 
 Never executes a pickle; infers the architecture from the weights alone, never from the file name.
 Reading a file (:mod:`cryolens.statedicts`) and downloading one (:mod:`cryolens.downloads`) are
@@ -97,7 +98,8 @@ class ResolvedCheckpoint:
 
     ``name`` is safe to show anyone (registry name or bare file name); ``source`` is what the caller
     asked for and may be a private path or URL; ``origin`` says how the file was obtained:
-    ``"package"``, ``"cache"`` (already downloaded), ``"download"`` (fetched just now) or ``"path"``.
+    ``"package"``, ``"cache"`` (already downloaded), ``"download"`` (fetched just now) or
+    ``"path"``.
     """
 
     path: Path
@@ -276,8 +278,9 @@ def load_model(
 ) -> tuple[CryoLensVAE, LoadedCheckpoint]:
     """Resolve, read, check and load a checkpoint into an eval-mode :class:`CryoLensVAE`.
 
-    ``source`` is anything :func:`resolve_checkpoint` takes, or what it returned. Every weight must match by name and shape (the ``coords`` buffer aside): anything missing,
-    unexpected or mis-shaped raises :class:`CheckpointError` naming the keys.
+    ``source`` is anything :func:`resolve_checkpoint` takes, or what it returned. Every weight
+    must match by name and shape (the ``coords`` buffer aside): anything missing, unexpected or
+    mis-shaped raises :class:`CheckpointError` naming the keys.
     """
     target = _device(device)
     if isinstance(source, ResolvedCheckpoint):

@@ -19,7 +19,8 @@ import torch
 from cryolens.errors import CheckpointError, UnsafeCheckpointError
 from cryolens.model.config import ENCODER_CHANNELS, CryoLensConfig
 
-#: Key prefixes added by Lightning (``model.``), DDP (``module.``) and torch.compile (``_orig_mod.``).
+#: Key prefixes added by Lightning (``model.``), DDP (``module.``) and torch.compile
+#: (``_orig_mod.``).
 STRIPPED_PREFIXES: tuple[str, ...] = ("model.", "module.", "_orig_mod.")
 #: State-dict entries that are the renderer's grid, rebuilt on load whatever their stored shape.
 IGNORED_KEY_PART = "coords"

@@ -120,7 +120,8 @@ def quaternion_to_matrix(q: np.ndarray) -> np.ndarray:
     ], -2)
 
 
-def random_rotations(n: int, rng: np.random.Generator, max_angle: float | None = None) -> np.ndarray:
+def random_rotations(n: int, rng: np.random.Generator, max_angle: float | None = None
+                     ) -> np.ndarray:
     """(n, 3, 3) float64 rotations uniform on SO(3) (normalised 4-D Gaussian quaternions).
 
     ``max_angle`` (degrees) keeps only rotations by at most that angle from the identity, with
@@ -146,7 +147,8 @@ def random_rotations(n: int, rng: np.random.Generator, max_angle: float | None =
 
 @functools.lru_cache(maxsize=16)
 def _fourier_masks(box: int, voxel_size: float, tilt_range: float | None,
-                   bandpass: tuple[float, float] | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+                   bandpass: tuple[float, float] | None
+                   ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Wedge and band-pass masks, (box, box, box // 2 + 1) float32 in rfftn layout (or None)."""
     kz = np.fft.fftfreq(box)[:, None, None]  # cycles per voxel
     ky = np.fft.fftfreq(box)[None, :, None]
@@ -231,7 +233,7 @@ class ParticleSimulator:
             raise ValueError(f"snr must be > 0 or None, got {snr}")
         if tilt_range is not None and not 0 < tilt_range <= 90:
             raise ValueError(f"tilt_range must be in (0, 90] degrees or None, got {tilt_range}")
-        if max_angle is not None and not 0 < max_angle:
+        if max_angle is not None and not max_angle > 0:
             raise ValueError(f"max_angle must be > 0 degrees or None, got {max_angle}")
         if max_shift < 0:
             raise ValueError(f"max_shift must be >= 0, got {max_shift}")
@@ -240,7 +242,8 @@ class ParticleSimulator:
         if bandpass is not None:
             bandpass = (float(bandpass[0]), float(bandpass[1]))
             if not 0 <= bandpass[0] < bandpass[1]:
-                raise ValueError(f"bandpass must be (low, high) 1/Å with 0 <= low < high, got {bandpass}")
+                raise ValueError("bandpass must be (low, high) 1/Å with 0 <= low < high, "
+                                 f"got {bandpass}")
         self.box_size = int(box_size)
         self.voxel_size = float(voxel_size)
         self.snr = None if snr is None else float(snr)
@@ -344,7 +347,8 @@ class ParticleSimulator:
             var_noise = _spectral_variance(noise_spectrum, box)
             scale = np.sqrt(var_signal / (self.snr * var_noise)).astype(np.float32)
             spectrum += noise_spectrum * scale[:, None, None, None]
-        return scipy.fft.irfftn(spectrum, s=(box, box, box), axes=axes).astype(np.float32, copy=False)
+        volumes = scipy.fft.irfftn(spectrum, s=(box, box, box), axes=axes)
+        return volumes.astype(np.float32, copy=False)
 
 
 def _combine(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:

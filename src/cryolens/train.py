@@ -305,11 +305,7 @@ def _latest(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True) -> Path:
-    """Train (or resume) and return the path of the final checkpoint."""
-    out_dir = Path(settings.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(settings.device)
+def _set_up_torch(settings: TrainSettings, device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     if settings.threads:
@@ -317,9 +313,11 @@ def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
 
-    started = time.time()
-    start_step = 0
-    latest = _latest(out_dir) if resume else None
+
+def _model_and_optimizer(settings: TrainSettings, device: torch.device, latest: Path | None
+                         ) -> tuple[CryoLensVAE, torch.optim.Optimizer, int]:
+    """The model to train (``settings.init``'s, or a fresh one) and its optimizer, both resumed
+    from checkpoint ``latest`` when there is one; and the step to start from."""
     if settings.init and not latest:
         from cryolens.checkpoints import load_model
 
@@ -329,6 +327,7 @@ def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True
         initialise(model)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-5)
+    start_step = 0
     if latest:
         model.load_state_dict(load_file(str(latest)), strict=False)
         opt_path = latest.with_suffix(".opt.pt")
@@ -336,6 +335,30 @@ def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True
             optimizer.load_state_dict(torch.load(opt_path, map_location=device, weights_only=True))
         start_step = int(latest.stem.split("_")[1])
         torch.manual_seed(settings.seed + start_step)
+    return model, optimizer, start_step
+
+
+def _save_step(out_dir: Path, done: int, model: CryoLensVAE, optimizer: torch.optim.Optimizer,
+               meta: dict) -> None:
+    """Checkpoint step ``done`` (weights and optimizer), keeping the last two steps only."""
+    path = out_dir / f"step_{done:07d}.safetensors"
+    save_checkpoint(path, model, {**meta, "step": done})
+    torch.save(optimizer.state_dict(), path.with_suffix(".opt.pt"))
+    for old in sorted(out_dir.glob("step_*.safetensors"))[:-2]:
+        old.unlink()
+        old.with_suffix(".opt.pt").unlink(missing_ok=True)
+
+
+def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True) -> Path:
+    """Train (or resume) and return the path of the final checkpoint."""
+    out_dir = Path(settings.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(settings.device)
+    _set_up_torch(settings, device)
+
+    started = time.time()
+    latest = _latest(out_dir) if resume else None
+    model, optimizer, start_step = _model_and_optimizer(settings, device, latest)
 
     def progress_at(step: int) -> float:
         """Fraction of the run done: by steps, or by time when a time limit is the tighter one
@@ -371,7 +394,8 @@ def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True
     running: dict[str, float] = {}
     step = start_step
     meta = {"settings": asdict(settings), "config": model.config.to_dict()}
-    for step, batch in zip(range(start_step, settings.steps), loader):
+    # the datasets are endless streams: the steps alone end the loop
+    for step, batch in zip(range(start_step, settings.steps), loader, strict=False):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
@@ -397,12 +421,7 @@ def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True
             bar.update(1)
         out_of_time = settings.max_minutes and time.time() - started > 60 * settings.max_minutes
         if done % settings.checkpoint_every == 0 or done == settings.steps or out_of_time:
-            path = out_dir / f"step_{done:07d}.safetensors"
-            save_checkpoint(path, model, {**meta, "step": done})
-            torch.save(optimizer.state_dict(), path.with_suffix(".opt.pt"))
-            for old in sorted(out_dir.glob("step_*.safetensors"))[:-2]:
-                old.unlink()
-                old.with_suffix(".opt.pt").unlink(missing_ok=True)
+            _save_step(out_dir, done, model, optimizer, meta)
         if out_of_time:
             break
     if bar:

@@ -26,7 +26,8 @@ loading) is retried after the server's
 to several volumes halves ``batch_size`` (a ``RuntimeWarning`` says so) and sends them again; any
 other error status raises :class:`CryoLensHTTPError` with the server's message, field, status and
 request id. An answer that does not fit its request (another number of rows than volumes sent)
-raises :class:`CryoLensAnswerError` with the request id, never a result. Volumes that are not one volume or a stack, or that hold NaN or infinity, are an
+raises :class:`CryoLensAnswerError` with the request id, never a result. Volumes that are not
+one volume or a stack, or that hold NaN or infinity, are an
 :class:`~cryolens.errors.InputError` before anything is sent.
 
 The parts: requests and answers as data, and the server's errors (:mod:`cryolens.wire`);

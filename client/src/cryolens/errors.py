@@ -5,8 +5,8 @@
     │   ├── MalformedBody                  400  not JSON / npy / MRC at all, or a lying header
     │   ├── UnsupportedMediaType           415  a Content-Type the endpoint does not read
     │   └── PayloadTooLarge                413  a body or batch over the configured limit
-    ├── CheckpointError                     -   a checkpoint that cannot be found, fetched or trusted
-    │   └── UnsafeCheckpointError           -   a pickle that would run code: refused, never executed
+    ├── CheckpointError                     -   a checkpoint that cannot be found, fetched, trusted
+    │   └── UnsafeCheckpointError           -   a pickle that would run code: refused, never run
     ├── DeviceError                         -   e.g. CUDA asked for where there is none
     ├── Busy                               503  the inference queue is full (with Retry-After)
     │   └── NotReady                       503  the model is still loading (with Retry-After)

@@ -242,19 +242,7 @@ def open_particles(sources: str | Path | Sequence[str | Path], options: ReadOpti
             raise InputError(f"{source}: no such file or folder", field="source")
         kind = source_kind(path)
         if kind == "folder":
-            entries = sorted(path.iterdir())
-            files = [p for p in entries if p.is_file() and p.suffix.lower() in MRC_SUFFIXES]
-            if not files:
-                raise InputError(f"cannot read particles from {path}: no MRC files "
-                                 f"({', '.join(MRC_SUFFIXES)}) in it", field="source")
-            others = [p.name + ("/" if p.is_dir() else "") for p in entries
-                      if p not in files and not p.name.startswith(".")]
-            if others:
-                listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-                warnings.append(f"{path}: {len(others)} entries that are not MRC files are not "
-                                f"read ({listed}); name .npy or HDF5 files, or subfolders, as "
-                                "sources of their own")
-            readers += _mrc_readers(files, options, skipped)
+            readers += _folder_readers(path, options, skipped, warnings)
         elif kind == "mrc":
             readers += _mrc_readers([path], options, skipped)
         elif kind == "copick":
@@ -281,6 +269,25 @@ def open_particles(sources: str | Path | Sequence[str | Path], options: ReadOpti
             raise InputError(f"no particles left: all {len(skipped)} MRC files were unreadable",
                              field="source")
     return ParticleSet(options, readers, items, warnings, [str(p) for p, _ in skipped])
+
+
+def _folder_readers(path: Path, options: ReadOptions, skipped: list[tuple[Path, str]],
+                    warnings: list[str]) -> list[Reader]:
+    """A reader per MRC file of folder ``path``, in name order; a warning naming what else
+    is there (not read)."""
+    entries = sorted(path.iterdir())
+    files = [p for p in entries if p.is_file() and p.suffix.lower() in MRC_SUFFIXES]
+    if not files:
+        raise InputError(f"cannot read particles from {path}: no MRC files "
+                         f"({', '.join(MRC_SUFFIXES)}) in it", field="source")
+    others = [p.name + ("/" if p.is_dir() else "") for p in entries
+              if p not in files and not p.name.startswith(".")]
+    if others:
+        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        warnings.append(f"{path}: {len(others)} entries that are not MRC files are not "
+                        f"read ({listed}); name .npy or HDF5 files, or subfolders, as "
+                        "sources of their own")
+    return _mrc_readers(files, options, skipped)
 
 
 def _mrc_readers(files: Sequence[Path], options: ReadOptions,

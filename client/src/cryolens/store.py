@@ -43,7 +43,6 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
     them on a Ray cluster); parts, resuming and the output are the same. ``began``: the
     ``time.perf_counter()`` when the caller began (loading a model, listing particles), so
     that the summary's time is the whole wall time; by default, when this call began."""
-    import pyarrow.parquet as pq
     from tqdm import tqdm
 
     out = Path(out)
@@ -54,41 +53,8 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
         out.unlink(missing_ok=True)
     inputs = particles.fingerprint()
     if out.exists() and not parts.exists():
-        finished = _finished_meta(out)
-        if finished.get("identity") == identity:
-            then = finished.get("inputs") or {"particles": finished.get("n_particles")}
-            if then == inputs or ("sha256" not in then and then["particles"] == len(particles)):
-                return {"n": 0, "line": f"{out} is already complete ({then['particles']} "
-                                        "particles); --overwrite recomputes it"}
-            raise InputError(f"{out} was made from these sources, but {_changes(then, inputs)}; "
-                             "use --overwrite to embed them again", field="output")
-        raise InputError(f"{out} exists and was made from other inputs or another model; "
-                         "use --overwrite to replace it, or another -o", field="output")
-    done: set[str] = set()
-    if parts.exists() and not any(parts.glob("part-*.parquet")):
-        shutil.rmtree(parts)  # a run that wrote no particles: nothing to resume
-    if parts.exists():
-        state = json.loads((parts / STATE).read_text()) if (parts / STATE).exists() else {}
-        if state.get("identity") != identity:
-            raise InputError(f"{parts} holds an unfinished run with other inputs or another "
-                             "model; use --overwrite to discard it", field="output")
-        for part in sorted(parts.glob("part-*.parquet")):
-            done.update(pq.read_table(part, columns=["particle_key"])["particle_key"]
-                        .to_pylist())
-        gone = sorted(done - {record.key for record in particles.records})
-        if gone:
-            raise InputError(f"{parts} holds {len(gone)} particle(s) no longer among the inputs "
-                             f"(first: {_describe_key(gone[0])}): an input was removed or changed "
-                             "since; use --overwrite to start again", field="output")
-        then = state.get("inputs", inputs)  # parts from before inputs were recorded: keys only
-        if then != inputs:
-            raise InputError(f"{parts} holds an unfinished run of these sources, but "
-                             f"{_changes(then, inputs)}; use --overwrite to start again",
-                             field="output")
-    else:
-        parts.mkdir(parents=True)
-        _atomic_write(parts / STATE, json.dumps({"identity": identity,
-                                                 "inputs": inputs}).encode())
+        return _already_complete(out, identity, inputs, len(particles))
+    done = _resume(parts, identity, inputs, particles)
     number = len(list(parts.glob("part-*.parquet")))
     todo = len(particles) - len(done)
     started = time.perf_counter()
@@ -145,6 +111,55 @@ def embed(particles: ParticleSet, compute: Compute, out: str | Path, *, identity
             f"padded;{skipped} wrote {out}")
     return {"n": computed, "seconds": seconds, "wall_seconds": wall, "rate": rate, "todo": todo,
             "line": line, "edges": edges}
+
+
+
+def _already_complete(out: Path, identity: dict, inputs: dict, n: int) -> dict:
+    """The answer when ``out`` is finished and no parts are left: done already when it was
+    made by this model from these inputs, else an :class:`InputError` saying what differs."""
+    finished = _finished_meta(out)
+    if finished.get("identity") == identity:
+        then = finished.get("inputs") or {"particles": finished.get("n_particles")}
+        if then == inputs or ("sha256" not in then and then["particles"] == n):
+            return {"n": 0, "line": f"{out} is already complete ({then['particles']} "
+                                    "particles); --overwrite recomputes it"}
+        raise InputError(f"{out} was made from these sources, but {_changes(then, inputs)}; "
+                         "use --overwrite to embed them again", field="output")
+    raise InputError(f"{out} exists and was made from other inputs or another model; "
+                     "use --overwrite to replace it, or another -o", field="output")
+
+
+def _resume(parts: Path, identity: dict, inputs: dict, particles: ParticleSet) -> set[str]:
+    """The keys of the particles already embedded in ``parts`` by an unfinished run of this
+    model on these inputs (refused otherwise); a fresh ``parts`` folder when there is none."""
+    import pyarrow.parquet as pq
+
+    done: set[str] = set()
+    if parts.exists() and not any(parts.glob("part-*.parquet")):
+        shutil.rmtree(parts)  # a run that wrote no particles: nothing to resume
+    if parts.exists():
+        state = json.loads((parts / STATE).read_text()) if (parts / STATE).exists() else {}
+        if state.get("identity") != identity:
+            raise InputError(f"{parts} holds an unfinished run with other inputs or another "
+                             "model; use --overwrite to discard it", field="output")
+        for part in sorted(parts.glob("part-*.parquet")):
+            done.update(pq.read_table(part, columns=["particle_key"])["particle_key"]
+                        .to_pylist())
+        gone = sorted(done - {record.key for record in particles.records})
+        if gone:
+            raise InputError(f"{parts} holds {len(gone)} particle(s) no longer among the inputs "
+                             f"(first: {_describe_key(gone[0])}): an input was removed or changed "
+                             "since; use --overwrite to start again", field="output")
+        then = state.get("inputs", inputs)  # parts from before inputs were recorded: keys only
+        if then != inputs:
+            raise InputError(f"{parts} holds an unfinished run of these sources, but "
+                             f"{_changes(then, inputs)}; use --overwrite to start again",
+                             field="output")
+    else:
+        parts.mkdir(parents=True)
+        _atomic_write(parts / STATE, json.dumps({"identity": identity,
+                                                 "inputs": inputs}).encode())
+    return done
 
 
 def _write_part(path: Path, table) -> None:

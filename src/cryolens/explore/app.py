@@ -105,6 +105,15 @@ def create_app(explorer: Explorer) -> FastAPI:
                 "copick": None if objects is None else {"objects": objects},
                 "max_k": min(MAX_K, table.rows - 1)}
 
+    _add_view_routes(app, explorer)
+    _add_action_routes(app, explorer)
+    return app
+
+
+def _add_view_routes(app: FastAPI, explorer: Explorer) -> None:
+    """What the page reads: layouts, columns, rows, neighbours, images, search."""
+    table = explorer.table
+
     @app.get("/api/layout")
     def layout(method: str = "pca") -> Response:
         """(N, 2) float32 little-endian x, y per row in [-1, 1]; ``X-Layout`` (JSON) says how
@@ -166,6 +175,11 @@ def create_app(explorer: Explorer) -> FastAPI:
         rows, total = table.search(q, max(1, min(limit, SEARCH_LIMIT)))
         return {"rows": rows, "total": total}
 
+
+def _add_action_routes(app: FastAPI, explorer: Explorer) -> None:
+    """What the page asks to be done: clustering, and exports of a selection."""
+    table = explorer.table
+
     @app.post("/api/cluster")
     def cluster(body: Cluster) -> dict:
         """Cluster the embeddings; the result is a new category column to colour by."""
@@ -200,8 +214,6 @@ def create_app(explorer: Explorer) -> FastAPI:
                              field="rows")
         return exports.write_picks(table, table.check_rows(body.rows), body.object,
                                    body.user_id, body.session_id)
-
-    return app
 
 
 def _scale(scale: int) -> int:

@@ -46,4 +46,5 @@ def status_of(exc: CryoLensError) -> int:
     return getattr(exc, "status", 422 if isinstance(exc, InputError) else 500)
 
 
-__all__ = ["AlreadyExists", "ModelFailed", "NoModel", "NoSource", "NotWritable", "UnknownColumn", "UnknownRow", "status_of"]
+__all__ = ["AlreadyExists", "ModelFailed", "NoModel", "NoSource", "NotWritable", "UnknownColumn",
+           "UnknownRow", "status_of"]

@@ -1,6 +1,7 @@
 """The shape of a CryoLens model: every size the weights can describe, in one frozen dataclass.
 
-v001 is ``CryoLensConfig()``; other configurations come from :func:`cryolens.checkpoints.infer_config`.
+v001 is ``CryoLensConfig()``; other configurations come from
+:func:`cryolens.checkpoints.infer_config`.
 """
 from __future__ import annotations
 
@@ -36,14 +37,16 @@ class CryoLensConfig:
             raise ValueError(f"box_size must be a positive multiple of 16, got {self.box_size}")
         if not 0 < self.affinity_dims <= self.latent_dims:
             raise ValueError(
-                f"affinity_dims must be in 1..latent_dims={self.latent_dims}, got {self.affinity_dims}"
+                f"affinity_dims must be in 1..latent_dims={self.latent_dims}, "
+                f"got {self.affinity_dims}"
             )
         if self.n_affinity <= 0 or self.n_free < 0:
             raise ValueError("n_affinity must be positive and n_free non-negative")
         if self.n_free and self.free_dims == 0:
             raise ValueError("free splats need at least one free latent dimension")
         if self.pose_dims not in (1, 4):
-            raise ValueError(f"pose_dims must be 1 (angle about z) or 4 (axis-angle), got {self.pose_dims}")
+            raise ValueError("pose_dims must be 1 (angle about z) or 4 (axis-angle), "
+                             f"got {self.pose_dims}")
 
     @property
     def free_dims(self) -> int:
@@ -59,7 +62,8 @@ class CryoLensConfig:
 
     @property
     def margin(self) -> int:
-        """Render voxels on each side of the box: padding plus half the final kernel (13 for v001)."""
+        """Render voxels on each side of the box: padding plus half the final kernel (13 for
+        v001)."""
         return DECODER_PADDING + FINAL_KERNEL // 2
 
     @property

@@ -25,7 +25,8 @@ MAX_AXIS = BLOCK_N
 
 @triton.jit
 def _render(gz_t, gy_t, gx_w, out, n_splats: tl.constexpr, n: tl.constexpr,
-            plane: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            plane: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr,
             PRECISION: tl.constexpr):
     """out[b, d*n + h, w] = clamp(sum_j gz_t[b, d, j] gy_t[b, h, j] gx_w[b, j, w], 0, 1)."""
     b = tl.program_id(0).to(tl.int64)

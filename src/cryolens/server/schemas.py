@@ -30,7 +30,8 @@ class ReconstructOptions(_Options):
     use_final_convolution: bool = Field(
         True, description="Apply the decoder's final 9x9x9 convolution; false returns the raw "
                           "splat render (de-normalised).")
-    return_splat_data: bool = Field(False, description="Add `splats` (as /extract_gaussian_splats).")
+    return_splat_data: bool = Field(
+        False, description="Add `splats` (as /extract_gaussian_splats).")
     return_embeddings: bool = Field(False, description="Add `embeddings` (and `embedding`): mu.")
     use_predicted_pose: bool = Field(
         False, description="Extension: decode in the predicted pose and global weight instead of "

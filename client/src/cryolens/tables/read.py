@@ -57,7 +57,7 @@ def read_table(path: str | Path, options: TableOptions, declared_voxel_size: flo
     if not rows:
         raise InputError(f"{path}: the table holds no particles", field="source")
     tomograms: list[Tomogram] = []
-    for row, name, where in zip(rows, tomo_names, paths, strict=True):
+    for row, _name, where in zip(rows, tomo_names, paths, strict=True):
         if isinstance(where, str):
             raise InputError(f"{_row(path, row, names)}: {where}", field="tomograms")
         tomograms.append(finder.open(where.resolve()))
