@@ -109,6 +109,7 @@ def test_one_volume_answered_with_two_rows_is_an_error():
     assert caught.value.request_id == "rid-1"
 
 
+@pytest.mark.slow  # a stand-in server for each example
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(total=st.integers(1, 7), batch_size=st.integers(1, 4), wrong=st.data())
 def test_every_answer_is_checked_against_its_request(total, batch_size, wrong):

@@ -22,6 +22,8 @@ from cryolens.explore.neighbours import Neighbours
 from cryolens.explore.particles import engine_reconstructor, slices_png
 from cryolens.explore.table import EmbeddingTable
 
+pytestmark = pytest.mark.slow  # its dataset is simulated and embedded once a run (15-70 s)
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

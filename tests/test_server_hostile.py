@@ -26,6 +26,9 @@ ENV = {"CRYOLENS_SEND_TIMEOUT_S": str(SEND_TIMEOUT_S),
 HEADER_LIMIT = 64 * 1024  # the default
 
 
+pytestmark = pytest.mark.slow  # a server process of its own, and uploads paced over seconds
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return small_model_file(tmp_path_factory.mktemp("model") / "small.safetensors")

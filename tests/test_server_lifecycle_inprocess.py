@@ -19,6 +19,8 @@ from cryolens.model import CryoLensConfig, CryoLensVAE
 from cryolens.server import Settings, create_app
 from cryolens.server.app import FAULT_GRACE_S, WATCH_EVERY_S, WATCHDOG_EXIT
 
+pytestmark = pytest.mark.slow  # waits out the watchdog's grace period
+
 
 @pytest.fixture(scope="module")
 def engine():

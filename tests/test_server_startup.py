@@ -17,6 +17,9 @@ from server_helpers import PYTHON, ServerProcess, free_port, small_model_file, s
 CLI = [PYTHON, "-m", "cryolens.server.minimal_cryolens_server"]
 
 
+pytestmark = pytest.mark.slow  # each test starts server processes
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return small_model_file(tmp_path_factory.mktemp("model") / "small.safetensors")

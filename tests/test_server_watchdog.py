@@ -16,6 +16,9 @@ NPY = {"Content-Type": "application/x-npy"}
 NPZ = {"Accept": "application/x-npz"}
 
 
+pytestmark = pytest.mark.slow  # each test starts a server process or waits out a stall deadline
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return small_model_file(tmp_path_factory.mktemp("model") / "small.safetensors")
