@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cryolens.model.config import FINAL_KERNEL, CryoLensConfig
-from cryolens.model.render import render_separable
+from cryolens.model.render import render_separable, render_sum_cpu
 from cryolens.model.rotation import pose_to_matrix
 
 #: Which part of the render grid to draw. ``conv`` is what the final convolution reads for the
@@ -153,6 +153,22 @@ class SegmentedSplatDecoder(nn.Module):
         """(B, n, n, n) clamped render of ``splats`` over ``region``."""
         return render_separable(splats.centres, splats.weights, splats.sigmas,
                                 self.region_axis(region))
+
+    def render_segments(self, splats: Splats, region: Region
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The clamped renders of all ``splats``, of the affinity segment and of the free one.
+
+        For inference on a CPU the splats are rendered once, as two unclamped segments whose
+        sum, clamped, is the whole render (the same terms added in another order: equal to
+        float32 rounding); elsewhere each of the three is rendered on its own."""
+        affinity, free = splats.segment("affinity"), splats.segment("free")
+        if splats.centres.device.type != "cpu" or torch.is_grad_enabled():
+            return tuple(self.render(group, region) for group in (splats, affinity, free))
+        axis = self.region_axis(region)
+        parts = [render_sum_cpu(group.centres, group.weights, group.sigmas, axis)
+                 for group in (affinity, free)]
+        volume = torch.add(*parts).clamp_(0.0, 1.0)
+        return volume, parts[0].clamp_(0.0, 1.0), parts[1].clamp_(0.0, 1.0)
 
     def final_convolution(self, render: torch.Tensor, method: str = "auto") -> torch.Tensor:
         """(B, box + 8, ...) render of the ``conv`` region -> (B, box, box, box) output.
