@@ -235,11 +235,10 @@ class Engine(ChunkedRunner):
             else:
                 pose, weight = self.model.identity_pose(len(enc.mu), self.device)
             splats = decoder.splats(enc.mu, pose, weight)
-            groups = [("volume", splats)]
-            if segments:
-                groups += [(name, splats.segment(name)) for name in ("affinity", "free")]
-            for key, group in groups:
-                render = decoder.render(group, region)
+            keys = ("volume", "affinity", "free") if segments else ("volume",)
+            renders = (decoder.render_segments(splats, region) if segments
+                       else (decoder.render(splats, region),))
+            for key, render in zip(keys, renders):
                 if final_convolution:
                     render = decoder.final_convolution(render)
                 if denormalise:  # two float32 roundings, as numpy's ``*=`` then ``+=``

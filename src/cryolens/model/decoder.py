@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cryolens.model.config import FINAL_KERNEL, CryoLensConfig
-from cryolens.model.render import render_separable
+from cryolens.model.render import render_separable, render_sum_cpu
 from cryolens.model.rotation import pose_to_matrix
 
 #: Which part of the render grid to draw. ``conv`` is what the final convolution reads for the
@@ -20,16 +20,31 @@ from cryolens.model.rotation import pose_to_matrix
 Region = Literal["conv", "crop", "full"]
 
 
-def _fft_valid_correlation(volume: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """(B, n, n, n) valid cross-correlation with an (m, m, m) kernel -> (B, n-m+1, ...).
+def _fft_valid_correlation(volume: torch.Tensor, kernel: torch.Tensor,
+                           kernel_spectrum: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, n, n, n) valid cross-correlation with an (m, m, m) kernel -> (B, n-m+1, ...);
+    ``kernel_spectrum``, where given, is :func:`_kernel_spectrum` of ``kernel`` for this n.
 
-    A circular correlation of size n is exact here: output i reads inputs i..i+m-1 <= n-1.
+    A circular correlation of size n is exact here: output i reads inputs i..i+m-1 <= n-1. On
+    a CPU the inverse transform runs one axis at a time, each cropped to the valid part before
+    the next axis (on v001's 56^3 region the later axes transform 48 rather than 56 planes and
+    rows); a GPU keeps the single 3-D transform, not measured against it here.
     """
     n = volume.shape[-1]
     out = n - kernel.shape[-1] + 1
-    spectrum = torch.fft.rfftn(volume, dim=(1, 2, 3))
-    spectrum = spectrum * torch.fft.rfftn(kernel, s=(n, n, n)).conj()
-    return torch.fft.irfftn(spectrum, s=(n, n, n), dim=(1, 2, 3))[:, :out, :out, :out]
+    if kernel_spectrum is None:
+        kernel_spectrum = _kernel_spectrum(kernel, n)
+    spectrum = torch.fft.rfftn(volume, dim=(1, 2, 3)) * kernel_spectrum
+    if volume.device.type != "cpu":
+        return torch.fft.irfftn(spectrum, s=(n, n, n), dim=(1, 2, 3))[:, :out, :out, :out]
+    spectrum = torch.fft.ifft(spectrum, dim=1)[:, :out]
+    spectrum = torch.fft.ifft(spectrum, dim=2)[:, :, :out]
+    return torch.fft.irfft(spectrum, n=n, dim=3)[..., :out]
+
+
+def _kernel_spectrum(kernel: torch.Tensor, n: int) -> torch.Tensor:
+    """The conjugate of ``kernel``'s real spectrum on an (n, n, n) grid."""
+    return torch.fft.rfftn(kernel, s=(n, n, n)).conj().resolve_conj()
 
 
 class SoftStep(nn.Module):
@@ -139,6 +154,22 @@ class SegmentedSplatDecoder(nn.Module):
         return render_separable(splats.centres, splats.weights, splats.sigmas,
                                 self.region_axis(region))
 
+    def render_segments(self, splats: Splats, region: Region
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The clamped renders of all ``splats``, of the affinity segment and of the free one.
+
+        For inference on a CPU the splats are rendered once, as two unclamped segments whose
+        sum, clamped, is the whole render (the same terms added in another order: equal to
+        float32 rounding); elsewhere each of the three is rendered on its own."""
+        affinity, free = splats.segment("affinity"), splats.segment("free")
+        if splats.centres.device.type != "cpu" or torch.is_grad_enabled():
+            return tuple(self.render(group, region) for group in (splats, affinity, free))
+        axis = self.region_axis(region)
+        parts = [render_sum_cpu(group.centres, group.weights, group.sigmas, axis)
+                 for group in (affinity, free)]
+        volume = torch.add(*parts).clamp_(0.0, 1.0)
+        return volume, parts[0].clamp_(0.0, 1.0), parts[1].clamp_(0.0, 1.0)
+
     def final_convolution(self, render: torch.Tensor, method: str = "auto") -> torch.Tensor:
         """(B, box + 8, ...) render of the ``conv`` region -> (B, box, box, box) output.
 
@@ -157,9 +188,27 @@ class SegmentedSplatDecoder(nn.Module):
             return self._decoder(render[:, None])[:, 0]
         point, spread = self._decoder[1], self._decoder[2]
         kernel = spread.weight[0, 0]
-        correlated = _fft_valid_correlation(render, kernel)
+        correlated = _fft_valid_correlation(
+            render, kernel, self._spectrum(spread.weight, render.shape[-1]))
         offset = point.bias * kernel.sum() + spread.bias
         return correlated * (-point.weight.reshape(())) + offset
+
+    def _spectrum(self, weight: torch.Tensor, n: int) -> torch.Tensor:
+        """:func:`_kernel_spectrum` of the final convolution's ``weight`` (1, 1, m, m, m), kept
+        between calls where autograd does not need it (the kernel is then a fixed weight, and
+        its transform costs half as much as the rest of a one-particle correlation). The entry is keyed on the weight's
+        storage, version counter (bumped by every in-place change: an optimiser step, a
+        ``load_state_dict``), device, dtype and n, so a changed or moved weight is transformed
+        again."""
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return _kernel_spectrum(weight[0, 0], n)
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, n)
+        cached = self.__dict__.get("_spectrum_cache")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                spectrum = _kernel_spectrum(weight.detach()[0, 0], n)
+            cached = self.__dict__["_spectrum_cache"] = (key, spectrum)
+        return cached[1]
 
     def forward(
         self,

@@ -105,6 +105,15 @@ def profiles(
     return _profile(centres, inv_two_var, axis, 2), _profile(centres, inv_two_var, axis, 1), gx
 
 
+def render_sum_cpu(
+    centres: torch.Tensor, weights: torch.Tensor, sigmas: torch.Tensor, axis: torch.Tensor
+) -> torch.Tensor:
+    """The (B, n, n, n) sum that :func:`render_separable` clamps, unclamped, by the CPU's
+    windowed render (for inference: no autograd). Two of these added and clamped hold the same
+    terms as one render of both sets of splats, summed in another order."""
+    return _render_windowed(*profiles(centres, weights, sigmas, axis))
+
+
 #: The CPU render works in slabs of SLAB planes along d, SLAB_GROUP slabs to one batched
 #: product (slabs sorted by how many splats reach them, so little is padded). Render CPU time
 #: per particle on v001's splats (2-core x86, one thread; docs/benchmarks.md): dense 3.9 ms,
@@ -131,6 +140,8 @@ def _render_windowed(gz: torch.Tensor, gy: torch.Tensor, gx: torch.Tensor) -> to
     in the order float32 adds the same terms.
     """
     batch, n_splats, n = gz.shape
+    if n_splats == 0:  # no splats (the free segment of a model without free ones)
+        return gz.new_zeros(batch, n, n, n)
     slabs = -(-n // SLAB)
     pad = torch.nn.functional.pad
     # Row N of each particle, all zeros, pads a slab's splat list; gz_rows[(b * (N + 1) + j)
