@@ -23,14 +23,14 @@ def test_segments_in_one_pass_equal_three_renders(config, region):
         apart = [decoder.render(group, region)
                  for group in (splats, splats.segment("affinity"), splats.segment("free"))]
     n = len(decoder.region_axis(region))
-    for one, other in zip(together, apart):
+    for one, other in zip(together, apart, strict=True):
         assert one.shape == (3, n, n, n)
-        assert 0.0 <= float(one.min()) and float(one.max()) <= 1.0
+        assert float(one.min()) >= 0.0 and float(one.max()) <= 1.0
         assert torch.allclose(one, other, rtol=0, atol=1e-6), (one - other).abs().max()
     if config.n_free == 0:
         assert not together[2].any()
     # and with autograd (three renders), the same values
     with torch.enable_grad():
         graded = decoder.render_segments(splats, region)
-    for one, other in zip(graded, apart):
+    for one, other in zip(graded, apart, strict=True):
         assert torch.allclose(one.detach(), other, rtol=0, atol=1e-6)

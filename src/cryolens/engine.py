@@ -238,7 +238,7 @@ class Engine(ChunkedRunner):
             keys = ("volume", "affinity", "free") if segments else ("volume",)
             renders = (decoder.render_segments(splats, region) if segments
                        else (decoder.render(splats, region),))
-            for key, render in zip(keys, renders):
+            for key, render in zip(keys, renders, strict=True):
                 if final_convolution:
                     render = decoder.final_convolution(render)
                 if denormalise:  # two float32 roundings, as numpy's ``*=`` then ``+=``

@@ -71,7 +71,8 @@ def _centroid_mlp(dims: int, n: int) -> nn.Sequential:
 
 
 def _weight_mlp(dims: int, n: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dims, 2 * n), nn.ReLU(), nn.Linear(2 * n, n), nn.Tanh(), SoftStep())
+    return nn.Sequential(nn.Linear(dims, 2 * n), nn.ReLU(), nn.Linear(2 * n, n), nn.Tanh(),
+                         SoftStep())
 
 
 def _sigma_mlp(dims: int, n: int) -> nn.Sequential:
@@ -130,7 +131,8 @@ class SegmentedSplatDecoder(nn.Module):
         raw_sigmas = [self.affinity_sigmas(z_a)]
         if cfg.n_free:
             z_f = z[:, cfg.affinity_dims :]
-            centres = torch.cat([centres, self.free_centroids(z_f).reshape(batch, 3, cfg.n_free)], 2)
+            free = self.free_centroids(z_f).reshape(batch, 3, cfg.n_free)
+            centres = torch.cat([centres, free], 2)
             weights.append(self.free_weights(z_f))
             raw_sigmas.append(self.free_sigmas(z_f))
         amplitude = torch.sigmoid(global_weight).reshape(batch, 1)
@@ -177,7 +179,6 @@ class SegmentedSplatDecoder(nn.Module):
         stack is affine, so it is applied as ``-w1 * (K (*) V) + (b1 * sum(K) + b2)``; on the
         CPU the 9^3 correlation runs through an FFT (about 10x faster than torch's conv3d
         there, with rounding error ~1e-7 of the output scale); ``direct`` forces conv3d.
-        
         """
         if method == "auto":
             # cuDNN's conv (TF32 by default) is the fast choice for training on a GPU; the FFT
@@ -196,10 +197,10 @@ class SegmentedSplatDecoder(nn.Module):
     def _spectrum(self, weight: torch.Tensor, n: int) -> torch.Tensor:
         """:func:`_kernel_spectrum` of the final convolution's ``weight`` (1, 1, m, m, m), kept
         between calls where autograd does not need it (the kernel is then a fixed weight, and
-        its transform costs half as much as the rest of a one-particle correlation). The entry is keyed on the weight's
-        storage, version counter (bumped by every in-place change: an optimiser step, a
-        ``load_state_dict``), device, dtype and n, so a changed or moved weight is transformed
-        again."""
+        its transform costs half as much as the rest of a one-particle correlation). The entry
+        is keyed on the weight's storage, version counter (bumped by every in-place change: an
+        optimiser step, a ``load_state_dict``), device, dtype and n, so a changed or moved
+        weight is transformed again."""
         if torch.is_grad_enabled() and weight.requires_grad:
             return _kernel_spectrum(weight[0, 0], n)
         key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, n)
