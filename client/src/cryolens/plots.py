@@ -83,12 +83,7 @@ def slices_figure(path: str | Path, rows: Sequence[Sequence[np.ndarray | None]],
                 ax.set_title(f"{columns[c]}\nz | y | x", fontsize=8)
             if c == 0 and row_labels is not None:
                 ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)  # as embed and reconstruct do
-    fig.savefig(path, format=figure_format(path))
-    return path
+    return _save(fig, path, title)
 
 
 def pca_2d(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,12 +146,7 @@ def scatter_figure(path: str | Path,
         handles, names = axes[0].get_legend_handles_labels()
         fig.legend(handles, names, title=color_label, loc="outside right upper", fontsize=7,
                    title_fontsize=8, markerscale=1.5, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)  # as embed and reconstruct do
-    fig.savefig(path, format=figure_format(path))
-    return path
+    return _save(fig, path, title)
 
 
 def legend_groups(values: np.ndarray) -> list[tuple[str, np.ndarray, str]]:
@@ -189,6 +179,17 @@ def _is_numeric(values: np.ndarray) -> bool:
                               for v in present):
         return False
     return len(set(present)) > 12
+
+
+def _save(fig, path, title: str | None) -> Path:
+    """``fig`` with its ``title`` written to ``path`` (its folder made as embed and reconstruct
+    make theirs), in the format its suffix names."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format=figure_format(path))
+    return path
 
 
 __all__ = ["central_slices", "display_range", "figure_format", "legend_groups", "pca_2d",
