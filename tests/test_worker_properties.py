@@ -182,39 +182,3 @@ def test_an_error_in_the_loop_costs_only_the_jobs_in_hand(engine, pool):
     second = asyncio.run(scenario())
     np.testing.assert_allclose(second.arrays["embedding"], alone[0].arrays["embedding"][2:3],
                                **TOL)
-
-
-class ThreadCounting(RecordingEngine):
-    """The real engine; records PyTorch's thread count during each call (the gate stays open)."""
-
-    def __init__(self, engine: Engine) -> None:
-        super().__init__(engine)
-        self.gate.set()
-        self.threads: list[tuple[int, int]] = []
-
-    def _record(self, volumes) -> None:
-        self.threads.append((len(volumes), torch.get_num_threads()))
-
-
-def test_small_batches_run_on_one_thread_and_the_count_is_restored(engine, pool):
-    """A call of a few particles runs on one PyTorch thread (on two, each of its ~1000 small
-    operations waits for both OpenMP threads); a larger one on all, and the count is put back."""
-    volumes, _, _ = pool
-    threads = torch.get_num_threads()
-    if threads < 2:
-        pytest.skip("PyTorch runs on one thread here")
-    counting = ThreadCounting(engine)
-
-    async def scenario() -> None:
-        worker = InferenceWorker(lambda: counting, queue_size=4, max_batch=64,
-                                 batch_wait_s=0.0, timeout_s=300, warm_up=False)
-        worker.start(on_failure=lambda exc: None)
-        while not worker.ready.is_set():
-            await asyncio.sleep(0.01)
-        for size in (1, 16):
-            await asyncio.wait_for(worker.enqueue(OPERATIONS[0], volumes[:size]), 120)
-        assert worker.stop(timeout=30)
-
-    asyncio.run(scenario())
-    assert counting.threads == [(1, 1), (16, threads)]
-    assert torch.get_num_threads() == threads

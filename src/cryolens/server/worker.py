@@ -322,9 +322,7 @@ class InferenceWorker:
         started = self._running_since = time.monotonic()
         self.events.running(sum(len(j.volumes) for j in jobs))
         try:
-            with _threads_for(sum(len(j.volumes) for j in jobs)):
-                results = run_batched(self.engine, jobs[0].operation,
-                                      [j.volumes for j in jobs])
+            results = run_batched(self.engine, jobs[0].operation, [j.volumes for j in jobs])
         except Exception as exc:  # noqa: BLE001 - handed to the awaiting requests
             self.events.running(0)
             if len(jobs) == 1:
@@ -342,29 +340,6 @@ class InferenceWorker:
         self._trim_heap()
         logger.debug("batch of %d jobs ran %.3f s (oldest waited %.3f s)", len(jobs), elapsed,
                      started - min(j.enqueued_at for j in jobs))
-
-
-#: Engine calls of at most this many particles run on one PyTorch thread. Such a call is about a
-#: thousand small operations, and on two threads each waits for both OpenMP threads, one of
-#: which the event loop, the codec thread or a client often holds on a small machine (v001, one
-#: particle with segments, 2 cores: 4-9 calls/s on two threads beside other work, 45 on one).
-#: Safe here only because this thread alone runs the model: torch's thread count is global.
-SMALL_BATCH = 4
-
-
-@contextmanager
-def _threads_for(particles: int) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    if particles > SMALL_BATCH or before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 #: Seconds between two returns of freed heap memory to the system (see ``_trim_heap``).
