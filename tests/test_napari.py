@@ -146,7 +146,7 @@ def test_each_pick_gets_the_servers_reconstruction_in_place(make_napari_viewer, 
             # napari's own transforms: the box's centre voxel lies on the pick's voxel
             np.testing.assert_allclose(layer.data_to_world((24, 24, 24)),
                                        tomo.data_to_world(centre))
-            np.testing.assert_array_equal(layer.data, expected[index])
+            assert_same_reconstruction(layer.data, expected[index])
             alone = client.reconstruct(boxes[index])["reconstruction"]  # batching: rounding
             np.testing.assert_allclose(layer.data, alone, rtol=0, atol=1e-4)
             low, high = layer.contrast_limits
@@ -213,6 +213,15 @@ def test_batch_over_many_picks_finishes_and_colours_them(make_napari_viewer, qtb
     assert len(np.unique(np.round(colours, 3), axis=0)) > 10  # coloured by their embeddings
 
 
+def assert_same_reconstruction(shown: np.ndarray, expected: np.ndarray) -> None:
+    """The widget asks for segments too; with them the server's volume is the clamped sum of the
+    affinity and free renders, the plain render's value up to float32 summation order: equal to
+    1e-4 of the volume's range (spec.md's parity tolerance is 1e-5 of it against the
+    reference)."""
+    np.testing.assert_allclose(shown, expected, rtol=0,
+                               atol=1e-4 * max(float(np.ptp(expected)), 1e-12))
+
+
 def test_all_picks_in_one_layer(make_napari_viewer, qtbot, server):
     picks = np.array([[32, 40, 40], [32, 120, 120], [2, 5, 158]])  # boxes apart, one at edges
     viewer, widget, tomo, _ = viewer_with_picks(make_napari_viewer, picks)
@@ -230,7 +239,7 @@ def test_all_picks_in_one_layer(make_napari_viewer, qtbot, server):
     for volume, (z, y, x) in zip(expected, picks, strict=True):
         canvas = np.pad(layer.data, 24, constant_values=np.nan)[z:z + 48, y:y + 48, x:x + 48]
         inside = ~np.isnan(canvas)
-        np.testing.assert_array_equal(canvas[inside], volume[inside])
+        assert_same_reconstruction(canvas[inside], volume[inside])
 
 
 def test_batch_can_be_cancelled(make_napari_viewer, qtbot, server):

@@ -12,14 +12,26 @@ import time
 import numpy as np
 import pytest
 import requests
-from server_helpers import small_model_file, start_cli_server
+from server_helpers import start_cli_server
 
 NPY = {"Content-Type": "application/x-npy"}
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return small_model_file(tmp_path_factory.mktemp("model") / "small.safetensors")
+    """Random weights of the v001 architecture (614 + 154 splats): slow enough that a drain of
+    2 s cannot serve 36 x 16 particles with their segments (the 40-splat test model could)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cryolens.model import CryoLensConfig, CryoLensVAE
+
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in CryoLensVAE(CryoLensConfig()).state_dict().items()
+             if "coords" not in k}
+    path = tmp_path_factory.mktemp("model") / "v001_sized.safetensors"
+    save_file(state, str(path))
+    return path
 
 
 @pytest.mark.slow
@@ -35,7 +47,7 @@ def test_sigterm_past_the_drain_deadline_answers_503_and_exits_0(model):
     def post() -> None:
         try:
             got: requests.Response | Exception = requests.post(
-                server.url + "/reconstruct", data=body.getvalue(), headers=NPY, timeout=60)
+                server.url + "/batch_process", data=body.getvalue(), headers=NPY, timeout=60)
         except requests.RequestException as exc:
             got = exc
         with lock:
@@ -59,7 +71,7 @@ def test_sigterm_past_the_drain_deadline_answers_503_and_exits_0(model):
                 for a in answers]
     assert len(answers) == 36
     refused = [a for a in answers if isinstance(a, requests.Response) and a.status_code == 503]
-    assert refused, statuses  # the drain cannot have served 36 x 16 reconstructions
+    assert refused, statuses  # the drain cannot have served 36 x 16 particles (segments too)
     assert set(statuses) <= {200, 503}, statuses
     for answer in refused:
         assert answer.headers["Retry-After"].isdigit()

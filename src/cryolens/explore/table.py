@@ -171,7 +171,8 @@ class EmbeddingTable:
 
     def search(self, query: str, limit: int) -> tuple[list[int], int]:
         """Rows whose number is ``query``, or whose id or source columns contain it (any case):
-        the first ``limit`` of them in row order, and how many there are."""
+        the first ``limit`` of them, the row of that number first and the rest in row order,
+        and how many there are."""
         import pyarrow.compute as pc
 
         query = query.strip()
@@ -179,14 +180,17 @@ class EmbeddingTable:
             raise InputError("search for something: a row number, a particle id or part of a "
                              "source, run or object", field="q")
         hits = np.zeros(self.rows, bool)
-        if query.isdigit() and int(query) < self.rows:
-            hits[int(query)] = True
         for name in SEARCH_COLUMNS:
             if name in self.arrow.column_names and _is_text(self.arrow[name].type):
                 found = pc.match_substring(self.arrow[name], query, ignore_case=True)
                 hits |= found.fill_null(False).to_numpy(zero_copy_only=False)
-        rows = np.flatnonzero(hits)
-        return rows[:limit].tolist(), len(rows)
+        numbered = int(query) if query.isdigit() and int(query) < self.rows else None
+        if numbered is not None:
+            hits[numbered] = False  # listed first below
+        rows = np.flatnonzero(hits).tolist()
+        if numbered is not None:
+            rows.insert(0, numbered)
+        return rows[:limit], len(rows)
 
 
 def _is_text(kind) -> bool:
