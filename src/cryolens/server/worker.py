@@ -320,7 +320,8 @@ class InferenceWorker:
 
     def _execute(self, jobs: list[Job]) -> None:
         started = self._running_since = time.monotonic()
-        self.events.running(sum(len(j.volumes) for j in jobs))
+        particles = sum(len(j.volumes) for j in jobs)
+        self.events.running(particles)
         try:
             results = run_batched(self.engine, jobs[0].operation, [j.volumes for j in jobs])
         except Exception as exc:  # noqa: BLE001 - handed to the awaiting requests
@@ -333,8 +334,7 @@ class InferenceWorker:
             return
         elapsed = time.monotonic() - started
         self.events.running(0)
-        self.events.batch(jobs[0].operation, len(jobs), sum(len(j.volumes) for j in jobs),
-                          elapsed)
+        self.events.batch(jobs[0].operation, len(jobs), particles, elapsed)
         _answer_all(jobs, results)
         self._idle_trim_due = True
         self._trim_heap()
