@@ -3,6 +3,13 @@ memory budget, and three ways to run them (numpy z-score on the host; tensors al
 device; host input z-scored on the device, pipelined through pinned buffers on CUDA). Outputs
 that are not finite are an :class:`InputError` naming the particles.
 
+On a CPU with ``torch.get_num_threads()`` = P > 1 the chunks run side by side on P threads of
+the engine's own, each with one PyTorch thread (:class:`CpuPool`), rather than one chunk at a
+time with P OpenMP threads per operation: most of a reconstruction is many small operations
+whose OpenMP joins cost more than they share (v001, batch 32, 2 cores: 282 -> see
+docs/benchmarks.md), and a core taken by another process stalls every join. A particle's numbers
+then do not depend on P: every chunk is computed on one thread.
+
 :class:`ChunkedRunner` is the base of :class:`cryolens.engine.Engine`, which sets what it reads:
 ``device``, ``config``, ``memory_budget``, ``max_chunk``, ``exact_zscore``, ``allow_tf32`` and
 ``box_shape``.
@@ -10,6 +17,7 @@ that are not finite are an :class:`InputError` naming the particles.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
 from collections.abc import Iterator
@@ -41,6 +49,7 @@ class ChunkedRunner:
         self._pinned: dict[str, torch.Tensor] = {}
         self._streams: tuple | None = None
         self._copier: ThreadPoolExecutor | None = None  # pinned -> numpy outputs, on CUDA
+        self._cpu_pool: CpuPool | None = None  # started at the first CPU batch that uses it
 
     # -- chunking -------------------------------------------------------------------------
     def _bytes_per_particle(self, n_render: int, n_outputs: int = 1) -> int:
@@ -61,12 +70,14 @@ class ChunkedRunner:
             total += 4 * box * (3 + n_outputs)
         return total
 
-    def _chunks(self, n: int, n_render: int, n_outputs: int = 1, *, pipelined: bool = False
-                ) -> Iterator[slice]:
+    def _chunks(self, n: int, n_render: int, n_outputs: int = 1, *, pipelined: bool = False,
+                workers: int = 1) -> Iterator[slice]:
         per_particle = self._bytes_per_particle(n_render, n_outputs)
-        size = max(1, min(self.max_chunk, self.memory_budget // per_particle))
+        # ``workers`` chunks are in memory at once
+        size = max(1, min(self.max_chunk, self.memory_budget // (per_particle * workers)))
         if pipelined:  # two chunks at least, so that copying one overlaps computing the other
             size = min(size, max(-(-n // 2), MIN_PIPELINE_CHUNK))
+        size = min(size, -(-n // workers))  # every worker a chunk, where there are enough
         for start in range(0, n, size):
             yield slice(start, min(n, start + size))
 
@@ -110,13 +121,31 @@ class ChunkedRunner:
         norm = zscore(batch)
         mean, std = torch.from_numpy(norm.mean), torch.from_numpy(norm.std)
         outs: dict[str, np.ndarray] = {}
-        for part in self._chunks(len(batch), n_render, n_outputs):
+        allocate = threading.Lock()
+
+        def run(part: slice) -> None:
             results = step(self._tensor(norm.volumes[part]), mean[part].to(self.device),
                            std[part].to(self.device))
             for key, value in results.items():
-                if key not in outs:
-                    outs[key] = np.empty((len(batch), *value.shape[1:]), np.float32)
+                with allocate:
+                    if key not in outs:
+                        outs[key] = np.empty((len(batch), *value.shape[1:]), np.float32)
                 outs[key][part] = host_numpy(value)
+
+        workers = torch.get_num_threads() if self.device.type == "cpu" else 1
+        parts = list(self._chunks(len(batch), n_render, n_outputs, workers=workers))
+        if workers > 1:
+            key = (workers, _thread_nice())  # the pool's threads inherit their starter's nice
+            with self._lock:
+                if self._cpu_pool is None or self._cpu_pool.key != key:
+                    if self._cpu_pool is not None:
+                        self._cpu_pool.close()
+                    self._cpu_pool = CpuPool(key)
+                pool = self._cpu_pool
+            pool.run(run, parts)
+        else:
+            for part in parts:
+                run(part)
         # Checked on the host afterwards: cheaper than a dozen small torch ops per chunk.
         return outs, {k: np.bool_(not np.isfinite(v).all()) for k, v in outs.items()}
 
@@ -246,6 +275,67 @@ class ChunkedRunner:
                 f"the {key} of particle(s) {rows[:10]} is not finite (NaN or infinity).{hint}",
                 field="volumes",
             )
+
+class CpuPool:
+    """``size`` threads, each running PyTorch with one thread of its own, for the chunks of a
+    CPU batch (see the module's docstring); ``key`` is (size, the starting thread's nice).
+
+    ``torch.set_num_threads`` is per thread for PyTorch's own kernels but also moves the
+    process's default, so the pool starts all its threads at once and gives the caller's
+    setting back before any chunk runs. The threads are started by the first caller, whose
+    scheduling priority they inherit (the server's model thread runs below its event loop).
+    """
+
+    def __init__(self, key: tuple[int, int]) -> None:
+        self.key = key
+        self.size = key[0]
+        self._executor: ThreadPoolExecutor | None = None
+
+    def run(self, work, parts: list) -> None:
+        """``work(part)`` for every part, in inference mode, on the pool's threads; the first
+        error is raised once every part has finished."""
+        if self._executor is None:
+            self._start()
+        futures = [self._executor.submit(_inference, work, part) for part in parts]
+        futures_wait(futures)
+        for future in futures:
+            future.result()
+
+    def _start(self) -> None:
+        threads = torch.get_num_threads()
+        started = threading.Barrier(self.size + 1)
+
+        def one_thread() -> None:
+            # PyTorch sets a thread's count from the process default when the thread first
+            # asks for it; asked here, while that default is 1, the thread keeps 1 for good.
+            torch.set_num_threads(1)
+            torch.get_num_threads()
+            started.wait()
+
+        self._executor = ThreadPoolExecutor(self.size, thread_name_prefix="cryolens-cpu",
+                                            initializer=one_thread)
+        for _ in range(self.size):  # each submit starts a thread until there are ``size``
+            self._executor.submit(int)
+        started.wait()
+        torch.set_num_threads(threads)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+
+def _thread_nice() -> int:
+    """The calling thread's nice value (Linux keeps one per thread), 0 where unknown."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except (AttributeError, OSError):
+        return 0
+
+
+def _inference(work, part) -> None:
+    with torch.inference_mode():  # inference mode is per thread
+        work(part)
+
 
 def host_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to("cpu", torch.float32).numpy()

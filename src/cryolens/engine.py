@@ -29,10 +29,10 @@ from cryolens.zscore import NORM_EPS, Normalised, zscore, zscore_tensor
 
 #: Default working-memory budget per chunk of particles (bytes), overridable per engine.
 DEFAULT_MEMORY_BUDGET = 512 * 1024**2
-#: Most particles per chunk: larger chunks only lose cache locality (bench/engine.py: on a
-#: 2-core CPU features fall from ~2,900/s at 32 to ~1,200/s at 128; on an H200 reconstruct
-#: from ~1,800/s to ~1,250/s).
-DEFAULT_MAX_CHUNK = 32
+#: Most particles per chunk on a CPU: larger chunks only lose cache locality (v001 on a 2-core
+#: CPU, one thread: reconstruct 4.8 ms a particle in chunks of 8, 5.5 in chunks of 32; features
+#: the same from 4 to 32; earlier, features fell from ~2,900/s at 32 to ~1,200/s at 128).
+DEFAULT_MAX_CHUNK = 8
 #: On CUDA: large chunks (bench/engine.py on an H200, numpy in and out, batch 2048: 256 a chunk
 #: reconstructs 17,800/s, 512 18,700/s, 1024 20,100/s); a numpy batch is still split in two at
 #: least (see MIN_PIPELINE_CHUNK), so that copies overlap compute.
