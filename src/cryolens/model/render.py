@@ -20,14 +20,16 @@ import torch
 #: CryoLens floors the Gaussian exponent here; exp(-88) is below float32's normal range.
 EXPONENT_FLOOR = -88.0
 #: The separable renderers set each splat's profile (and its weighted x profile) to exactly 0
-#: where it is not above this, so that no factor of the matrix product is subnormal: a term is
-#: a product of three factors, each 0 or > 2^-40, hence 0 or > 2^-120, inside float32's
-#: normal range (>= 2^-126). Subnormal operands cost ~100x on x86 CPUs (microcode assists)
-#: unless the thread flushes them, and flushing is per-thread state that torch's worker
-#: threads do not share. What is dropped is negligible: a dropped term is below 2^-40 (every
-#: factor is <= 1), so even 2^15 splats dropped at one voxel sum to less than 2^-25, half an
-#: ulp of 1, where renders are of order 1 (clamped to [0, 1]).
-PROFILE_FLOOR = 2.0**-40
+#: where it is not above this: what float32 can still add to a sum of order 1 (2^-24 is half
+#: an ulp of 1; a dropped term is below 2^-24 times its weight, every factor being <= 1), and
+#: no factor of the matrix product is subnormal: a term is a product of three factors, each 0
+#: or > 2^-24, hence 0 or > 2^-72, inside float32's normal range (>= 2^-126). Subnormal
+#: operands cost ~100x on x86 CPUs (microcode assists) unless the thread flushes them, and
+#: flushing is per-thread state that torch's worker threads do not share. From 2^-40 to 2^-24
+#: a splat's window shrinks from 7.4 to 5.8 sigma: v001's reconstruction 4.8 -> 4.0 ms a
+#: particle on one thread, its outputs moved by at most 4e-7 (range 0.6), the parity
+#: tolerances unchanged (docs/benchmarks.md).
+PROFILE_FLOOR = 2.0**-24
 _LOG_PROFILE_FLOOR = math.log(PROFILE_FLOOR)
 
 #: How inference renders on a GPU: "auto" (the fused Triton kernel of
