@@ -52,7 +52,7 @@ class ChunkedRunner:
         self._cpu_pool: CpuPool | None = None  # started at the first CPU batch that uses it
 
     # -- chunking -------------------------------------------------------------------------
-    def _bytes_per_particle(self, n_render: int, n_outputs: int = 1) -> int:
+    def _bytes_per_particle(self, n_render: int, n_outputs: int = 1, renders: int = 1) -> int:
         cfg = self.config
         # The cuBLAS renderer's largest temporary, its planes; the fused kernel builds them in
         # registers from the three profiles (and their temporaries), six (N, n) arrays.
@@ -60,7 +60,8 @@ class ChunkedRunner:
             planes = 6 * cfg.n_splats * n_render
         else:
             planes = cfg.n_splats * n_render * n_render
-        volumes = 6 * n_render**3  # render, spectrum (complex), outputs
+        # each render, then its spectrum (complex) and output; segments make three renders
+        volumes = (2 + 4 * renders) * n_render**3
         encoder = 2 * 8 * (cfg.box_size // 2) ** 3
         total = 4 * (planes + volumes + encoder)
         if not self.exact_zscore:
@@ -71,8 +72,8 @@ class ChunkedRunner:
         return total
 
     def _chunks(self, n: int, n_render: int, n_outputs: int = 1, *, pipelined: bool = False,
-                workers: int = 1) -> Iterator[slice]:
-        per_particle = self._bytes_per_particle(n_render, n_outputs)
+                workers: int = 1, renders: int = 1) -> Iterator[slice]:
+        per_particle = self._bytes_per_particle(n_render, n_outputs, renders)
         # ``workers`` chunks are in memory at once
         size = max(1, min(self.max_chunk, self.memory_budget // (per_particle * workers)))
         if pipelined:  # two chunks at least, so that copying one overlaps computing the other
@@ -85,7 +86,7 @@ class ChunkedRunner:
         return torch.from_numpy(array).to(self.device)
 
     # -- running a batch --------------------------------------------------------------------
-    def _run(self, volumes, n_render: int, n_outputs: int, step
+    def _run(self, volumes, n_render: int, n_outputs: int, step, renders: int = 1
              ) -> tuple[dict, torch.device | None]:
         """Run ``step(normalised, mean, std) -> {name: (n, ...) tensor}`` over every chunk.
 
@@ -99,25 +100,26 @@ class ChunkedRunner:
             if not self.exact_zscore:
                 if place is not None and place.type == self.device.type:
                     outs, flags = self._run_on_device(tensor_batch(volumes, self.box_shape),
-                                                      n_render, n_outputs, step)
+                                                      n_render, n_outputs, step, renders)
                 else:
                     host = (host_array(tensor_batch(volumes, self.box_shape)) if place is not None
                             else host_batch(volumes, self.box_shape))
                     with self._lock:
-                        outs, flags = self._run_pipelined(host, n_render, n_outputs, step)
+                        outs, flags = self._run_pipelined(host, n_render, n_outputs, step,
+                                                          renders)
                 bad = _read_flags(flags)
             if bad is None or bad.pop("stats"):
                 # Input that is not finite (checked there), or statistics beyond float32's
                 # range: again, z-scored on the host with numpy (float64 where needed).
                 outs, flags = self._run_exact(as_batch(volumes, self.box_shape), n_render,
-                                              n_outputs, step)
+                                              n_outputs, step, renders)
                 bad = _read_flags(flags)
         self._raise_if_not_finite(bad, outs)
         if place is not None:
             outs = {k: _to(v, place) for k, v in outs.items()}
         return outs, place
 
-    def _run_exact(self, batch: np.ndarray, n_render, n_outputs, step):
+    def _run_exact(self, batch: np.ndarray, n_render, n_outputs, step, renders=1):
         norm = zscore(batch)
         mean, std = torch.from_numpy(norm.mean), torch.from_numpy(norm.std)
         outs: dict[str, np.ndarray] = {}
@@ -133,7 +135,8 @@ class ChunkedRunner:
                 outs[key][part] = host_numpy(value)
 
         workers = torch.get_num_threads() if self.device.type == "cpu" else 1
-        parts = list(self._chunks(len(batch), n_render, n_outputs, workers=workers))
+        parts = list(self._chunks(len(batch), n_render, n_outputs, workers=workers,
+                                  renders=renders))
         if workers > 1:
             key = (workers, _thread_nice())  # the pool's threads inherit their starter's nice
             with self._lock:
@@ -149,11 +152,11 @@ class ChunkedRunner:
         # Checked on the host afterwards: cheaper than a dozen small torch ops per chunk.
         return outs, {k: np.bool_(not np.isfinite(v).all()) for k, v in outs.items()}
 
-    def _run_on_device(self, volumes: torch.Tensor, n_render, n_outputs, step):
+    def _run_on_device(self, volumes: torch.Tensor, n_render, n_outputs, step, renders=1):
         """Tensor input already on the engine's (non-CPU) device: no host transfer at all."""
         outs: dict[str, torch.Tensor] = {}
         flags: dict[str, torch.Tensor] = {}
-        for part in self._chunks(len(volumes), n_render, n_outputs):
+        for part in self._chunks(len(volumes), n_render, n_outputs, renders=renders):
             x, mean, std = zscore_tensor(volumes[part].to(self.device, torch.float32))
             _flag(flags, "stats", std)
             results = step(x, mean, std)
@@ -166,7 +169,7 @@ class ChunkedRunner:
                 outs[key][part] = value
         return outs, flags
 
-    def _run_pipelined(self, host: np.ndarray, n_render, n_outputs, step):
+    def _run_pipelined(self, host: np.ndarray, n_render, n_outputs, step, renders=1):
         """Host input, z-scored on the device; on CUDA a pipeline per chunk: host -> pinned ->
         device on one stream, compute on the current stream, device -> pinned on a third, then
         pinned -> the preallocated numpy outputs on a thread of the engine's own. Two pinned
@@ -185,7 +188,7 @@ class ChunkedRunner:
         else:
             copy_in = copy_out = compute = None
         n = len(host)
-        chunks = list(self._chunks(n, n_render, n_outputs, pipelined=cuda))
+        chunks = list(self._chunks(n, n_render, n_outputs, pipelined=cuda, renders=renders))
         size = chunks[0].stop - chunks[0].start
         pin_in = self._staging("in", (2, size, *self.box_shape))
         source = torch.from_numpy(host) if host.flags.writeable else _readonly_tensor(host)

@@ -249,7 +249,7 @@ class Engine(ChunkedRunner):
             return out
 
         n_outputs = len(_FEATURE_FIELDS) + 1 + 2 * segments + 3 * with_splats
-        outs, place = self._run(volumes, n_render, n_outputs, step)
+        outs, place = self._run(volumes, n_render, n_outputs, step, renders=1 + 2 * segments)
         return Reconstruction(
             volume=outs["volume"], features=_features(outs),
             affinity=outs.get("affinity"), free=outs.get("free"),
