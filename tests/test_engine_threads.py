@@ -14,7 +14,7 @@ from cryolens.engine import Engine
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine(spread_model(), device="cpu", max_chunk=3)
+    return Engine(spread_model(), device="cpu", max_chunk=2)
 
 
 @pytest.fixture
@@ -32,7 +32,8 @@ def _run(engine, volumes, n_threads):
 
 
 def test_numbers_do_not_depend_on_the_thread_count(engine, threads):
-    volumes = np.random.default_rng(1).standard_normal((7, 48, 48, 48)).astype(np.float32)
+    """Twelve particles make six chunks of two on one, two or three threads."""
+    volumes = np.random.default_rng(1).standard_normal((12, 48, 48, 48)).astype(np.float32)
     results = {n: _run(engine, volumes, n) for n in (1, 2, 3)}
     for n in (2, 3):
         for ours, one in zip(results[n], results[1], strict=True):
@@ -62,7 +63,7 @@ def test_chunks_run_on_as_many_threads_as_the_caller_has(engine, threads):
 
     torch.set_num_threads(2)
     engine.model.encode = spy
-    try:  # four chunks of three
+    try:  # six chunks of two
         engine.features(np.random.default_rng(2).standard_normal((12, 48, 48, 48)))
     finally:
         del engine.model.encode

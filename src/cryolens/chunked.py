@@ -6,9 +6,10 @@ that are not finite are an :class:`InputError` naming the particles.
 On a CPU with ``torch.get_num_threads()`` = P > 1 the chunks run side by side on P threads of
 the engine's own, each with one PyTorch thread (:class:`CpuPool`), rather than one chunk at a
 time with P OpenMP threads per operation: most of a reconstruction is many small operations
-whose OpenMP joins cost more than they share (v001, batch 32, 2 cores: 282 -> see
-docs/benchmarks.md), and a core taken by another process stalls every join. A particle's numbers
-then do not depend on P: every chunk is computed on one thread.
+whose OpenMP joins cost more than they share (docs/benchmarks.md, issue #26), and a core taken
+by another process stalls every join. A chunk's numbers then do not depend on P: every chunk is
+computed on one thread. (Which chunk a particle falls in does move its numbers at float32
+rounding, as the batch it comes in does.)
 
 :class:`ChunkedRunner` is the base of :class:`cryolens.engine.Engine`, which sets what it reads:
 ``device``, ``config``, ``memory_budget``, ``max_chunk``, ``exact_zscore``, ``allow_tf32`` and
@@ -78,9 +79,11 @@ class ChunkedRunner:
         size = max(1, min(self.max_chunk, self.memory_budget // (per_particle * workers)))
         if pipelined:  # two chunks at least, so that copying one overlaps computing the other
             size = min(size, max(-(-n // 2), MIN_PIPELINE_CHUNK))
-        size = min(size, -(-n // workers))  # every worker a chunk, where there are enough
-        for start in range(0, n, size):
-            yield slice(start, min(n, start + size))
+        # as many chunks as that size needs, rounded up to a multiple of the workers (each
+        # gets work), all of one size give or take one particle
+        count = min(n, workers * -(-n // (workers * size)))
+        for i in range(count):
+            yield slice(i * n // count, (i + 1) * n // count)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device)
