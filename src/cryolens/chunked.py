@@ -144,8 +144,8 @@ class ChunkedRunner:
             key = (workers, _thread_nice())  # the pool's threads inherit their starter's nice
             with self._lock:
                 if self._cpu_pool is None or self._cpu_pool.key != key:
-                    if self._cpu_pool is not None:
-                        self._cpu_pool.close()
+                    # the one it replaces may still be running a caller's chunks: its threads
+                    # end when that caller lets go of it (the executor is then collected)
                     self._cpu_pool = CpuPool(key)
                 pool = self._cpu_pool
             pool.run(run, parts)
@@ -296,12 +296,14 @@ class CpuPool:
         self.key = key
         self.size = key[0]
         self._executor: ThreadPoolExecutor | None = None
+        self._starting = threading.Lock()
 
     def run(self, work, parts: list) -> None:
         """``work(part)`` for every part, in inference mode, on the pool's threads; the first
         error is raised once every part has finished."""
-        if self._executor is None:
-            self._start()
+        with self._starting:
+            if self._executor is None:
+                self._start()
         futures = [self._executor.submit(_inference, work, part) for part in parts]
         futures_wait(futures)
         for future in futures:
@@ -324,10 +326,6 @@ class CpuPool:
             self._executor.submit(int)
         started.wait()
         torch.set_num_threads(threads)
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
 
 
 def _thread_nice() -> int:
