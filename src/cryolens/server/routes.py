@@ -114,12 +114,11 @@ async def loaded_engine(request: Request, timeout_s: float):
     return engine_of(request)
 
 
-def add_routes(app: FastAPI, settings: Settings) -> tuple[str, ...]:
-    """Every route; returns the paths of those that run the model (see :mod:`.lane`)."""
+def add_routes(app: FastAPI, settings: Settings) -> None:
+    """Every route."""
     _add_info_routes(app, settings)
-    model_paths = _add_model_routes(app, settings)
+    _add_model_routes(app, settings)
     _add_statistics_routes(app, settings)
-    return model_paths
 
 
 # -- server information -------------------------------------------------------------------
@@ -295,8 +294,7 @@ async def respond(request: Request, payload: dict[str, Any]) -> Response:
     return ORJSONResponse(await bodies.off_loop(request, lambda: codecs.dumps(payload), 8 * size))
 
 
-def _add_model_routes(app: FastAPI, settings: Settings) -> tuple[str, ...]:
-    paths: list[str] = []
+def _add_model_routes(app: FastAPI, settings: Settings) -> None:
 
     def endpoint(path: str, *, request_model: type, options: type, field: str, batch: bool,
                  operation, payload, response_model: type, summary: str) -> None:
@@ -324,7 +322,6 @@ def _add_model_routes(app: FastAPI, settings: Settings) -> tuple[str, ...]:
         app.add_api_route(path, handler, methods=["POST"], response_model=response_model,
                           summary=summary, responses=_VOLUME_ERRORS,
                           openapi_extra=_body_doc(request_model), name=path.strip("/"))
-        paths.append(path)
 
     endpoint("/reconstruct", request_model=schemas.ReconstructRequest,
              options=schemas.ReconstructOptions, field="input_volume", batch=False,
@@ -348,7 +345,6 @@ def _add_model_routes(app: FastAPI, settings: Settings) -> tuple[str, ...]:
              options=schemas.BatchOptions, field="input_volumes", batch=True,
              operation=batch_operation, payload=batch_payload,
              response_model=schemas.BatchResponse, summary="Process many volumes in batches")
-    return tuple(paths)
 
 
 # -- statistics -------------------------------------------------------------------------------
