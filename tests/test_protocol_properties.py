@@ -5,6 +5,7 @@ uvicorn answers it, and one over the limit is answered 431, however its bytes ar
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 from hypothesis import given, settings
@@ -96,7 +97,7 @@ def requests(draw) -> tuple[bytes, int]:
 
 def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     edges = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
-    return [data[a:b] for a, b in zip(edges, edges[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
 
 
 @settings(max_examples=150, deadline=None)
