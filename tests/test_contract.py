@@ -206,3 +206,20 @@ def test_a_request_is_checked_once_by_the_client_and_once_by_the_server(client, 
     # the client checks what it sends; the server checks a binary body as it receives it
     # (a JSON body's numbers as it parses them); the engine trusts the server's
     assert calls == ([1, 1] if binary else [1])
+
+
+def test_the_plugins_boxes_are_checked_once_on_its_side(client, monkeypatch):
+    from napari_cryolens import core
+
+    boxes = np.random.default_rng(4).standard_normal((3, 48, 48, 48)).astype(np.float32)
+    boxes[1, 0, 0, 0] = np.nan
+    calls = _counting(monkeypatch)
+    good, finite = core.checked_boxes(boxes)
+    assert finite.tolist() == [True, False, True] and len(good) == 2
+    backend = core.ServerBackend("http://testserver", transport=client._transport)
+    try:
+        got = backend.reconstruct(good, core.Options())
+    finally:
+        backend.close()
+    assert got["reconstruction"].shape == (2, 48, 48, 48)
+    assert calls == [3, 2]  # the plugin's check of its boxes, then the server's on receiving

@@ -21,7 +21,7 @@ CHECK_STEP = 32
 class CheckedVolumes:
     """``array``: (N, D, H, W) real numbers, each finite in float32, as given (not copied or
     converted: a float64 memmap stays one); ``stacked``: the caller gave a stack, not one
-    volume. Made by :meth:`check`, :meth:`parsed` or :meth:`join`."""
+    volume. Made by :meth:`check`, :meth:`from_checked` or :meth:`join`."""
 
     __slots__ = ("array", "stacked")
 
@@ -60,12 +60,12 @@ class CheckedVolumes:
         return cls(stack, stacked, _MADE_HERE)
 
     @classmethod
-    def parsed(cls, array: np.ndarray, stacked: bool) -> CheckedVolumes:
-        """(N, D, H, W) float32 that a reader has checked value by value while converting it
-        (the server's JSON reader refuses every number that is not finite in float32 as it
-        parses): wrapped without a second pass."""
+    def from_checked(cls, array: np.ndarray, stacked: bool) -> CheckedVolumes:
+        """(N, D, H, W) float32 whose every value the caller has just checked itself (the
+        server's JSON reader refuses each number not finite in float32 as it parses; the
+        napari plugin keeps only the boxes :func:`not_finite` passed): no second pass."""
         if array.ndim != 4 or array.dtype != np.float32:
-            raise TypeError(f"parsed volumes are (N, D, H, W) float32, got {array.dtype} "
+            raise TypeError(f"checked volumes are (N, D, H, W) float32, got {array.dtype} "
                             f"{array.shape}")
         return cls(array, stacked, _MADE_HERE)
 

@@ -166,10 +166,11 @@ def checked_boxes(boxes: np.ndarray):
     not sent."""
     from cryolens.checked import CheckedVolumes, not_finite
 
+    boxes = np.ascontiguousarray(boxes, np.float32)
     finite = np.ones(len(boxes), bool)
-    finite[not_finite(np.asarray(boxes))] = False
-    good = np.asarray(boxes)[finite] if not finite.all() else np.asarray(boxes)
-    return (CheckedVolumes.check(good) if len(good) else None), finite
+    finite[not_finite(boxes)] = False
+    good = boxes if finite.all() else boxes[finite]
+    return (CheckedVolumes.from_checked(good, True) if len(good) else None), finite
 
 
 class ServerBackend:

@@ -92,7 +92,7 @@ async def read_volumes(request: Request, model: type[BaseModel], field: str, *,
                 body, field, box, max_volumes,
                 lambda payload: validate_options(model, payload, "body"), batch=batch)
             # the JSON reader refused every number not finite in float32 as it converted it
-            return Parsed(options, CheckedVolumes.parsed(volumes, batch), batch, field=field)
+            return Parsed(options, CheckedVolumes.from_checked(volumes, batch), batch, field=field)
 
         return await off_loop(request, parse_json)
     options = validate_options(model, dict(request.query_params), "query")
