@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -111,6 +112,11 @@ class Endpoint:
     operation: Callable[[Mapping[str, Any]], Operation] | None = None
     media_type: str = "application/json"
 
+    @cached_property
+    def _claimed(self) -> frozenset[str]:
+        """The top-level JSON keys the answer's fields take."""
+        return frozenset(f.path[0] for f in self.answer)
+
     def defaults(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Every option: ``given`` (None meaning the default) over the defaults."""
         out = {o.name: o.default for o in self.options}
@@ -162,18 +168,16 @@ class Endpoint:
         """An answer's fields by name, unnested (the ``.npz`` answer, the client's dict). Keys
         of a newer server that no row names are kept (objects flattened one level)."""
         out: dict[str, Any] = {}
-        claimed = set()
         for f in self.answer:
             value: Any = payload
             for key in f.path:
-                value = value.get(key) if isinstance(value, Mapping) else None
-            claimed.add(f.path[0])
+                value = value.get(key) if isinstance(value, dict) else None
             if value is not None:
                 out[f.name] = value
         for key, value in payload.items():
-            if key in claimed or value is None:
+            if key in self._claimed or value is None:
                 continue
-            if isinstance(value, Mapping):
+            if isinstance(value, dict):
                 out.update({k: v for k, v in value.items() if v is not None})
             else:
                 out[key] = value

@@ -220,7 +220,7 @@ def _add_model_route(app: FastAPI, settings: Settings, endpoint: Endpoint) -> No
                 parsed = await bodies.read_volumes(
                     request, options_model, endpoint.volumes, box=tuple(engine.box_shape),
                     max_volumes=settings.max_volumes, batch=endpoint.batch)
-            options = dict(parsed.options)
+            options = vars(parsed.options)  # the validated fields (a dict(model) costs 6 us)
             job = worker.enqueue(endpoint.operation(options), parsed.volumes, rid)
         try:
             result = await unless_disconnected(request, job)
