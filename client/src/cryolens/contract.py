@@ -219,8 +219,6 @@ def _splat_fields(nest: tuple[str, ...] = ()) -> tuple[Field, ...]:
 _INPUT_SHAPE = _shared("input_shape", shape=("dims",))
 _VOXEL_SIZE = _shared("voxel_size", shape=(3,), dtype="float64", optional=True,
                       doc="(x, y, z) angstrom, from an MRC body's header.")
-_VOLUME_DOC = ("Shape (48, 48, 48): a list of 48 lists of 48 lists of 48 finite numbers "
-               "(z, y, x); no booleans, strings or null.")
 _SEGMENTED = "segmented_outputs"
 
 
