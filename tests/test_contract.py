@@ -223,3 +223,26 @@ def test_the_plugins_boxes_are_checked_once_on_its_side(client, monkeypatch):
         backend.close()
     assert got["reconstruction"].shape == (2, 48, 48, 48)
     assert calls == [3, 2]  # the plugin's check of its boxes, then the server's on receiving
+
+
+def test_a_new_row_is_served_and_reachable_with_no_other_edit(engine, volumes, monkeypatch):
+    """Adding an endpoint is one row (plus its operation, here one the engine has): the server
+    serves it with its options and answer fields, and ``post`` reaches it."""
+    row = contract.Endpoint(
+        "/embed", ("POST",), "Embed", "Embeddings only", volumes="input_volume",
+        operation=lambda o: contract.Operation("features"),
+        options=(contract.Option("return_variance", False),),
+        answer=(contract.Field("embedding", "embedding", True, ("latent",)),
+                contract.Field("log_variance", "log_variance", True, ("latent",),
+                               when="return_variance"),
+                contract.Field("latent_dims", "latent_dims", False)))
+    monkeypatch.setattr(contract, "MODEL_ENDPOINTS", (*contract.MODEL_ENDPOINTS, row))
+    monkeypatch.setitem(contract.ENDPOINTS, row.path, row)
+    with TestClient(create_app(Settings(), engine=engine)) as served:
+        answer = served.post("/embed", json={"input_volume": volumes[0].tolist()}).json()
+        assert sorted(answer) == ["embedding", "latent_dims"] and answer["latent_dims"] == 8
+        assert "/embed" in served.get("/openapi.json").json()["paths"]
+        with CryoLensClient("http://testserver", transport=served._transport) as api:
+            got = api.post("/embed", volumes, return_variance=True)
+    assert sorted(got) == ["embedding", "latent_dims", "log_variance"]
+    assert got["embedding"].shape == (2, 8)

@@ -126,7 +126,8 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
 
 # -- server information -------------------------------------------------------------------
 def _add_info_routes(app: FastAPI, settings: Settings) -> None:
-    @app.get("/", response_model=schemas.RESPONSES["/"], summary=contract.ROOT.summary)
+    @app.get("/", response_model=schemas.response_model(contract.ROOT),
+             summary=contract.ROOT.summary)
     async def root() -> ORJSONResponse:
         endpoints = [
             {"path": route.path, "methods": sorted(route.methods or ()),
@@ -136,7 +137,7 @@ def _add_info_routes(app: FastAPI, settings: Settings) -> None:
         return ORJSONResponse({"service": app.title, "version": __version__,
                                "status": "running", "endpoints": endpoints})
 
-    @app.get("/health", response_model=schemas.RESPONSES["/health"],
+    @app.get("/health", response_model=schemas.response_model(contract.HEALTH),
              summary=contract.HEALTH.summary, responses={503: {"model": schemas.ErrorResponse}})
     async def health(request: Request) -> ORJSONResponse:
         fault = request.app.state.worker.fault()
@@ -144,7 +145,7 @@ def _add_info_routes(app: FastAPI, settings: Settings) -> None:
             return ORJSONResponse({"status": "unhealthy", "detail": fault}, status_code=503)
         return ORJSONResponse({"status": "healthy"})
 
-    @app.get("/ready", response_model=schemas.RESPONSES["/ready"],
+    @app.get("/ready", response_model=schemas.response_model(contract.READY),
              summary=contract.READY.summary, responses={503: {"model": schemas.ErrorResponse}})
     async def ready(request: Request) -> ORJSONResponse:
         engine_of(request)
@@ -161,7 +162,7 @@ def _add_info_routes(app: FastAPI, settings: Settings) -> None:
             engine.device.type if engine is not None else None)
         return Response(text, media_type=METRICS_CONTENT_TYPE)
 
-    @app.get("/model_info", response_model=schemas.RESPONSES["/model_info"],
+    @app.get("/model_info", response_model=schemas.response_model(contract.MODEL_INFO),
              summary=contract.MODEL_INFO.summary,
              responses={503: {"model": schemas.ErrorResponse}})
     async def model_info(request: Request) -> ORJSONResponse:
@@ -209,7 +210,7 @@ def _add_model_routes(app: FastAPI, settings: Settings) -> None:
 
 
 def _add_model_route(app: FastAPI, settings: Settings, endpoint: Endpoint) -> None:
-    options_model = schemas.OPTIONS[endpoint.path]
+    options_model = schemas.options_model(endpoint)
 
     async def handler(request: Request) -> Response:
         worker = request.app.state.worker
@@ -234,9 +235,9 @@ def _add_model_route(app: FastAPI, settings: Settings, endpoint: Endpoint) -> No
         return await respond(request, endpoint, answer(endpoint, parsed, options, result))
 
     app.add_api_route(endpoint.path, handler, methods=["POST"],
-                      response_model=schemas.RESPONSES[endpoint.path], summary=endpoint.summary,
+                      response_model=schemas.response_model(endpoint), summary=endpoint.summary,
                       responses=_VOLUME_ERRORS,
-                      openapi_extra=_body_doc(schemas.REQUESTS[endpoint.path]),
+                      openapi_extra=_body_doc(schemas.request_model(endpoint)),
                       name=endpoint.path.strip("/"))
 
 
@@ -275,7 +276,7 @@ def _statistics_json(body: bytes) -> dict[str, Any]:
 
 
 def _add_statistics_routes(app: FastAPI, settings: Settings) -> None:
-    @app.get("/statistics", response_model=schemas.RESPONSES["/statistics"],
+    @app.get("/statistics", response_model=schemas.response_model(contract.STATISTICS),
              summary=contract.STATISTICS.summary,
              responses={**_ERRORS, 400: {"model": schemas.ErrorResponse}})
     async def statistics_get(
@@ -291,10 +292,10 @@ def _add_statistics_routes(app: FastAPI, settings: Settings) -> None:
         value = codecs.loads_json(text.encode(), field)
         return ORJSONResponse(await bodies.off_loop(request, lambda: _statistics(value, field)))
 
-    @app.post("/statistics", response_model=schemas.RESPONSES["/statistics"],
+    @app.post("/statistics", response_model=schemas.response_model(contract.STATISTICS),
               summary="Statistics of a volume sent as JSON, .npy or MRC",
               responses=_VOLUME_ERRORS,
-              openapi_extra=_body_doc(schemas.REQUESTS[contract.STATISTICS.path]))
+              openapi_extra=_body_doc(schemas.StatisticsRequest))
     async def statistics_post(request: Request) -> ORJSONResponse:
         async with parse_room(request):
             return await _statistics_post(request)

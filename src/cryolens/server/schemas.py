@@ -1,12 +1,14 @@
 """Request and response models (pydantic) made from the rows of :mod:`cryolens.contract`.
 
-Options are validated by the ``*Options`` models (unknown fields are ignored). Volume fields
+Made once per row, when a route first asks (a new row needs nothing here). Options are
+validated by the ``*Options`` models (unknown fields are ignored). Volume fields
 are declared in the request models for the OpenAPI schema only: the routes parse them with
 orjson + numpy (``codecs.py``), ~100x faster than pydantic on 110,592 floats. Answers are
 written from numpy by the routes; the response models document them.
 """
 from __future__ import annotations
 
+from functools import cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -38,19 +40,21 @@ def _option_field(option: contract.Option) -> tuple[Any, Any]:
     return type(option.default), Field(option.default, **doc)
 
 
+@cache
 def options_model(endpoint: Endpoint) -> type[BaseModel]:
     """The endpoint's options, validated (422 naming the option) with their defaults."""
     return create_model(f"{endpoint.name}Options", __base__=_Options,
                         **{o.name: _option_field(o) for o in endpoint.options})
 
 
-def request_model(endpoint: Endpoint, options: type[BaseModel]) -> type[BaseModel]:
+@cache
+def request_model(endpoint: Endpoint) -> type[BaseModel]:
     """The JSON body, for the OpenAPI schema: the options and the volume field."""
     if endpoint.batch:
         volume: Any = (Volume4D, Field(..., description=_BATCH_SHAPE))
     else:
         volume = (Volume3D, Field(..., description="One particle. " + VOLUME_SHAPE))
-    return create_model(f"{endpoint.name}Request", __base__=options,
+    return create_model(f"{endpoint.name}Request", __base__=options_model(endpoint),
                         **{endpoint.volumes: volume})
 
 
@@ -63,6 +67,7 @@ def _answer_type(field: contract.Field, batch: bool) -> Any:
     return kind
 
 
+@cache
 def response_model(endpoint: Endpoint) -> type[BaseModel]:
     """The JSON answer: a field sent only on request (or when computed) is optional; a field
     the seed nests sits in a model of its own (``ReconstructSplats``)."""
@@ -95,13 +100,3 @@ class ErrorResponse(BaseModel):
     field: str | None = None
     request_id: str | None = None
 
-
-#: Per endpoint path: its options model (None without options) and its response model.
-OPTIONS: dict[str, type[BaseModel]] = {
-    e.path: options_model(e) for e in contract.ENDPOINTS.values() if e.options}
-RESPONSES: dict[str, type[BaseModel]] = {
-    e.path: response_model(e) for e in contract.ENDPOINTS.values()
-    if e.media_type == "application/json"}
-REQUESTS: dict[str, type[BaseModel]] = {
-    e.path: request_model(e, OPTIONS[e.path]) for e in contract.MODEL_ENDPOINTS}
-REQUESTS[contract.STATISTICS.path] = StatisticsRequest
