@@ -25,16 +25,16 @@ def main(checkpoint: str, golden_path: str, device: str = "cuda") -> int:
 
     rows = []
     f = engine.features(g["inputs"])
-    rows += [("mu", f.embedding, g["mu"], 1e-6), ("log_var", f.log_var, g["log_var"], 1e-6),
+    rows += [("mu", f.embedding, g["mu"], 1e-6), ("log_var", f.log_variance, g["log_var"], 1e-6),
              ("pose", f.pose_axis_angle, g["pose_raw"], 1e-6),
-             ("quaternion", f.pose_quaternion, g["quaternion"], 1e-6),
+             ("quaternion", f.pose, g["quaternion"], 1e-6),
              ("global_weight", f.global_weight, g["global_weight"][:, 0], 1e-6)]
     r = engine.reconstruct(g["inputs"], segments=True, denormalise=False)
-    rows += [("dec_id_conv", r.volume, g["dec_id_conv"], 1e-5),
-             ("seg_id_affinity_conv", r.affinity, g["seg_id_affinity_conv"], 1e-5),
-             ("seg_id_free_conv", r.free, g["seg_id_free_conv"], 1e-5)]
+    rows += [("dec_id_conv", r.reconstruction, g["dec_id_conv"], 1e-5),
+             ("seg_id_affinity_conv", r.affinity_reconstruction, g["seg_id_affinity_conv"], 1e-5),
+             ("seg_id_free_conv", r.free_reconstruction, g["seg_id_free_conv"], 1e-5)]
     full = engine.reconstruct(g["inputs"])
-    rel = np.abs(full.volume - g["recon_pipeline"]).max(axis=(1, 2, 3)) / np.maximum(
+    rel = np.abs(full.reconstruction - g["recon_pipeline"]).max(axis=(1, 2, 3)) / np.maximum(
         np.ptp(g["recon_pipeline"], axis=(1, 2, 3)), g["norm_std"])
     rows.append(("recon_pipeline (relative)", rel, np.zeros_like(rel), 1e-5))
     mu = t(g["mu"])

@@ -27,15 +27,16 @@ def volumes():
 
 def test_every_output_has_a_leading_n(engine, volumes):
     f = engine.features(volumes)
-    assert f.embedding.shape == (5, 8) and f.log_var.shape == (5, 8)
-    assert f.pose_axis_angle.shape == (5, 4) and f.pose_quaternion.shape == (5, 4)
+    assert f.embedding.shape == (5, 8) and f.log_variance.shape == (5, 8)
+    assert f.pose_axis_angle.shape == (5, 4) and f.pose.shape == (5, 4)
     assert f.global_weight.shape == (5,)
-    assert np.allclose(np.linalg.norm(f.pose_quaternion, axis=1), 1, atol=1e-5)
+    assert np.allclose(np.linalg.norm(f.pose, axis=1), 1, atol=1e-5)
     r = engine.reconstruct(volumes, segments=True)
-    assert r.volume.shape == r.affinity.shape == r.free.shape == (5, 48, 48, 48)
+    assert r.reconstruction.shape == (5, 48, 48, 48)
+    assert r.affinity_reconstruction.shape == r.free_reconstruction.shape == (5, 48, 48, 48)
     s = engine.splats(volumes)
-    assert s.centres.shape == (5, 50, 3) and s.sigmas.shape == s.weights.shape == (5, 50)
-    assert engine.splats(volumes, include_free=False).centres.shape == (5, 40, 3)
+    assert s.centers.shape == (5, 50, 3) and s.scales.shape == s.weights.shape == (5, 50)
+    assert engine.splats(volumes, include_free=False).centers.shape == (5, 40, 3)
     assert engine.features(volumes[0]).embedding.shape == (1, 8)
 
 
@@ -52,30 +53,30 @@ def test_chunking_by_memory_budget_changes_nothing(engine, volumes):
     finally:
         hook.remove()
     assert seen == [1] * 5
-    assert np.allclose(whole.volume, chunked.volume, atol=1e-5)
+    assert np.allclose(whole.reconstruction, chunked.reconstruction, atol=1e-5)
     assert np.allclose(whole.features.embedding, chunked.features.embedding, atol=1e-5)
 
 
 def test_options_change_the_output(engine, volumes):
     base = engine.reconstruct(volumes[:2])
-    raw_render = engine.reconstruct(volumes[:2], final_convolution=False).volume
-    assert not np.allclose(base.volume, raw_render)
-    posed = engine.reconstruct(volumes[:2], use_predicted_pose=True).volume
-    assert not np.allclose(base.volume, posed)
-    raw = engine.reconstruct(volumes[:2], denormalise=False).volume
+    raw_render = engine.reconstruct(volumes[:2], final_convolution=False).reconstruction
+    assert not np.allclose(base.reconstruction, raw_render)
+    posed = engine.reconstruct(volumes[:2], use_predicted_pose=True).reconstruction
+    assert not np.allclose(base.reconstruction, posed)
+    raw = engine.reconstruct(volumes[:2], denormalise=False).reconstruction
     norm = engine.normalise(volumes[:2])
     std, mean = norm.std[:, None, None, None], norm.mean[:, None, None, None]
-    assert np.allclose(base.volume, raw * std + mean, atol=1e-5)
+    assert np.allclose(base.reconstruction, raw * std + mean, atol=1e-5)
 
 
 def test_splats_rerender_to_the_raw_render(engine, volumes):
     """Our splat definition is the renderer's: a plain Gaussian sum in voxel units reproduces it."""
     s = engine.splats(volumes[:2])
     raw = engine.reconstruct(volumes[:2], use_predicted_pose=True, final_convolution=False,
-                             denormalise=False).volume
+                             denormalise=False).reconstruction
     idx = np.arange(48, dtype=np.float64)
     for n in range(2):
-        c, sig, w = s.centres[n].astype(np.float64), s.sigmas[n].astype(np.float64), s.weights[n]
+        c, sig, w = s.centers[n].astype(np.float64), s.scales[n].astype(np.float64), s.weights[n]
         gz, gy, gx = (np.exp(-(idx[None, :] - c[:, k, None]) ** 2 / (2 * sig[:, None] ** 2))
                       for k in range(3))
         volume = np.einsum("j,jd,jh,jw->dhw", w, gz, gy, gx).clip(0, 1)
@@ -134,7 +135,7 @@ def test_numpy_scalars_and_float_budgets_are_accepted(engine, volumes):
                    exact_zscore=np.bool_(True))
     assert (other.memory_budget, other.max_chunk) == (2_000_000_000, 2)
     rec = other.reconstruct(volumes[:1], segments=np.bool_(True))
-    assert rec.affinity is not None
+    assert rec.affinity_reconstruction is not None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -226,14 +227,14 @@ def test_denormalising_beyond_float32_is_an_input_error(engine):
     loud = Engine(model, device="cpu")
     volume = _extreme_volumes()["float32 max and -max"][None]
     with pytest.raises(InputError,
-                       match=r"volume of particle\(s\) \[0\] is not finite.*denormalise"):
+                       match=r"reconstruction of particle\(s\) \[0\] is not finite.*denormalise"):
         loud.reconstruct(volume)
-    assert np.isfinite(loud.reconstruct(volume, denormalise=False).volume).all()
+    assert np.isfinite(loud.reconstruct(volume, denormalise=False).reconstruction).all()
 
 
 def test_a_non_finite_output_is_an_input_error_not_a_nan(engine, volumes):
     model = copy.deepcopy(engine.model)
     with torch.no_grad():
         model.log_var.bias[0] = float("inf")
-    with pytest.raises(InputError, match=r"log_var of particle\(s\) \[0, 1\] is not finite"):
+    with pytest.raises(InputError, match=r"log_variance of particle\(s\) \[0, 1\] is not finite"):
         Engine(model, device="cpu").features(volumes[:2])

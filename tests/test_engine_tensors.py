@@ -67,8 +67,8 @@ def test_tensor_input_gives_the_same_numbers_as_numpy(model, volumes, exact):
 
 def test_tensor_outputs_are_ordinary_tensors(model, volumes):
     r = Engine(model, device="cpu").reconstruct(torch.from_numpy(volumes[:2]))
-    r.volume += 1  # not an inference-mode tensor: callers may modify it
-    assert not r.volume.requires_grad
+    r.reconstruction += 1  # not an inference-mode tensor: callers may modify it
+    assert not r.reconstruction.requires_grad
 
 
 def test_other_dtypes_and_a_single_volume(model, volumes):
@@ -159,12 +159,12 @@ def test_cuda_answers_of_successive_calls_are_their_own(model, volumes):
     returned is never written by the next call, and the same input gives the same numbers."""
     engine = Engine(model, device="cuda", max_chunk=2)
     first = engine.reconstruct(volumes)
-    kept = first.volume.copy()
+    kept = first.reconstruction.copy()
     engine.reconstruct(volumes[::-1].copy())
     second = engine.reconstruct(volumes)
-    assert np.array_equal(first.volume, kept)
-    assert np.array_equal(first.volume, second.volume)
-    assert isinstance(second.volume, np.ndarray) and second.volume.flags.writeable
+    assert np.array_equal(first.reconstruction, kept)
+    assert np.array_equal(first.reconstruction, second.reconstruction)
+    assert isinstance(second.reconstruction, np.ndarray) and second.reconstruction.flags.writeable
 
 
 @needs_cuda

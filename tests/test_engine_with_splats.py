@@ -36,8 +36,8 @@ def test_reconstruct_with_splats_equals_the_two_calls_and_encodes_once(engine, v
     finally:
         handle.remove()
     assert sum(calls) == len(volumes)  # each particle through the encoder once
-    np.testing.assert_array_equal(both.volume, plain.volume)
-    for name in ("centres", "sigmas", "weights", "segment"):
+    np.testing.assert_array_equal(both.reconstruction, plain.reconstruction)
+    for name in ("centers", "scales", "weights", "segment"):
         np.testing.assert_array_equal(getattr(both.splats, name), getattr(alone, name))
     assert (both.splats.n_affinity, both.splats.n_free) == (alone.n_affinity, alone.n_free)
     np.testing.assert_array_equal(both.splats.features.embedding, plain.features.embedding)

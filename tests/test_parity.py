@@ -63,10 +63,10 @@ def test_normalisation_bit_exact_including_constant_volume(parity_engine, golden
 def test_encoder_heads(parity_engine, golden):
     f = parity_engine.features(golden["inputs"])
     _close(f.embedding, golden["mu"], ENC_ATOL, "mu")
-    _close(f.log_var, golden["log_var"], ENC_ATOL, "log_var")
+    _close(f.log_variance, golden["log_var"], ENC_ATOL, "log_var")
     _close(f.pose_axis_angle, golden["pose_raw"], ENC_ATOL, "pose")
     _close(f.global_weight, golden["global_weight"][:, 0], ENC_ATOL, "global_weight")
-    _close(f.pose_quaternion, golden["quaternion"], ENC_ATOL, "quaternion")
+    _close(f.pose, golden["quaternion"], ENC_ATOL, "quaternion")
     from cryolens.model.rotation import pose_to_matrix
 
     _close(pose_to_matrix(_t(golden["pose_raw"])).numpy(), golden["rotation_matrix"], ENC_ATOL,
@@ -77,8 +77,8 @@ def test_encoder_float64_truth(parity_engine, golden):
     """Ours is as close to the float64 truth as the reference's float32 is (constant excluded)."""
     f = parity_engine.features(golden["inputs"])
     keep = [i for i in range(len(golden["inputs"])) if i != CONSTANT]
-    for ours, key in [(f.embedding, "mu"), (f.log_var, "log_var"), (f.pose_axis_angle, "pose_raw"),
-                      (f.pose_quaternion, "quaternion")]:
+    for ours, key in [(f.embedding, "mu"), (f.log_variance, "log_var"),
+                      (f.pose_axis_angle, "pose_raw"), (f.pose, "quaternion")]:
         truth = golden[key + "_f64"][keep]
         ref_err = np.abs(golden[key][keep] - truth).max()
         our_err = np.abs(ours[keep] - truth).max()
@@ -87,7 +87,7 @@ def test_encoder_float64_truth(parity_engine, golden):
 
 def test_pipeline_reconstruction(parity_engine, golden):
     r = parity_engine.reconstruct(golden["inputs"])
-    rows = zip(r.volume, golden["recon_pipeline"], golden["norm_std"], strict=True)
+    rows = zip(r.reconstruction, golden["recon_pipeline"], golden["norm_std"], strict=True)
     for i, (ours, ref, std) in enumerate(rows):
         span = max(float(ref.max() - ref.min()), float(std))
         _close(ours, ref, RECON_RTOL * span, f"recon_pipeline[{i}]")
@@ -98,7 +98,7 @@ def test_pipeline_reconstruction_without_final_convolution(parity_engine, golden
     positions = [list(golden["subset_of_golden_idx"]).index(i)
                  for i in golden["recon_pipeline_noconv_idx"]]
     r = parity_engine.reconstruct(golden["inputs"][positions], final_convolution=False)
-    for ours, ref, std in zip(r.volume, golden["recon_pipeline_noconv"],
+    for ours, ref, std in zip(r.reconstruction, golden["recon_pipeline_noconv"],
                               golden["norm_std"][positions], strict=True):
         _close(ours, ref, RAW_ATOL * std + 1e-5 * abs(ref).max(), "recon_pipeline_noconv")
 
@@ -133,9 +133,10 @@ def test_segments(parity_engine, golden, mu, segment):
 
 def test_segments_from_engine(parity_engine, golden):
     r = parity_engine.reconstruct(golden["inputs"], segments=True, denormalise=False)
-    _close(r.affinity, golden["seg_id_affinity_conv"], CONV_ATOL, "engine affinity segment")
-    _close(r.free, golden["seg_id_free_conv"], CONV_ATOL, "engine free segment")
-    _close(r.volume, golden["dec_id_conv"], CONV_ATOL, "engine combined")
+    _close(r.affinity_reconstruction, golden["seg_id_affinity_conv"], CONV_ATOL,
+           "engine affinity segment")
+    _close(r.free_reconstruction, golden["seg_id_free_conv"], CONV_ATOL, "engine free segment")
+    _close(r.reconstruction, golden["dec_id_conv"], CONV_ATOL, "engine combined")
 
 
 @pytest.mark.parametrize("mode", ["id", "pred"])
@@ -173,9 +174,9 @@ def test_engine_splats_are_the_forward_frame_in_voxels(parity_engine, golden):
     s = parity_engine.splats(golden["inputs"])
     coords = golden["fwd_splat_coords"]  # (N, 3, S) rows x, y, z in grid units
     expected = (coords[:, ::-1].transpose(0, 2, 1) + 1) * 36.5 - 13
-    _close(s.centres, expected, 1e-4, "splat centres (voxels)")
+    _close(s.centers, expected, 1e-4, "splat centres (voxels)")
     sigma = (golden["fwd_splat_sigmas_raw"] * 0.095 + 0.005) * 36.5
-    _close(s.sigmas, sigma, 1e-5, "splat sigmas (voxels)")
+    _close(s.scales, sigma, 1e-5, "splat sigmas (voxels)")
     _close(s.weights, golden["fwd_splat_weights"], ENC_ATOL, "splat weights")
     assert s.n_affinity == 614 and s.n_free == 154
     assert (s.segment[:614] == 0).all() and (s.segment[614:] == 1).all()

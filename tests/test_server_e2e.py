@@ -73,10 +73,10 @@ def test_seed_python_client_example_runs_verbatim(server, engine):
     assert namespace["reconstruction"].shape == (48, 48, 48)
     assert result["input_shape"] == BOX and result["reconstruction_shape"] == BOX
     rec = engine.reconstruct(volume, segments=True)
-    assert_close(result["reconstruction"], rec.volume[0])
+    assert_close(result["reconstruction"], rec.reconstruction[0])
     assert_close(result["embeddings"], rec.features.embedding[0])
-    assert_close(result["segmented_outputs"]["affinity"], rec.affinity[0])
-    assert_close(result["segmented_outputs"]["free"], rec.free[0])
+    assert_close(result["segmented_outputs"]["affinity"], rec.affinity_reconstruction[0])
+    assert_close(result["segmented_outputs"]["free"], rec.free_reconstruction[0])
 
     feats = engine.features(volume)
     assert namespace["embedding"].shape == (40,) and namespace["pose"].shape == (4,)
@@ -84,7 +84,7 @@ def test_seed_python_client_example_runs_verbatim(server, engine):
     assert features["input_shape"] == BOX and features["latent_dims"] == 40
     assert_close(features["embedding"], feats.embedding[0])
     assert_close(features["embeddings"], feats.embedding[0])
-    assert_close(features["pose"], feats.pose_quaternion[0])
+    assert_close(features["pose"], feats.pose[0])
     assert abs(np.linalg.norm(features["pose"]) - 1) < 1e-5  # a unit quaternion (w, x, y, z)
     assert_close(features["pose_axis_angle"], feats.pose_axis_angle[0])
     assert_close(features["global_weight"], feats.global_weight[0])
@@ -96,9 +96,9 @@ def test_seed_python_client_example_runs_verbatim(server, engine):
     assert np.shape(batch["poses"]) == (10, 4)
     assert np.shape(batch["global_weights"]) == (10,)
     brec = engine.reconstruct(volumes)
-    assert_close(batch["reconstructions"], brec.volume)
+    assert_close(batch["reconstructions"], brec.reconstruction)
     assert_close(batch["embeddings"], brec.features.embedding)
-    assert_close(batch["poses"], brec.features.pose_quaternion)
+    assert_close(batch["poses"], brec.features.pose)
     assert_close(batch["global_weights"], brec.features.global_weight)
 
 
@@ -130,9 +130,9 @@ def test_gaussian_splats_match_engine(server, engine, include_free):
     n = 768 if include_free else 614
     assert (body["n_affinity"], body["n_free"], body["n_total"]) == (614, n - 614, n)
     assert np.shape(body["centers"]) == (n, 3) and body["input_shape"] == BOX
-    assert_close(body["centers"], splats.centres[0])
+    assert_close(body["centers"], splats.centers[0])
     assert_close(body["weights"], splats.weights[0])
-    assert_close(body["scales"], splats.sigmas[0])
+    assert_close(body["scales"], splats.scales[0])
 
 
 def test_reconstruct_options_change_the_output(server, engine):
@@ -143,11 +143,11 @@ def test_reconstruct_options_change_the_output(server, engine):
                                      "use_final_convolution": False}).json()
     assert "segmented_outputs" not in plain and "embeddings" not in plain
     assert_close(plain["reconstruction"],
-                 engine.reconstruct(volume, final_convolution=False).volume[0])
+                 engine.reconstruct(volume, final_convolution=False).reconstruction[0])
     posed = requests.post(url, json={"input_volume": volume.tolist(), "use_predicted_pose": True,
                                      "return_splat_data": True}).json()
     assert_close(posed["reconstruction"],
-                 engine.reconstruct(volume, use_predicted_pose=True).volume[0])
+                 engine.reconstruct(volume, use_predicted_pose=True).reconstruction[0])
     assert np.shape(posed["splats"]["centers"]) == (768, 3)
 
 

@@ -276,7 +276,7 @@ class ChunkedRunner:
                     "values are too large for it. Divide them by a constant (each particle is "
                     "z-scored, so its scale does not change the model's result), or in Python "
                     "ask for normalised units (denormalise=False)."
-                    if key in ("volume", "affinity", "free") else "")
+                    if key.endswith("reconstruction") else "")
             raise InputError(
                 f"the {key} of particle(s) {rows[:10]} is not finite (NaN or infinity).{hint}",
                 field="volumes",

@@ -41,35 +41,39 @@ DEFAULT_CUDA_MAX_CHUNK = 1024
 #: estimate per particle (~10 MB) is two to three times what an H200 measured (3.7 MB).
 DEFAULT_CUDA_MEMORY_BUDGET = 12 * 1024**3
 SEGMENT_AFFINITY, SEGMENT_FREE = 0, 1
+#: The volumes a reconstruction renders: the whole, then (with segments) each segment alone.
+RENDERS = ("reconstruction", "affinity_reconstruction", "free_reconstruction")
 
 
 @dataclass
 class Features:
     """Encoder outputs per particle.
 
-    embedding, log_var: (N, latent) float32 — mu and log-variance of the latent Gaussian;
+    Named as the server's answers name them (:mod:`cryolens.contract`).
+    embedding, log_variance: (N, latent) float32 — mu and log-variance of the latent Gaussian;
     pose_axis_angle: (N, 4) raw pose head (angle in radians, then an unnormalised axis x, y, z);
-    pose_quaternion: (N, 4) (w, x, y, z), unit for any non-degenerate axis;
+    pose: (N, 4) unit quaternion (w, x, y, z), unit for any non-degenerate axis;
     global_weight: (N,) raw logit; the decoder scales splat weights by its sigmoid.
     """
 
     embedding: np.ndarray
-    log_var: np.ndarray
+    log_variance: np.ndarray
     pose_axis_angle: np.ndarray
-    pose_quaternion: np.ndarray
+    pose: np.ndarray
     global_weight: np.ndarray
 
 
 @dataclass
 class Reconstruction:
-    """volume: (N, S, S, S) float32; affinity/free: the two segments rendered on their own
-    (same shape, or None when not asked for); features: the encoder outputs used; splats: the
-    particles' splats in their predicted pose (:class:`SplatSet`, or None when not asked for)."""
+    """reconstruction: (N, S, S, S) float32; affinity_reconstruction, free_reconstruction: the
+    two segments rendered on their own (same shape, or None when not asked for); features: the
+    encoder outputs used; splats: the particles' splats in their predicted pose
+    (:class:`SplatSet`, or None when not asked for)."""
 
-    volume: np.ndarray
+    reconstruction: np.ndarray
     features: Features
-    affinity: np.ndarray | None = None
-    free: np.ndarray | None = None
+    affinity_reconstruction: np.ndarray | None = None
+    free_reconstruction: np.ndarray | None = None
     splats: SplatSet | None = None
 
 
@@ -77,16 +81,16 @@ class Reconstruction:
 class SplatSet:
     """Gaussian splats of each particle, in its predicted pose, in the particle's voxel frame.
 
-    centres: (N, S, 3) float32, voxel coordinates (z, y, x) of the box (index units, so the box
-    centre is (S-1)/2 = 23.5; splats may lie outside [0, S-1]); sigmas: (N, S) standard deviations
+    centers: (N, S, 3) float32, voxel coordinates (z, y, x) of the box (index units, so the box
+    centre is (S-1)/2 = 23.5; splats may lie outside [0, S-1]); scales: (N, S) standard deviations
     in voxels; weights: (N, S) peak amplitudes as the renderer uses them (already scaled by
     sigmoid(global_weight)); segment: (S,) int8, 0 = affinity, 1 = free. The affinity splats come
-    first. Rendering ``sum_j weights_j exp(-|p - centres_j|^2 / (2 sigmas_j^2))`` at voxel p and
+    first. Rendering ``sum_j weights_j exp(-|p - centers_j|^2 / (2 scales_j^2))`` at voxel p and
     clamping to [0, 1] gives the decoder's raw render.
     """
 
-    centres: np.ndarray
-    sigmas: np.ndarray
+    centers: np.ndarray
+    scales: np.ndarray
     weights: np.ndarray
     segment: np.ndarray
     n_affinity: int
@@ -185,9 +189,9 @@ class Engine(ChunkedRunner):
         enc = self.model.encode(normalised)
         return enc, {
             "embedding": enc.mu,
-            "log_var": enc.log_var,
+            "log_variance": enc.log_var,
             "pose_axis_angle": enc.pose,
-            "pose_quaternion": axis_angle_to_quaternion(enc.pose),
+            "pose": axis_angle_to_quaternion(enc.pose),
             "global_weight": enc.global_weight[:, 0],
         }
 
@@ -235,7 +239,7 @@ class Engine(ChunkedRunner):
             else:
                 pose, weight = self.model.identity_pose(len(enc.mu), self.device)
             splats = decoder.splats(enc.mu, pose, weight)
-            keys = ("volume", "affinity", "free") if segments else ("volume",)
+            keys = RENDERS if segments else RENDERS[:1]
             renders = (decoder.render_segments(splats, region) if segments
                        else (decoder.render(splats, region),))
             for key, render in zip(keys, renders, strict=True):
@@ -251,8 +255,9 @@ class Engine(ChunkedRunner):
         n_outputs = len(_FEATURE_FIELDS) + 1 + 2 * segments + 3 * with_splats
         outs, place = self._run(volumes, n_render, n_outputs, step, renders=1 + 2 * segments)
         return Reconstruction(
-            volume=outs["volume"], features=_features(outs),
-            affinity=outs.get("affinity"), free=outs.get("free"),
+            reconstruction=outs["reconstruction"], features=_features(outs),
+            affinity_reconstruction=outs.get("affinity_reconstruction"),
+            free_reconstruction=outs.get("free_reconstruction"),
             splats=self._splat_set(outs, place, include_free) if with_splats else None,
         )
 
@@ -265,8 +270,8 @@ class Engine(ChunkedRunner):
             splats = splats.segment("affinity")
         # rows (x, y, z) -> columns (z, y, x), the array axes (d, h, w)
         xyz = splats.centres.flip(1).transpose(1, 2)
-        out["centres"] = (xyz + 1) * half - cfg.margin
-        out["sigmas"] = splats.sigmas * half
+        out["centers"] = (xyz + 1) * half - cfg.margin
+        out["scales"] = splats.sigmas * half
         out["weights"] = splats.weights
 
     def _splat_set(self, outs: dict, place, include_free: bool) -> SplatSet:
@@ -275,7 +280,7 @@ class Engine(ChunkedRunner):
         segment = np.repeat(np.array([SEGMENT_AFFINITY, SEGMENT_FREE], np.int8),
                             [cfg.n_affinity, n_free])
         return SplatSet(
-            centres=outs["centres"], sigmas=outs["sigmas"], weights=outs["weights"],
+            centers=outs["centers"], scales=outs["scales"], weights=outs["weights"],
             segment=segment if place is None else torch.from_numpy(segment).to(place),
             n_affinity=cfg.n_affinity, n_free=n_free, features=_features(outs),
         )

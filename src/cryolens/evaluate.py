@@ -69,7 +69,7 @@ def evaluate(engine: Engine, *, snrs=(5.0, 1.0), per_structure: int = 20, seed: 
         sim = ParticleSimulator(structures, snr=snr, seed=seed + i)
         batch = sim.sample(len(labels), labels=labels)
         recon = engine.reconstruct(batch.particles, use_predicted_pose=True)
-        corr = pearson(recon.volume, batch.clean)
+        corr = pearson(recon.reconstruction, batch.clean)
         blurred = pearson(gaussian_blur(batch.particles, BASELINE_SIGMA), batch.clean)
         emb = recon.features.embedding
         reports.append(SnrReport(
@@ -83,7 +83,8 @@ def evaluate(engine: Engine, *, snrs=(5.0, 1.0), per_structure: int = 20, seed: 
         ))
         if png is not None and i == 0:
             pick = [np.flatnonzero(batch.labels == s)[0] for s in range(len(structures))][:6]
-            write_slices_png(png, batch.particles[pick], recon.volume[pick], batch.clean[pick])
+            write_slices_png(png, batch.particles[pick], recon.reconstruction[pick],
+                             batch.clean[pick])
     return reports
 
 

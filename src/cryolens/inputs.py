@@ -9,9 +9,8 @@ import numbers
 import numpy as np
 import torch
 
+from cryolens.checked import CheckedVolumes
 from cryolens.errors import InputError
-
-NOT_FINITE = "volumes must be finite: found NaN or infinity (or a value beyond float32 range)"
 
 
 def check_shape(shape: tuple[int, ...], given: object, box: tuple[int, ...]) -> None:
@@ -29,6 +28,8 @@ def check_shape(shape: tuple[int, ...], given: object, box: tuple[int, ...]) -> 
 
 def host_batch(volumes, box: tuple[int, ...]) -> np.ndarray:
     """Shape- and dtype-checked (N, D, H, W) numpy array, not yet converted to float32."""
+    if isinstance(volumes, CheckedVolumes):
+        volumes = volumes.array
     try:
         array = np.asarray(volumes)
     except (ValueError, TypeError) as exc:  # ragged nested lists
@@ -54,14 +55,16 @@ def tensor_batch(volumes: torch.Tensor, box: tuple[int, ...]) -> torch.Tensor:
 
 
 def as_batch(volumes, box: tuple[int, ...]) -> np.ndarray:
-    """Checked (N, D, H, W) C-contiguous float32 numpy array of finite values."""
+    """Checked (N, D, H, W) C-contiguous float32 numpy array of finite values. Volumes that
+    were checked where they came in (:class:`~cryolens.checked.CheckedVolumes`: the server's
+    body reader, the client) are not checked for finiteness again."""
     if isinstance(volumes, torch.Tensor):
         volumes = host_array(tensor_batch(volumes, box))
     array = host_batch(volumes, box)
-    with np.errstate(over="ignore"):  # beyond float32 range becomes inf, reported below
+    with np.errstate(over="ignore"):  # beyond float32 range becomes inf, refused below
         array = np.ascontiguousarray(array, dtype=np.float32)
-    if not np.isfinite(array).all():
-        raise InputError(NOT_FINITE, field="volumes")
+    if not isinstance(volumes, CheckedVolumes):
+        CheckedVolumes.check(array)
     return array
 
 

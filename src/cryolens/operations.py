@@ -3,7 +3,8 @@
 The HTTP routes (JSON and binary), the server's batching worker, the ``cryolens`` console and
 other serving engines describe what they want as an :class:`Operation` (plain, hashable data)
 and get a :class:`Result` back: arrays with a leading particle axis ``N`` under fixed names,
-plus the few values shared by every particle. Front ends only rename and encode.
+plus the few values shared by every particle. The names are the engine's result fields and
+the wire's (:mod:`cryolens.contract`); front ends only encode.
 
 Names (per particle, leading ``N``):
 
@@ -28,42 +29,16 @@ Shared (no ``N``): ``segment`` (K,) int8 (0 affinity, 1 free), ``n_affinity``, `
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cryolens.checked import CheckedVolumes
+from cryolens.contract import KINDS, Kind, Operation
+
 if TYPE_CHECKING:
-    from cryolens.engine import Engine, Features, SplatSet
-
-Kind = Literal["reconstruct", "features", "splats"]
-KINDS: tuple[str, ...] = ("reconstruct", "features", "splats")
-
-
-@dataclass(frozen=True)
-class Operation:
-    """What to compute for each particle. Only options that change the computation live here,
-    so two requests with equal operations can run as one engine call (the server batches them).
-
-    kind: ``reconstruct`` (decode to a volume), ``features`` (encoder outputs only) or
-    ``splats`` (the splats each particle decodes to, in its predicted pose).
-    use_predicted_pose: reconstruct in the predicted pose and global weight instead of
-    CryoLens's canonical identity pose. final_convolution: apply the decoder's 9^3 convolution.
-    segments: also render the affinity and free splats on their own. with_splats: a
-    reconstruction also returns its particle's splats. include_free: splats include the free
-    ones (``False``: affinity only).
-    """
-
-    kind: Kind = "features"
-    use_predicted_pose: bool = False
-    final_convolution: bool = True
-    segments: bool = False
-    with_splats: bool = False
-    include_free: bool = True
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"operation must be one of {', '.join(KINDS)}, got {self.kind!r}")
+    from cryolens.engine import Engine, SplatSet
 
 
 @dataclass
@@ -95,53 +70,65 @@ class Result:
 
 
 def run(engine: Engine, operation: Operation, volumes) -> Result:
-    """Run ``operation`` on ``volumes`` ((N, D, H, W) or one (D, H, W) particle)."""
+    """Run ``operation`` on ``volumes`` ((N, D, H, W) or one (D, H, W) particle, or
+    :class:`~cryolens.checked.CheckedVolumes`). The engine's results carry these names
+    already: nothing is renamed here."""
     if operation.kind == "features":
-        return Result(_feature_arrays(engine.features(volumes)))
+        return Result(_arrays(engine.features(volumes)))
     if operation.kind == "splats":
         return _splat_result(engine.splats(volumes, include_free=operation.include_free))
     rec = engine.reconstruct(volumes, use_predicted_pose=operation.use_predicted_pose,
                              final_convolution=operation.final_convolution,
                              segments=operation.segments, with_splats=operation.with_splats,
                              include_free=operation.include_free)
-    result = Result({"reconstruction": rec.volume, **_feature_arrays(rec.features)})
-    if operation.segments:
-        result.arrays["affinity_reconstruction"] = rec.affinity
-        result.arrays["free_reconstruction"] = rec.free
-    if operation.with_splats:  # encoded once, with the reconstruction
+    result = Result(_arrays(rec))
+    if rec.splats is not None:  # encoded once, with the reconstruction
         splats = _splat_result(rec.splats)
         result.arrays.update({k: splats.arrays[k] for k in SPLAT_ARRAYS})
         result.shared.update(splats.shared)
     return result
 
 
-def run_batched(engine: Engine, operation: Operation, volumes: list[np.ndarray]) -> list[Result]:
+def run_batched(engine: Engine, operation: Operation, volumes: list) -> list[Result]:
     """Run one operation on several requests' volumes as one engine call, one result each.
 
     Every output depends only on its own particle; alone or batched, a request's numbers
     differ at most by float32 rounding, as CPU kernels round differently per batch size
-    (``tests/test_server_worker.py`` checks rtol 1e-5 batched, exact when not)."""
+    (``tests/test_server_worker.py`` checks rtol 1e-5 batched, exact when not). Checked
+    volumes stay checked when joined, so the engine does not check them again."""
     counts = [len(v) for v in volumes]
-    stacked = volumes[0] if len(volumes) == 1 else np.concatenate(volumes)
+    if len(volumes) == 1:
+        stacked = volumes[0]
+    elif all(isinstance(v, CheckedVolumes) for v in volumes):
+        stacked = CheckedVolumes.join(volumes)
+    else:
+        stacked = np.concatenate(volumes)
     return run(engine, operation, stacked).split(counts)
 
 
 SPLAT_ARRAYS = ("centers", "weights", "scales")
+#: Fields of the engine's results that hold the same for every particle.
+_SHARED = ("segment", "n_affinity", "n_free")
 
 
-def _feature_arrays(feats: Features) -> dict[str, np.ndarray]:
-    return {"embedding": feats.embedding, "log_variance": feats.log_var,
-            "pose": feats.pose_quaternion, "pose_axis_angle": feats.pose_axis_angle,
-            "global_weight": feats.global_weight}
+def _arrays(output) -> dict[str, np.ndarray]:
+    """The arrays of an engine result (and of the features inside it) under their own
+    names, which are the wire's."""
+    out: dict[str, np.ndarray] = {}
+    for f in fields(output):
+        value = getattr(output, f.name)
+        if f.name == "features":
+            out.update(_arrays(value))
+        elif value is not None and f.name not in _SHARED and f.name != "splats":
+            out[f.name] = value
+    return out
 
 
 def _splat_result(splats: SplatSet) -> Result:
-    arrays = {"centers": splats.centres, "weights": splats.weights, "scales": splats.sigmas,
-              **_feature_arrays(splats.features)}
     shared = {"segment": splats.segment, "n_affinity": np.int64(splats.n_affinity),
               "n_free": np.int64(splats.n_free),
               "n_total": np.int64(splats.n_affinity + splats.n_free)}
-    return Result(arrays, {k: np.asarray(v) for k, v in shared.items()})
+    return Result(_arrays(splats), {k: np.asarray(v) for k, v in shared.items()})
 
 
 def statistics(values: np.ndarray) -> dict[str, float | list[int]]:
@@ -180,5 +167,5 @@ STATISTICS_BLOCK = 1 << 20
 _SCALE_ABOVE = 1e150
 
 
-__all__ = ["KINDS", "SPLAT_ARRAYS", "Operation", "Result", "run",
+__all__ = ["KINDS", "SPLAT_ARRAYS", "Kind", "Operation", "Result", "run",
            "run_batched", "statistics"]

@@ -1,15 +1,13 @@
-"""Volumes going out and answers coming back, checked: a stack taken as given and refused
-before sending if it holds NaN or infinity; an answer that does not fit its request refused;
-the answers to a stack's requests gathered into one."""
+"""Answers coming back, checked: an answer that does not fit its request refused; the answers
+to a stack's requests gathered into one. (Volumes going out are checked once, as
+:class:`~cryolens.checked.CheckedVolumes`.)"""
 from __future__ import annotations
-
-from typing import Any
 
 import httpx
 import numpy as np
 
-from cryolens.errors import InputError
-from cryolens.wire import COUNTS, PER_VOLUME, SHARED, CryoLensAnswerError
+from cryolens.contract import COUNTS, ONE_VOLUME_NDIM, PER_VOLUME, SHARED
+from cryolens.wire import CryoLensAnswerError
 
 
 class Gathered:
@@ -75,52 +73,9 @@ def first_volume(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def volume_stack(volumes: Any) -> tuple[np.ndarray, bool]:
-    """((N, D, H, W) as given, was a stack given). Not converted here: a float64 stack, a
-    strided view or a memmap is turned into float32 a request at a time (:func:`float32`),
-    never copied whole."""
-    array = np.asarray(volumes)
-    if array.dtype.kind not in "fiub":
-        raise TypeError(f"volumes must be real numbers, got dtype {array.dtype}")
-    if array.ndim not in (3, 4):
-        raise InputError(f"volumes must be one volume (D, H, W) or a stack (N, D, H, W), "
-                         f"got shape {array.shape}", field="volumes")
-    if array.ndim == 4 and array.shape[0] == 0:
-        raise InputError("volumes is an empty stack", field="volumes")
-    stacked = array.ndim == 4
-    return (array if stacked else array[None]), stacked
-
-
 def float32(part: np.ndarray) -> np.ndarray:
     """The volumes of one request as the server reads them: C-contiguous float32."""
     return np.ascontiguousarray(part, dtype=np.float32)
-
-
-def check_finite(stack: np.ndarray, step: int) -> None:
-    """Refuse NaN, infinity or values beyond float32's range before anything is sent (as JSON
-    a NaN would be refused as malformed, saying nothing of where it is; and a bad volume late
-    in a stack would waste the work of every request before it). Checked ``step`` volumes at
-    a time: never a float32 copy of the whole stack."""
-    if stack.dtype.kind != "f":
-        return
-    bad: list[int] = []
-    for start in range(0, len(stack), step):
-        with np.errstate(over="ignore"):  # beyond float32's range: infinite, refused below
-            part = np.asarray(stack[start:start + step], dtype=np.float32)
-        finite = np.isfinite(part.reshape(len(part), -1)).all(axis=1)
-        bad += (np.flatnonzero(~finite) + start).tolist()
-    if bad:
-        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        raise InputError(f"volumes must be finite: volume(s) [{shown}] hold NaN or infinity "
-                         "(or a value beyond float32 range); nothing was sent", field="volumes")
-
-
-#: Dimensions of each per-volume field in the answer to one volume sent without a stack.
-_ONE_VOLUME_NDIM = {
-    "reconstruction": 3, "affinity_reconstruction": 3, "free_reconstruction": 3,
-    "embedding": 1, "embeddings": 1, "log_variance": 1, "pose": 1, "pose_axis_angle": 1,
-    "global_weight": 0, "centers": 2, "weights": 1, "scales": 1,
-}
 
 
 def check_rows(answer: dict[str, np.ndarray], volumes: int | None) -> None:
@@ -131,7 +86,7 @@ def check_rows(answer: dict[str, np.ndarray], volumes: int | None) -> None:
     for key in sorted(PER_VOLUME & answer.keys()):
         shape = answer[key].shape
         if volumes is None:
-            want = _ONE_VOLUME_NDIM.get(key)
+            want = ONE_VOLUME_NDIM.get(key)
             if want is not None and len(shape) != want:
                 raise ValueError(f"{key} has shape {shape} for one volume; expected "
                                  f"{want} dimension(s)")

@@ -8,9 +8,10 @@ Needs only numpy and httpx (tqdm for ``progress=True``), never PyTorch::
         features = client.extract_features(particles)   # (N, 48, 48, 48) float32
         features["embedding"]                           # (N, latent_dims)
 
-One method per endpoint, named after it. The model endpoints take one volume ``(D, H, W)`` or
-a stack ``(N, D, H, W)`` and return a dict of numpy arrays named like the server's response
-fields (for ``.npz`` naming: ``segmented_outputs`` become ``affinity_reconstruction`` and
+One method per endpoint, named after it (and ``post(path, volumes, **options)`` for any model
+endpoint of :mod:`cryolens.contract`). The model endpoints take one volume ``(D, H, W)`` or a
+stack ``(N, D, H, W)`` and return a dict of numpy arrays named by the contract's fields (the
+``.npz`` names: ``segmented_outputs`` become ``affinity_reconstruction`` and
 ``free_reconstruction``, splat fields sit at the top level), with a leading ``N`` on every
 per-volume array when a stack was given.
 
@@ -45,6 +46,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from cryolens.contract import COUNTS, PER_VOLUME, SHARED
 from cryolens.plans import (
     CONNECT_TIMEOUT_S,
     DEFAULT_BATCH_SIZE,
@@ -58,11 +60,8 @@ from cryolens.plans import (
     batch_options,
 )
 from cryolens.wire import (
-    COUNTS,
     FALLBACK_RETRY_WAIT_S,
     JSON_MEDIA_TYPE,
-    PER_VOLUME,
-    SHARED,
     CryoLensAnswerError,
     CryoLensConnectionError,
     CryoLensHTTPError,
@@ -175,6 +174,13 @@ class CryoLensClient(ClientCore):
         any real array."""
         return self._run(self._statistics_plan(volume))
 
+    def post(self, path: str, volumes: Any, *, progress: bool | None = None, **options: Any
+             ) -> dict[str, np.ndarray]:
+        """Any model endpoint of :data:`cryolens.contract.ENDPOINTS` by its path, with its
+        options as keywords (one the endpoint lacks is a TypeError, before sending): the
+        methods above are this with their options spelled out."""
+        return self._run(self._post(path, volumes, options, progress))
+
 
 class AsyncCryoLensClient(ClientCore):
     """The asyncio twin of :class:`CryoLensClient`: the same methods, awaited."""
@@ -265,6 +271,10 @@ class AsyncCryoLensClient(ClientCore):
 
     async def statistics(self, volume: Any) -> dict[str, np.ndarray]:
         return await self._run(self._statistics_plan(volume))
+
+    async def post(self, path: str, volumes: Any, *, progress: bool | None = None,
+                   **options: Any) -> dict[str, np.ndarray]:
+        return await self._run(self._post(path, volumes, options, progress))
 
 
 # the settings, fields and errors of the modules the clients are built on, importable from here

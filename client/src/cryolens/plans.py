@@ -12,26 +12,21 @@ from typing import Any
 import httpx
 import numpy as np
 
-from cryolens import __version__, formats
+from cryolens import __version__, contract, formats
 from cryolens.answers import (
     Gathered,
     answer_error,
-    check_finite,
     check_rows,
     first_volume,
     float32,
-    volume_stack,
     with_leading_axis,
 )
+from cryolens.checked import CheckedVolumes
+from cryolens.contract import Endpoint
 from cryolens.errors import InputError
 from cryolens.wire import (
-    BATCH,
-    FEATURES,
     JSON_MEDIA_TYPE,
-    RECONSTRUCT,
-    SPLATS,
     CryoLensConnectionError,
-    Endpoint,
     Request,
     decode,
     error_of,
@@ -117,15 +112,19 @@ class ClientCore:
             response = yield Request("POST", "/statistics", content=formats.write_npy(array),
                                       headers={"Content-Type": formats.NPY_MEDIA_TYPE})
             if response.status_code != 415:
-                return json_arrays(response.json())
+                return json_arrays(response.json(), contract.STATISTICS)
             self.binary = False
         response = yield json_request("/statistics", {"volume": array.tolist()})
-        return json_arrays(response.json())
+        return json_arrays(response.json(), contract.STATISTICS)
 
     def _volumes_plan(self, endpoint: Endpoint, volumes: Any, options: dict[str, Any],
                       progress: bool | None) -> Plan:
-        stack, stacked = volume_stack(volumes)
-        check_finite(stack, self.batch_size)
+        """``volumes`` (one volume, a stack, or :class:`CheckedVolumes` already checked by the
+        caller) to ``endpoint`` with ``options`` (None: the server's default)."""
+        endpoint.defaults(options)  # an option the endpoint lacks: TypeError, nothing sent
+        checked = CheckedVolumes.check(volumes, step=self.batch_size,
+                                       after="; nothing was sent")
+        stack, stacked = checked.array, checked.stacked
         total = len(stack)
         bar = self._bar(endpoint.path, total, progress if progress is not None
                         else self.progress)
@@ -149,7 +148,7 @@ class ClientCore:
                 if response.status_code == 413:  # more than the server takes: send fewer
                     self._fewer_volumes(len(part), response)
                     continue
-                result = decode(response)
+                result = decode(response, endpoint)
                 try:
                     check_rows(result, len(part) if sent.ndim == 4 else None)
                     if stacked or endpoint.batch:
@@ -194,7 +193,7 @@ class ClientCore:
     # -- the endpoints, as plans -----------------------------------------------------------
     def _reconstruct(self, volumes, use_segmented_decoder, use_final_convolution,
                      return_splat_data, return_embeddings, use_predicted_pose, progress):
-        return self._volumes_plan(RECONSTRUCT, volumes, {
+        return self._volumes_plan(contract.RECONSTRUCT, volumes, {
             "use_segmented_decoder": use_segmented_decoder,
             "use_final_convolution": use_final_convolution,
             "return_splat_data": return_splat_data, "return_embeddings": return_embeddings,
@@ -202,16 +201,25 @@ class ClientCore:
 
     def _extract_features(self, volumes, return_pose, return_global_weight, return_variance,
                           progress):
-        return self._volumes_plan(FEATURES, volumes, {
+        return self._volumes_plan(contract.FEATURES, volumes, {
             "return_pose": return_pose, "return_global_weight": return_global_weight,
             "return_variance": return_variance}, progress)
 
     def _extract_gaussian_splats(self, volumes, include_free_segment, progress):
-        return self._volumes_plan(SPLATS, volumes,
+        return self._volumes_plan(contract.SPLATS, volumes,
                                   {"include_free_segment": include_free_segment}, progress)
 
     def _batch_process(self, volumes, options, progress):
-        return self._volumes_plan(BATCH, volumes, options, progress)
+        return self._volumes_plan(contract.BATCH, volumes, options, progress)
+
+    def _post(self, path: str, volumes: Any, options: dict[str, Any], progress: bool | None
+              ) -> Plan:
+        endpoint = contract.ENDPOINTS.get(path)
+        if endpoint is None or endpoint.operation is None:
+            known = ", ".join(e.path for e in contract.MODEL_ENDPOINTS)
+            raise InputError(f"{path!r} is not an endpoint that takes volumes; these do: "
+                             f"{known}", field="path")
+        return self._volumes_plan(endpoint, volumes, options, progress)
 
     # -- sending -------------------------------------------------------------------------------
     def _connection_error(self, request: Request, exc: httpx.TransportError

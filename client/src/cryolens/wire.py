@@ -1,7 +1,7 @@
 """The client's side of the wire: requests as data (path, query, body, headers) and answers
-decoded into numpy arrays named as the server's ``.npz`` names them; the server's error
-answers as exceptions. Plain functions of bytes and arrays: :mod:`cryolens.plans` decides what
-to send, :mod:`cryolens.client` sends it."""
+decoded into numpy arrays named as the contract's rows name them (:mod:`cryolens.contract`);
+the server's error answers as exceptions. Plain functions of bytes and arrays:
+:mod:`cryolens.plans` decides what to send, :mod:`cryolens.client` sends it."""
 from __future__ import annotations
 
 import email.utils
@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 
 from cryolens import formats
+from cryolens.contract import PER_VOLUME, Endpoint
 from cryolens.errors import CryoLensError
 
 #: Wait before the first retry when a 503 carries no (readable) ``Retry-After``; doubles.
@@ -24,18 +25,6 @@ FALLBACK_RETRY_WAIT_S = 0.5
 #: Doublings of the fallback wait before it stops growing (``max_retry_wait_s`` caps it too).
 _MAX_DOUBLINGS = 16
 JSON_MEDIA_TYPE = "application/json"
-
-#: Response fields that hold one entry per volume (concatenated across requests).
-PER_VOLUME = frozenset({
-    "reconstruction", "reconstructions", "affinity_reconstruction", "free_reconstruction",
-    "embedding", "embeddings", "log_variance", "pose", "poses", "pose_axis_angle",
-    "global_weight", "global_weights", "centers", "weights", "scales",
-})
-#: Fields that count the volumes (set to the total after concatenation).
-COUNTS = frozenset({"n_volumes", "num_processed"})
-#: Fields that describe the request or the model, the same in every request's answer.
-SHARED = frozenset({"input_shape", "reconstruction_shape", "voxel_size", "segment", "n_affinity",
-                    "n_free", "n_total", "latent_dims"}) | COUNTS
 
 
 class CryoLensHTTPError(CryoLensError):
@@ -106,19 +95,6 @@ class Request:
     volumes: int = 0  # how many volumes the body holds (a 413 to several: send fewer)
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    path: str
-    json_field: str
-    batch: bool  # the JSON body takes a list of volumes (/batch_process)
-
-
-RECONSTRUCT = Endpoint("/reconstruct", "input_volume", False)
-FEATURES = Endpoint("/extract_features", "input_volume", False)
-SPLATS = Endpoint("/extract_gaussian_splats", "input_volume", False)
-BATCH = Endpoint("/batch_process", "input_volumes", True)
-
-
 def send_args(request: Request, body: Any) -> dict[str, Any]:
     """``httpx`` arguments for ``request``, its body given as ``body`` (a one-shot stream of
     it, :func:`once` or :func:`once_async`) with its length. httpx keeps each response in a
@@ -174,7 +150,7 @@ def json_request(path: str, payload: dict[str, Any]) -> Request:
 def volume_json_request(endpoint: Endpoint, volumes: np.ndarray, options: dict[str, Any]
                          ) -> Request:
     payload = {k: v for k, v in options.items() if v is not None}
-    payload[endpoint.json_field] = volumes.tolist()
+    payload[endpoint.volumes] = volumes.tolist()
     return replace(json_request(endpoint.path, payload), volumes=_count(volumes))
 
 
@@ -191,20 +167,10 @@ def _as_array(value: Any) -> np.ndarray:
     return array
 
 
-def json_arrays(payload: dict[str, Any]) -> dict[str, np.ndarray]:
-    """A JSON answer named as its .npz twin: ``segmented_outputs`` -> ``affinity_reconstruction``
-    and ``free_reconstruction``, other objects (``splats``) flattened to the top level."""
-    out: dict[str, np.ndarray] = {}
-    for key, value in payload.items():
-        if value is None:
-            continue
-        if key == "segmented_outputs" and isinstance(value, dict):
-            out.update({f"{name}_reconstruction": _as_array(v) for name, v in value.items()})
-        elif isinstance(value, dict):
-            out.update({k: _as_array(v) for k, v in value.items() if v is not None})
-        else:
-            out[key] = _as_array(value)
-    return out
+def json_arrays(payload: dict[str, Any], endpoint: Endpoint) -> dict[str, np.ndarray]:
+    """A JSON answer named as its .npz twin: the fields the seed nests (``segmented_outputs``,
+    ``splats``) under their names in the endpoint's row."""
+    return {k: _as_array(v) for k, v in endpoint.flat(payload).items()}
 
 
 def _is_json(response: httpx.Response) -> bool:
@@ -212,12 +178,12 @@ def _is_json(response: httpx.Response) -> bool:
     return kind == JSON_MEDIA_TYPE or kind.endswith("+json")
 
 
-def decode(response: httpx.Response) -> dict[str, np.ndarray]:
+def decode(response: httpx.Response, endpoint: Endpoint) -> dict[str, np.ndarray]:
     """The arrays of a 2xx answer, .npz or JSON (an old server ignores ``Accept``), in the
     dtypes of a stack's .npz answer whatever the transport and however many volumes: a
     single volume's ``global_weight`` is a number (float64) in both, and JSON has no int8
     for ``segment``."""
-    arrays = (json_arrays(response.json()) if _is_json(response)
+    arrays = (json_arrays(response.json(), endpoint) if _is_json(response)
               else formats.read_npz(response.content))
     for key in PER_VOLUME & arrays.keys():
         if arrays[key].dtype == np.float64:

@@ -142,12 +142,35 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
 # -- options and backends ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Options:
-    """What to ask for; each maps to a /reconstruct parameter (and an engine option)."""
+    """What to ask for; each maps to a /reconstruct option (:func:`reconstruct_options`),
+    from which the server and the local engine make the same operation."""
 
     use_predicted_pose: bool = False
     segments: bool = False
     final_convolution: bool = True
     embeddings: bool = False
+
+
+def reconstruct_options(options: Options) -> dict[str, Any]:
+    """The /reconstruct options of :data:`cryolens.contract.RECONSTRUCT` for ``options``
+    (None: the server's default)."""
+    return {"use_segmented_decoder": options.segments,
+            "use_final_convolution": options.final_convolution,
+            "use_predicted_pose": options.use_predicted_pose,
+            "return_embeddings": options.embeddings or None}
+
+
+def checked_boxes(boxes: np.ndarray):
+    """(the finite boxes, checked once for the client and the engine, or None when none is;
+    (N,) bool: which boxes are finite). A box with NaN or infinity is skipped by the widget,
+    not sent."""
+    from cryolens.checked import CheckedVolumes, not_finite
+
+    boxes = np.ascontiguousarray(boxes, np.float32)
+    finite = np.ones(len(boxes), bool)
+    finite[not_finite(boxes)] = False
+    good = boxes if finite.all() else boxes[finite]
+    return (CheckedVolumes.from_checked(good, True) if len(good) else None), finite
 
 
 class ServerBackend:
@@ -168,11 +191,9 @@ class ServerBackend:
         info = self.client.model_info()
         return f"server {self.url}: {info.get('checkpoint', info.get('model', 'model'))}"
 
-    def reconstruct(self, boxes: np.ndarray, options: Options) -> dict[str, np.ndarray]:
-        return self.client.reconstruct(boxes, use_segmented_decoder=options.segments,
-                                       use_final_convolution=options.final_convolution,
-                                       use_predicted_pose=options.use_predicted_pose,
-                                       return_embeddings=options.embeddings or None)
+    def reconstruct(self, boxes, options: Options) -> dict[str, np.ndarray]:
+        """``boxes``: (N, 48, 48, 48), or :func:`checked_boxes`' (not checked again)."""
+        return self.client.reconstruct(boxes, **reconstruct_options(options))
 
     def close(self) -> None:
         self.client.close()
@@ -202,12 +223,12 @@ class LocalBackend:
         """Loads the model (a wrong checkpoint raises here), then names it and its device."""
         return f"local engine: checkpoint {self.checkpoint} on {self.engine.device}"
 
-    def reconstruct(self, boxes: np.ndarray, options: Options) -> dict[str, np.ndarray]:
-        from cryolens.operations import Operation, run
+    def reconstruct(self, boxes, options: Options) -> dict[str, np.ndarray]:
+        """As the server would: the operation of the same /reconstruct options."""
+        from cryolens.contract import RECONSTRUCT
+        from cryolens.operations import run
 
-        operation = Operation("reconstruct", use_predicted_pose=options.use_predicted_pose,
-                              final_convolution=options.final_convolution,
-                              segments=options.segments)
+        operation = RECONSTRUCT.operation(RECONSTRUCT.defaults(reconstruct_options(options)))
         return run(self.engine, operation, boxes).named()
 
     def close(self) -> None:

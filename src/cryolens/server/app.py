@@ -23,7 +23,6 @@ from cryolens import __version__, heap
 from cryolens.errors import CryoLensError
 from cryolens.server import docs, handlers, routes
 from cryolens.server.budget import ParseBudget
-from cryolens.server.lane import ModelLane
 from cryolens.server.metrics import Metrics
 from cryolens.server.middleware import (
     BodyLimitMiddleware,
@@ -125,12 +124,8 @@ def create_app(settings: Settings | None = None, *, engine=None, warm_up: bool |
                                          on_refusal=metrics.busy_parse.inc)
     handlers.install(app, settings.retry_after_s)
     docs.add_routes(app)
-    model_paths = routes.add_routes(app, settings)
-    # innermost first: the lane runs inside every middleware below, as the routes do; HEAD is
-    # turned into GET inside the lane, so the lane's POSTs never pass through it
-    app.add_middleware(HeadAsGet)
-    app.add_middleware(ModelLane, paths=model_paths, routes=app.router.routes,
-                       exception_handlers=app.exception_handlers)
+    routes.add_routes(app, settings)
+    app.add_middleware(HeadAsGet)  # innermost first
     app.add_middleware(ErrorMiddleware, metrics=metrics, retry_after_s=settings.retry_after_s)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        timeout_s=settings.body_timeout_s, min_rate=settings.min_body_rate)

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from cryolens import formats
+from cryolens.checked import CheckedVolumes
 from cryolens.errors import InputError, MalformedBody, PayloadTooLarge, UnsupportedMediaType
 from cryolens.server import codecs
 
@@ -53,13 +54,14 @@ async def off_loop(request: Request, work: Callable[[], T], size: int | None = N
 
 @dataclass
 class Parsed:
-    """options: the validated options model; volumes: (N, D, H, W) float32; stacked: the
-    client sent a stack (answer with a leading N) rather than one volume; voxel_size: (x, y, z)
-    angstrom from an MRC header, else None; field: where the volumes were in the request (the
-    JSON field, or ``body`` for a binary body), for errors found later about them."""
+    """options: the validated options model; volumes: (N, D, H, W) float32, checked (every
+    value finite: the engine does not look again); stacked: the client sent a stack (answer
+    with a leading N) rather than one volume; voxel_size: (x, y, z) angstrom from an MRC header,
+    else None; field: where the volumes were in the request (the JSON field, or ``body`` for a
+    binary body), for errors found later about them."""
 
     options: Any
-    volumes: np.ndarray
+    volumes: CheckedVolumes
     stacked: bool
     voxel_size: tuple[float, float, float] | None = None
     field: str = "body"
@@ -89,7 +91,8 @@ async def read_volumes(request: Request, model: type[BaseModel], field: str, *,
             options, volumes = codecs.read_json_volumes(
                 body, field, box, max_volumes,
                 lambda payload: validate_options(model, payload, "body"), batch=batch)
-            return Parsed(options, volumes, batch, field=field)
+            # the JSON reader refused every number not finite in float32 as it converted it
+            return Parsed(options, CheckedVolumes.from_checked(volumes, batch), batch, field=field)
 
         return await off_loop(request, parse_json)
     options = validate_options(model, dict(request.query_params), "query")
@@ -97,8 +100,8 @@ async def read_volumes(request: Request, model: type[BaseModel], field: str, *,
 
     def parse_binary() -> Parsed:
         sent = read()
-        volumes, stacked = checked_stack(sent.data, "body", box, max_volumes)
-        return Parsed(options, volumes, stacked or batch, sent.voxel_size)
+        volumes = checked_stack(sent.data, "body", box, max_volumes)
+        return Parsed(options, volumes, volumes.stacked or batch, sent.voxel_size)
 
     # a body of unknown size counts as large: parsed off the event loop
     return await off_loop(request, parse_binary, declared_size(request, unknown=INLINE_BYTES))
@@ -121,8 +124,8 @@ async def binary_reader(request: Request) -> Callable[[], formats.Volumes]:
 
 
 def checked_stack(data: np.ndarray, field: str, box: tuple[int, ...], max_volumes: int
-                  ) -> tuple[np.ndarray, bool]:
-    """(D, H, W) or (N, D, H, W) of ``box`` -> ((N, D, H, W) float32, was it a stack)."""
+                  ) -> CheckedVolumes:
+    """(D, H, W) or (N, D, H, W) of ``box`` -> (N, D, H, W) float32, checked."""
     shape = tuple(data.shape)
     stacked = len(shape) == 4
     if len(shape) not in (3, 4) or shape[-3:] != box:
@@ -135,13 +138,8 @@ def checked_stack(data: np.ndarray, field: str, box: tuple[int, ...], max_volume
         raise PayloadTooLarge(f"{field} holds {shape[0]} volumes; at most {max_volumes} are "
                               f"accepted per request", field=field)
     with np.errstate(over="ignore", invalid="ignore"):
-        volumes = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, *box)
-    # integers are always finite in float32; floats are checked a volume at a time, so the
-    # check's boolean temporary is one volume's, not the stack's
-    if data.dtype.kind == "f" and not all(np.isfinite(one).all() for one in volumes):
-        raise InputError(f"{field} must be finite: a value is NaN, infinite or beyond float32 "
-                         "range (|x| > 3.4e38)", field=field)
-    return volumes, stacked
+        volumes = np.ascontiguousarray(data, dtype=np.float32)
+    return CheckedVolumes.check(volumes, field=field, step=1)  # one volume's temporaries
 
 
 async def _multipart_file(request: Request) -> tuple[bytes, str]:

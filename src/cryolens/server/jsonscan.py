@@ -47,14 +47,10 @@ def split_top_level_array(body: bytes, field: str, max_volumes: int | None,
     if start is None or body[start.start()] != _LCURLY:
         _not_an_object(body, start.start() if start else len(body))
     keys = _key_positions(body, field)
-    scan = _Scan(keys, max_volumes, field)
+    scan = _Scan(body, keys, max_volumes, field)
     data = np.frombuffer(body, np.uint8)
     for offset in range(0, len(data), SCAN_CHUNK_BYTES):
         scan.feed(data[offset:offset + SCAN_CHUNK_BYTES], offset)
-    if scan.array is not None:
-        between = body[scan.key + len(field) + 2:scan.array].strip(JSON_WHITESPACE)
-        if between != b":":
-            scan.array = None  # the value is not an array: the options path answers
     if scan.array is not None and scan.close is None:
         raise MalformedBody(f"body is malformed JSON: the {field} "
                             f"{'object' if scan.is_object else 'array'} is never closed",
@@ -178,7 +174,9 @@ class _Scan:
     top-level key ``field`` and its array are, and each volume's first and last byte (none
     when ``max_volumes`` is None: the array is then only found, whatever it holds)."""
 
-    def __init__(self, keys: list[int], max_volumes: int | None, field: str) -> None:
+    def __init__(self, body: bytes, keys: list[int], max_volumes: int | None, field: str
+                 ) -> None:
+        self.body = body
         self.keys = np.asarray(keys, np.int64)
         self.max_volumes, self.field = max_volumes, field
         self.depth, self.in_string = 0, 0
@@ -196,9 +194,9 @@ class _Scan:
         quotes = np.flatnonzero(chunk == _QUOTE)
         brackets = np.flatnonzero((chunk == _LSQ) | (chunk == _RSQ) |
                                   (chunk == _LCURLY) | (chunk == _RCURLY))
-        if len(quotes):
-            outside = (np.searchsorted(quotes, brackets) + self.in_string) % 2 == 0
-            brackets = brackets[outside]
+        # a chunk without a quote may lie wholly inside a string: its brackets are text
+        outside = (np.searchsorted(quotes, brackets) + self.in_string) % 2 == 0
+        brackets = brackets[outside]
         kinds = chunk[brackets]
         step = np.where((kinds == _LSQ) | (kinds == _LCURLY), 1, -1).astype(np.int32)
         after = self.depth + np.cumsum(step, dtype=np.int64)
@@ -213,7 +211,11 @@ class _Scan:
             if len(later):
                 self.array = int(brackets[later[0]]) + offset
                 self.is_object = bool(kinds[later[0]] == _LCURLY)
-                if kinds[later[0]] not in (_LSQ, _LCURLY) or after[later[0]] != 2:
+                # the key's value, not a later key's: only a colon between them (else the
+                # value is not an array, and the options path answers)
+                between = self.body[self.key + len(self.field) + 2:self.array]
+                if (kinds[later[0]] not in (_LSQ, _LCURLY) or after[later[0]] != 2
+                        or between.strip(JSON_WHITESPACE) != b":"):
                     self.array, self.no_array = None, True
         if self.array is not None and self.close is None:
             self._volumes(brackets + offset, step, after)

@@ -1,6 +1,8 @@
 """The endpoints: each reads its body (``bodies.py``), describes the work as an
 :class:`~cryolens.operations.Operation` for the inference worker, and writes the result as the
-seed's JSON or as ``.npz`` (``responses.py``). No model code and no torch here.
+seed's JSON or as ``.npz`` (``responses.py``). The model endpoints are made from the rows of
+:mod:`cryolens.contract` (path, options, operation, answer fields), one handler for all of
+them. No model code and no torch here.
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from starlette.responses import Response
 
-from cryolens import __version__, formats, operations
+from cryolens import __version__, contract, formats, operations
+from cryolens.contract import Endpoint
 from cryolens.errors import Busy, InputError, NotReady
-from cryolens.operations import Operation, Result
+from cryolens.operations import Result
 from cryolens.server import bodies, codecs, schemas
 from cryolens.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cryolens.server.responses import NPZResponse, ORJSONResponse, wants_npz
@@ -114,17 +117,17 @@ async def loaded_engine(request: Request, timeout_s: float):
     return engine_of(request)
 
 
-def add_routes(app: FastAPI, settings: Settings) -> tuple[str, ...]:
-    """Every route; returns the paths of those that run the model (see :mod:`.lane`)."""
+def add_routes(app: FastAPI, settings: Settings) -> None:
+    """Every route."""
     _add_info_routes(app, settings)
-    model_paths = _add_model_routes(app, settings)
+    _add_model_routes(app, settings)
     _add_statistics_routes(app, settings)
-    return model_paths
 
 
 # -- server information -------------------------------------------------------------------
 def _add_info_routes(app: FastAPI, settings: Settings) -> None:
-    @app.get("/", response_model=schemas.RootResponse, summary="Server metadata and endpoints")
+    @app.get("/", response_model=schemas.response_model(contract.ROOT),
+             summary=contract.ROOT.summary)
     async def root() -> ORJSONResponse:
         endpoints = [
             {"path": route.path, "methods": sorted(route.methods or ()),
@@ -134,23 +137,21 @@ def _add_info_routes(app: FastAPI, settings: Settings) -> None:
         return ORJSONResponse({"service": app.title, "version": __version__,
                                "status": "running", "endpoints": endpoints})
 
-    @app.get("/health", response_model=schemas.HealthResponse,
-             summary="Liveness check (never touches the model): 503 once the inference "
-                     "thread is gone or stuck", responses={503: {"model": schemas.ErrorResponse}})
+    @app.get("/health", response_model=schemas.response_model(contract.HEALTH),
+             summary=contract.HEALTH.summary, responses={503: {"model": schemas.ErrorResponse}})
     async def health(request: Request) -> ORJSONResponse:
         fault = request.app.state.worker.fault()
         if fault is not None:
             return ORJSONResponse({"status": "unhealthy", "detail": fault}, status_code=503)
         return ORJSONResponse({"status": "healthy"})
 
-    @app.get("/ready", response_model=schemas.HealthResponse,
-             summary="Readiness: 200 once the model is loaded and warmed up, 503 before",
-             responses={503: {"model": schemas.ErrorResponse}})
+    @app.get("/ready", response_model=schemas.response_model(contract.READY),
+             summary=contract.READY.summary, responses={503: {"model": schemas.ErrorResponse}})
     async def ready(request: Request) -> ORJSONResponse:
         engine_of(request)
         return ORJSONResponse({"status": "ready"})
 
-    @app.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response,
+    @app.get("/metrics", summary=contract.METRICS.summary, response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "Prometheus text exposition format"}})
     async def metrics(request: Request) -> Response:
@@ -161,8 +162,9 @@ def _add_info_routes(app: FastAPI, settings: Settings) -> None:
             engine.device.type if engine is not None else None)
         return Response(text, media_type=METRICS_CONTENT_TYPE)
 
-    @app.get("/model_info", response_model=schemas.ModelInfoResponse,
-             summary="Model configuration", responses={503: {"model": schemas.ErrorResponse}})
+    @app.get("/model_info", response_model=schemas.response_model(contract.MODEL_INFO),
+             summary=contract.MODEL_INFO.summary,
+             responses={503: {"model": schemas.ErrorResponse}})
     async def model_info(request: Request) -> ORJSONResponse:
         engine = await loaded_engine(request, settings.request_timeout_s)
         config = engine.config
@@ -185,170 +187,58 @@ def checkpoint_info(engine) -> tuple[str, str]:
 
 
 # -- model endpoints ------------------------------------------------------------------------
-def _shape_fields(parsed: bodies.Parsed) -> dict[str, Any]:
-    shape = parsed.volumes.shape if parsed.stacked else parsed.volumes.shape[1:]
-    out: dict[str, Any] = {"input_shape": list(shape)}
-    if parsed.voxel_size is not None:
-        out["voxel_size"] = list(parsed.voxel_size)
-    return out
+def answer(endpoint: Endpoint, parsed: bodies.Parsed, options: dict[str, Any],
+           result: Result) -> dict[str, Any]:
+    """The seed's JSON payload for ``result``, as the endpoint's row describes it."""
+    facts = endpoint.facts(result.arrays, parsed.volumes.shape, parsed.stacked,
+                           parsed.voxel_size)
+    return endpoint.payload({**result.arrays, **result.shared, **facts}, options,
+                            parsed.stacked)
 
 
-def _one(parsed: bodies.Parsed, array: np.ndarray) -> np.ndarray:
-    """The array as the client asked: with its leading N for a stack, without for one volume."""
-    return array if parsed.stacked else array[0]
-
-
-def _splat_fields(parsed: bodies.Parsed, result: Result) -> dict[str, Any]:
-    return {"centers": _one(parsed, result.arrays["centers"]),
-            "weights": _one(parsed, result.arrays["weights"]),
-            "scales": _one(parsed, result.arrays["scales"]),
-            "segment": result.shared["segment"],
-            **{k: int(result.shared[k]) for k in ("n_affinity", "n_free", "n_total")}}
-
-
-def reconstruct_payload(parsed: bodies.Parsed, result: Result) -> dict[str, Any]:
-    opts = parsed.options
-    rec = _one(parsed, result.arrays["reconstruction"])
-    payload: dict[str, Any] = {"reconstruction": rec, **_shape_fields(parsed),
-                               "reconstruction_shape": list(rec.shape)}
-    if opts.return_embeddings:
-        payload["embeddings"] = payload["embedding"] = _one(parsed, result.arrays["embedding"])
-    if opts.use_segmented_decoder:
-        payload["segmented_outputs"] = {
-            "affinity": _one(parsed, result.arrays["affinity_reconstruction"]),
-            "free": _one(parsed, result.arrays["free_reconstruction"])}
-    if opts.return_splat_data:
-        payload["splats"] = _splat_fields(parsed, result)
-    return payload
-
-
-def features_payload(parsed: bodies.Parsed, result: Result) -> dict[str, Any]:
-    opts, arrays = parsed.options, result.arrays
-    embedding = _one(parsed, arrays["embedding"])
-    payload: dict[str, Any] = {"embedding": embedding, "embeddings": embedding}
-    if opts.return_pose:
-        payload["pose"] = _one(parsed, arrays["pose"])
-        payload["pose_axis_angle"] = _one(parsed, arrays["pose_axis_angle"])
-    if opts.return_global_weight:
-        weight = _one(parsed, arrays["global_weight"])
-        payload["global_weight"] = weight if parsed.stacked else float(weight)
-    if opts.return_variance:
-        payload["log_variance"] = _one(parsed, arrays["log_variance"])
-    payload.update(_shape_fields(parsed))
-    payload["latent_dims"] = int(arrays["embedding"].shape[1])
-    return payload
-
-
-def splats_payload(parsed: bodies.Parsed, result: Result) -> dict[str, Any]:
-    return {**_splat_fields(parsed, result), **_shape_fields(parsed)}
-
-
-def batch_operation(opts: schemas.BatchOptions) -> Operation:
-    if opts.operation == "splats":
-        return Operation("splats")
-    if opts.return_reconstructions and opts.operation in (None, "reconstruction"):
-        return Operation("reconstruct", use_predicted_pose=opts.use_predicted_pose,
-                         final_convolution=opts.use_final_convolution)
-    return Operation("features")
-
-
-def batch_payload(parsed: bodies.Parsed, result: Result) -> dict[str, Any]:
-    opts, arrays = parsed.options, result.arrays
-    payload: dict[str, Any] = {}
-    if "reconstruction" in arrays:
-        payload["reconstructions"] = arrays["reconstruction"]
-    if "centers" in arrays:
-        payload.update(centers=arrays["centers"], weights=arrays["weights"],
-                       scales=arrays["scales"])
-    if opts.return_embeddings:
-        payload["embeddings"] = arrays["embedding"]
-    if opts.return_poses:
-        payload["poses"] = arrays["pose"]
-    if opts.return_global_weights:
-        payload["global_weights"] = arrays["global_weight"]
-    n = len(parsed.volumes)
-    payload.update(n_volumes=n, num_processed=n, input_shape=list(parsed.volumes.shape[1:]))
-    if parsed.voxel_size is not None:
-        payload["voxel_size"] = list(parsed.voxel_size)
-    return payload
-
-
-def npz_arrays(payload: dict[str, Any]) -> dict[str, Any]:
-    """The JSON payload as flat named arrays: segments become ``affinity_reconstruction`` and
-    ``free_reconstruction``; the splat fields sit at the top level."""
-    out: dict[str, Any] = {}
-    for key, value in payload.items():
-        if key == "segmented_outputs":
-            out.update({f"{name}_reconstruction": v for name, v in value.items()})
-        elif isinstance(value, dict):
-            out.update(value)
-        else:
-            out[key] = value
-    return out
-
-
-async def respond(request: Request, payload: dict[str, Any]) -> Response:
-    size = sum(v.nbytes for v in payload.values() if isinstance(v, np.ndarray))
+async def respond(request: Request, endpoint: Endpoint, payload: dict[str, Any]) -> Response:
+    arrays = endpoint.flat(payload)
+    size = sum(v.nbytes for v in arrays.values() if isinstance(v, np.ndarray))
     if wants_npz(request):
-        arrays = npz_arrays(payload)
         return NPZResponse(await bodies.off_loop(request, lambda: formats.write_npz(arrays), size))
     return ORJSONResponse(await bodies.off_loop(request, lambda: codecs.dumps(payload), 8 * size))
 
 
-def _add_model_routes(app: FastAPI, settings: Settings) -> tuple[str, ...]:
-    paths: list[str] = []
+def _add_model_routes(app: FastAPI, settings: Settings) -> None:
+    for endpoint in contract.MODEL_ENDPOINTS:
+        _add_model_route(app, settings, endpoint)
 
-    def endpoint(path: str, *, request_model: type, options: type, field: str, batch: bool,
-                 operation, payload, response_model: type, summary: str) -> None:
-        async def handler(request: Request) -> Response:
-            worker = request.app.state.worker
-            rid = request.scope.get("state", {}).get("request_id", "")
-            with worker.arriving():  # a batch being formed waits for this request
-                engine = await loaded_engine(request, settings.request_timeout_s)
-                async with parse_room(request):
-                    parsed = await bodies.read_volumes(
-                        request, options, field, box=tuple(engine.box_shape),
-                        max_volumes=settings.max_volumes, batch=batch)
-                job = worker.enqueue(operation(parsed.options), parsed.volumes, rid)
-            try:
-                result = await unless_disconnected(request, job)
-            except ClientGone as gone:  # nothing to serialise
-                request.app.state.metrics.disconnected(gone.stage)
-                return Response(status_code=CLIENT_CLOSED)
-            except InputError as exc:  # the engine names its argument; the client sent a field
-                if exc.field != "volumes":
-                    raise
-                raise type(exc)(exc.message, field=parsed.field) from None
-            return await respond(request, payload(parsed, result))
 
-        app.add_api_route(path, handler, methods=["POST"], response_model=response_model,
-                          summary=summary, responses=_VOLUME_ERRORS,
-                          openapi_extra=_body_doc(request_model), name=path.strip("/"))
-        paths.append(path)
+def _add_model_route(app: FastAPI, settings: Settings, endpoint: Endpoint) -> None:
+    options_model = schemas.options_model(endpoint)
 
-    endpoint("/reconstruct", request_model=schemas.ReconstructRequest,
-             options=schemas.ReconstructOptions, field="input_volume", batch=False,
-             operation=lambda o: Operation(
-                 "reconstruct", use_predicted_pose=o.use_predicted_pose,
-                 final_convolution=o.use_final_convolution, segments=o.use_segmented_decoder,
-                 with_splats=o.return_splat_data),
-             payload=reconstruct_payload, response_model=schemas.ReconstructResponse,
-             summary="Reconstruct a volume through the VAE")
-    endpoint("/extract_features", request_model=schemas.FeaturesRequest,
-             options=schemas.FeaturesOptions, field="input_volume", batch=False,
-             operation=lambda o: Operation("features"), payload=features_payload,
-             response_model=schemas.FeaturesResponse,
-             summary="Embedding, pose and global weight of a volume")
-    endpoint("/extract_gaussian_splats", request_model=schemas.SplatsRequest,
-             options=schemas.SplatsOptions, field="input_volume", batch=False,
-             operation=lambda o: Operation("splats", include_free=o.include_free_segment),
-             payload=splats_payload, response_model=schemas.SplatsResponse,
-             summary="Gaussian splats of a volume (voxels, z-y-x)")
-    endpoint("/batch_process", request_model=schemas.BatchRequest,
-             options=schemas.BatchOptions, field="input_volumes", batch=True,
-             operation=batch_operation, payload=batch_payload,
-             response_model=schemas.BatchResponse, summary="Process many volumes in batches")
-    return tuple(paths)
+    async def handler(request: Request) -> Response:
+        worker = request.app.state.worker
+        rid = request.scope.get("state", {}).get("request_id", "")
+        with worker.arriving():  # a batch being formed waits for this request
+            engine = await loaded_engine(request, settings.request_timeout_s)
+            async with parse_room(request):
+                parsed = await bodies.read_volumes(
+                    request, options_model, endpoint.volumes, box=tuple(engine.box_shape),
+                    max_volumes=settings.max_volumes, batch=endpoint.batch)
+            options = vars(parsed.options)  # the validated fields (a dict(model) costs 6 us)
+            job = worker.enqueue(endpoint.operation(options), parsed.volumes, rid)
+        try:
+            result = await unless_disconnected(request, job)
+        except ClientGone as gone:  # nothing to serialise
+            request.app.state.metrics.disconnected(gone.stage)
+            return Response(status_code=CLIENT_CLOSED)
+        except InputError as exc:  # the engine names its argument; the client sent a field
+            if exc.field != "volumes":
+                raise
+            raise type(exc)(exc.message, field=parsed.field) from None
+        return await respond(request, endpoint, answer(endpoint, parsed, options, result))
+
+    app.add_api_route(endpoint.path, handler, methods=["POST"],
+                      response_model=schemas.response_model(endpoint), summary=endpoint.summary,
+                      responses=_VOLUME_ERRORS,
+                      openapi_extra=_body_doc(schemas.request_model(endpoint)),
+                      name=endpoint.path.strip("/"))
 
 
 # -- statistics -------------------------------------------------------------------------------
@@ -386,8 +276,8 @@ def _statistics_json(body: bytes) -> dict[str, Any]:
 
 
 def _add_statistics_routes(app: FastAPI, settings: Settings) -> None:
-    @app.get("/statistics", response_model=schemas.StatisticsResponse,
-             summary="Mean, std, min, max and shape of a small volume",
+    @app.get("/statistics", response_model=schemas.response_model(contract.STATISTICS),
+             summary=contract.STATISTICS.summary,
              responses={**_ERRORS, 400: {"model": schemas.ErrorResponse}})
     async def statistics_get(
         request: Request,
@@ -402,9 +292,10 @@ def _add_statistics_routes(app: FastAPI, settings: Settings) -> None:
         value = codecs.loads_json(text.encode(), field)
         return ORJSONResponse(await bodies.off_loop(request, lambda: _statistics(value, field)))
 
-    @app.post("/statistics", response_model=schemas.StatisticsResponse,
+    @app.post("/statistics", response_model=schemas.response_model(contract.STATISTICS),
               summary="Statistics of a volume sent as JSON, .npy or MRC",
-              responses=_VOLUME_ERRORS, openapi_extra=_body_doc(schemas.StatisticsRequest))
+              responses=_VOLUME_ERRORS,
+              openapi_extra=_body_doc(schemas.StatisticsRequest))
     async def statistics_post(request: Request) -> ORJSONResponse:
         async with parse_room(request):
             return await _statistics_post(request)
