@@ -120,7 +120,9 @@ def test_mrc_reader_refuses_what_mrcfile_refuses_and_reads_the_rest_alike(genera
         assert isinstance(ours, InputError), f"mrcfile refuses {fields}, we read it"
         return
     if isinstance(ours, InputError):
-        assert particles_refuse(fields), f"mrcfile reads {fields}, we refuse: {ours}"
+        # a volume stack with nz < mz: mrcfile reads zero volumes of mz sections each
+        nothing = theirs.size == 0
+        assert particles_refuse(fields) or nothing, f"mrcfile reads {fields}, we refuse: {ours}"
         return
     assert not particles_refuse(fields)
     labels = (fields["maps"], fields["mapr"], fields["mapc"])
