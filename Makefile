@@ -17,7 +17,7 @@ TORCH ?=
 TORCH_INDEX_URL := https://download.pytorch.org/whl/$(TORCH)
 TORCH_INDEX := $(if $(TORCH),--index-url $(TORCH_INDEX_URL))
 PYTEST_ARGS ?=
-# napari, pytest-qt and ./napari-cryolens for tests/test_napari.py (~900 MB, ~2 minutes)
+# napari, pytest-qt and ./napari-cryolens for tests/napari/ (~900 MB, ~2 minutes)
 NAPARI ?= 1
 NAPARI_REQS := 'napari[pyqt6]>=0.9,<0.10' pytest-qt -e ./client -e ./napari-cryolens
 
