@@ -98,6 +98,16 @@ def cached_dataset(tmp_path_factory) -> tuple[Path, Path]:
     return root / "project" / "copick_config.json", done
 
 
+def explorer_client(table, reconstruct=None):
+    """Starlette's TestClient of the explorer's app on ``table`` (httpx over ASGI, no socket);
+    ``reconstruct``: the reconstructor, or None for a table explored without a model."""
+    from fastapi.testclient import TestClient
+
+    from cryolens.explore.app import Explorer, create_app
+
+    return TestClient(create_app(Explorer.open(table, reconstruct, None)))
+
+
 #: Debian's chromium (Playwright's own browser download is not reachable here).
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser")
                  if shutil.which(name)), None)
