@@ -17,6 +17,10 @@ TORCH ?=
 TORCH_INDEX_URL := https://download.pytorch.org/whl/$(TORCH)
 TORCH_INDEX := $(if $(TORCH),--index-url $(TORCH_INDEX_URL))
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test and test-quick: each test file runs whole on one worker
+# (its module fixtures made once); WORKERS=0 runs them all in one process
+WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(WORKERS) --dist loadfile
 # napari, pytest-qt and ./napari-cryolens for tests/napari/ (~900 MB, ~2 minutes)
 NAPARI ?= 1
 NAPARI_REQS := 'napari[pyqt6]>=0.9,<0.10' pytest-qt -e ./client -e ./napari-cryolens
@@ -53,10 +57,10 @@ serve: $(SERVE_STAMP)
 	$(PY) -m cryolens.server.minimal_cryolens_server --checkpoint "$(CHECKPOINT)" --port $(PORT) --device $(DEVICE) --host $(HOST)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-quick: $(VENV)/.installed
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) bench/engine.py

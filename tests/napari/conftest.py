@@ -3,10 +3,9 @@ missing; an Xvfb display for the whole run, a settings file per test, the demo s
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
@@ -32,17 +31,20 @@ def display():
     xvfb = shutil.which("Xvfb")
     if xvfb is None:
         pytest.skip("Xvfb is not installed (apt-get install xvfb); napari needs a display")
-    number = 90 + os.getpid() % 100
-    process = subprocess.Popen([xvfb, f":{number}", "-screen", "0", "1600x1000x24",
+    # Xvfb picks a free display itself and writes its number to -displayfd: pytest-xdist's
+    # workers may each start one
+    read, write = os.pipe()
+    process = subprocess.Popen([xvfb, "-displayfd", str(write), "-screen", "0", "1600x1000x24",
                                 "-nolisten", "tcp"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, pass_fds=(write,),
                                preexec_fn=_die_with_parent)  # noqa: PLW1509 - before any thread
-    deadline = time.monotonic() + 10
-    while not Path(f"/tmp/.X11-unix/X{number}").exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.skip(f"Xvfb did not start on :{number}")
-        time.sleep(0.05)
+    os.close(write)
+    with os.fdopen(read) as said:
+        ready, _, _ = select.select([said], [], [], 10)
+        number = said.readline().strip() if ready else ""
+    if not number.isdigit():
+        process.kill()
+        pytest.skip("Xvfb did not start")
     os.environ["DISPLAY"] = f":{number}"
     os.environ["QT_QPA_PLATFORM"] = "xcb"
     return process
