@@ -1,25 +1,13 @@
-"""Shared fixtures: where ../shared lives, and the parity checkpoint and golden arrays in it."""
+"""Shared fixtures: the parity checkpoint and golden arrays of ../shared (parity_helpers.py), the
+small random model, and the servers every test module may share."""
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from parity_helpers import GOLDEN, PARITY_CKPT
 
 torch.set_num_threads(2)
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CRYOLENS_SHARED", REPO.parent / "shared"))
-PARITY = SHARED / "parity"
-PARITY_CKPT = PARITY / "v001_random_lightning.ckpt"
-GOLDEN = PARITY / "golden_dev.npz"
-
-needs_parity = pytest.mark.skipif(
-    not (PARITY_CKPT.exists() and GOLDEN.exists()),
-    reason=f"parity fixtures not found under {PARITY} (set CRYOLENS_SHARED to the shared/ folder)",
-)
 
 
 @pytest.fixture(scope="session")
@@ -68,16 +56,3 @@ def demo_server():
     proc = start_cli_server("demo")
     yield proc
     proc.stop()
-
-
-def spread_model():
-    """A small random CryoLens model (50 splats, 8 latent dims) whose latents are O(1), so its
-    splats spread over the box as a trained model's do (engine tests)."""
-    from cryolens.model import CryoLensConfig, CryoLensVAE
-
-    torch.manual_seed(0)
-    model = CryoLensVAE(CryoLensConfig(latent_dims=8, affinity_dims=6, n_affinity=40, n_free=10))
-    with torch.no_grad():
-        model.mu.weight.mul_(40)
-        model.pose.weight.mul_(40)
-    return model

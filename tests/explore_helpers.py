@@ -4,6 +4,7 @@ checkpoint by `cryolens embed`, so the map shows one cluster per family."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -89,13 +90,31 @@ def dataset(root: Path, per_run: int = PER_RUN) -> tuple[Path, Path]:
 
 
 def cached_dataset(tmp_path_factory) -> tuple[Path, Path]:
-    """:func:`dataset`, made once per test session and shared by the modules that use it."""
-    root = tmp_path_factory.getbasetemp() / "explore-dataset"
+    """:func:`dataset`, made once per test run and shared by the modules that use it; with
+    pytest-xdist by every worker too, in the run's folder above theirs (the first worker to
+    take the lock makes it, the others wait for it)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    root = base / "explore-dataset"
     done = root / "embeddings.parquet"
-    if not done.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        dataset(root)
+    with FileLock(str(base / "explore-dataset.lock")):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            dataset(root)
     return root / "project" / "copick_config.json", done
+
+
+def explorer_client(table, reconstruct=None):
+    """Starlette's TestClient of the explorer's app on ``table`` (httpx over ASGI, no socket);
+    ``reconstruct``: the reconstructor, or None for a table explored without a model."""
+    from fastapi.testclient import TestClient
+
+    from cryolens.explore.app import Explorer, create_app
+
+    return TestClient(create_app(Explorer.open(table, reconstruct, None)))
 
 
 #: Debian's chromium (Playwright's own browser download is not reachable here).

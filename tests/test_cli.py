@@ -211,9 +211,12 @@ def test_make_serve_passes_its_variables():
 
 
 @needs_make
-def test_make_test_quick_skips_slow_tests():
-    commands = make_dry_run(target="test-quick")
-    assert commands.splitlines()[-1].endswith('-m pytest -m "not slow" ')
+def test_make_test_quick_skips_slow_tests_and_tests_run_on_two_workers():
+    quick = make_dry_run(target="test-quick").splitlines()[-1]
+    assert quick.endswith('-m pytest -n 2 --dist loadfile -m "not slow" ')
+    assert make_dry_run(target="test").splitlines()[-1].endswith("-m pytest -n 2 --dist loadfile ")
+    one = make_dry_run("WORKERS=0", target="test").splitlines()[-1]
+    assert one.endswith("-m pytest -n 0 --dist loadfile ")  # one process, as plain pytest
 
 
 def test_version(capsys):

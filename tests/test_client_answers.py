@@ -8,6 +8,7 @@ import json
 import httpx
 import numpy as np
 import pytest
+from client_helpers import particles
 from http_stand_in import LocalHTTPServer, QuietHandler
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -81,10 +82,6 @@ def rows_server(rows_for):
         return 200, NPZ, formats.write_npz({"embedding": embedding, "global_weight":
                                             np.zeros(rows if stacked else (), np.float32)})
     return Misbehaving(answer)
-
-
-def particles(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, 48, 48, 48)).astype(np.float32)
 
 
 def test_two_volumes_answered_with_one_row_is_an_error_naming_the_request():

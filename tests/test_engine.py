@@ -6,7 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import spread_model
+from model_helpers import spread_model
 
 from cryolens.engine import Engine, resolve_device, zscore
 from cryolens.errors import DeviceError, InputError

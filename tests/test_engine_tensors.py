@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import spread_model
+from model_helpers import spread_model
 
 from cryolens.engine import Engine, zscore, zscore_tensor
 from cryolens.errors import InputError

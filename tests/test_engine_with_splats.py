@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import spread_model
+from model_helpers import spread_model
 
 from cryolens.engine import Engine
 from cryolens.operations import Operation, run

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import needs_parity
+from parity_helpers import needs_parity
 
 pytestmark = needs_parity
 

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO
+from parity_helpers import REPO
 
 from cryolens.model import render
 

@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 import pytest
 import requests
-from conftest import PARITY_CKPT, SHARED
+from parity_helpers import PARITY_CKPT, SHARED
 from server_helpers import start_cli_server
 
 pytestmark = [pytest.mark.skipif(not PARITY_CKPT.exists(),

@@ -6,10 +6,8 @@ server's own message; an unreachable server is one line, not a traceback).
 """
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 from napari.layers import Image, Points
@@ -30,55 +28,14 @@ from qtpy.QtWidgets import (
 )
 
 from napari_cryolens import core
+from napari_cryolens._jobs import Chunk, Job, run_job
+from napari_cryolens._layers import paste, place, rotated
 
 MODES = {"server": "CryoLens server", "local": "Local engine (PyTorch)"}
 POSES = {False: "identity (canonical)", True: "predicted"}
-COLORMAPS = {None: "magma", "affinity": "green", "free": "magenta"}
-
-
-@dataclass
-class Job:
-    """One run: picks to reconstruct and everything needed, captured on the GUI thread."""
-
-    indices: list[int]
-    data: object  # the tomogram array (numpy, dask or zarr)
-    #: the tomogram's mean, for boxes past its edge: None until the worker has computed it (for
-    #: a lazy array it reads a sample of the whole tomogram, too slow for the GUI thread)
-    fill: float | None
-    fill_key: int  # the tomogram array's id, under which the widget keeps the fill value
-    centres: np.ndarray  # (N, 3) voxels
-    scale: np.ndarray
-    translate: np.ndarray
-    points_name: str
-    options: core.Options
-    batch_size: int
-    combined: bool = False  # paste every pick into one tomogram-sized layer
-    shape: tuple = ()  # the tomogram's, for the combined layer
-    started: float = field(default_factory=time.perf_counter)
-    #: Chunks the worker may fetch ahead of what the viewer has shown: released as each chunk
-    #: is shown, so a slow viewer (hundreds of layers, a busy machine) holds the worker back
-    #: and Cancel stops within a request or two, not after every answer has arrived.
-    ahead: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(AHEAD))
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-#: How many chunks the worker fetches before the viewer has shown the first of them.
-AHEAD = 2
 #: A Points layer made while the viewer showed 2-D layers is 2-D: listed by napari, not here.
 NO_PICKS_LAYER = ("CryoLens: choose a 3-D (z, y, x) Points layer of picks first; 2-D and 4-D "
                   "ones are not offered")
-
-
-@dataclass
-class Chunk:
-    indices: list[int]
-    centres: np.ndarray
-    arrays: dict[str, np.ndarray]
-    #: each pick's Image layers, made in the worker thread (napari layers are plain models
-    #: until added)
-    layers: list[list[Image]] = field(default_factory=list)
-    #: picks whose layers the viewer has added
-    shown: int = 0
 
 
 class CryoLensWidget(QWidget):
@@ -292,7 +249,7 @@ class CryoLensWidget(QWidget):
         self.progress.setValue(0)
         self._set_running(True)
         self.status.setText(f"reconstructing {len(job.indices)} pick(s)...")
-        self.worker = create_worker(_run_job, backend, job, _start_thread=False)
+        self.worker = create_worker(run_job, backend, job, _start_thread=False)
         self.worker.yielded.connect(self._on_chunk)
         self.worker.errored.connect(self._on_error)
         self.worker.finished.connect(self._on_finished)
@@ -362,7 +319,7 @@ class CryoLensWidget(QWidget):
                       error=True)
             return None
         for layer in (tomogram, picks):
-            if _rotated(layer):
+            if rotated(layer):
                 self._say(f"CryoLens: layer {layer.name!r} is rotated, sheared or has an affine "
                           "transform; boxes are cut and placed by scale and translate only, so "
                           "set it to the identity first", error=True)
@@ -404,7 +361,7 @@ class CryoLensWidget(QWidget):
     # -- results (GUI thread) ------------------------------------------------------------
     def _on_chunk(self, chunk: Chunk | str | None) -> None:
         job = self._job
-        if chunk is None:  # the worker waiting for the viewer (see _run_job)
+        if chunk is None:  # the worker waiting for the viewer (see run_job)
             return
         if isinstance(chunk, str):  # a failure the worker described
             self._say(chunk, error=True)
@@ -419,7 +376,7 @@ class CryoLensWidget(QWidget):
             self._show_timer.start()
             return
         try:
-            self._paste(job, chunk)
+            paste(self.viewer, job, chunk)
             self._count(job, chunk, range(len(chunk.indices)))
             self._recolour()
         finally:
@@ -436,7 +393,7 @@ class CryoLensWidget(QWidget):
         chunk.shown += 1
         try:
             for layer in chunk.layers[row]:
-                self._place(layer)
+                place(self.viewer, layer)
             self._count(job, chunk, [row])
             if chunk.shown == len(chunk.indices):
                 self._recolour()
@@ -459,48 +416,6 @@ class CryoLensWidget(QWidget):
         self.latencies.extend([now - job.started] * len(rows))
         self.progress.setValue(self.progress.value() + len(rows))
         self.status.setText(f"{self.progress.value()} of {self.progress.maximum()} picks done")
-
-    def _place(self, layer: Image) -> None:
-        """Add a reconstruction's layer, or update the one of the same name (a pick redone)."""
-        if layer.name not in self.viewer.layers:
-            self.viewer.layers.append(layer)
-            return
-        old = self.viewer.layers[layer.name]
-        old.data = layer.data
-        old.scale = layer.scale
-        old.translate = layer.translate
-        old.contrast_limits = layer.contrast_limits
-        old.metadata.update(layer.metadata)
-
-    def _paste(self, job: Job, chunk: Chunk) -> None:
-        """Combined mode: each reconstruction into one tomogram-sized layer (the larger value
-        where boxes overlap), cropped at the tomogram's edge."""
-        name = f"cryolens all picks ({job.points_name})"
-        volumes = chunk.arrays["reconstruction"]
-        layer = next((lay for lay in self.viewer.layers if lay.name == name), None)
-        if layer is None or layer.data.shape != job.shape:
-            low = float(volumes.min())
-            canvas = np.full(job.shape, low, np.float32)
-        else:
-            canvas = layer.data
-        for volume, centre in zip(volumes, chunk.centres, strict=True):
-            src, dst = [], []
-            for a in range(3):
-                start = int(centre[a]) - core.HALF
-                lo, hi = max(start, 0), min(start + core.BOX, job.shape[a])
-                dst.append(slice(lo, hi))
-                src.append(slice(lo - start, hi - start))
-            if all(s.stop > s.start for s in dst):
-                np.maximum(canvas[tuple(dst)], volume[tuple(src)], out=canvas[tuple(dst)])
-        if layer is None or layer.data is not canvas:
-            if layer is not None:
-                self.viewer.layers.remove(layer)
-            self.viewer.add_image(canvas, name=name, scale=job.scale, translate=job.translate,
-                                  colormap=COLORMAPS[None], blending="additive", opacity=0.8,
-                                  contrast_limits=core.contrast_limits(volumes),
-                                  metadata={"cryolens": {"picks": job.points_name}})
-        else:
-            layer.refresh()
 
     def _recolour(self, *_) -> None:
         layer = self._chosen(self.picks, Points)
@@ -528,71 +443,3 @@ class CryoLensWidget(QWidget):
             pending, self._pending = list(self._pending), {}
             self.reconstruct(pending)
 
-
-def _rotated(layer) -> bool:
-    """Whether a layer's data reaches the world through more than a scale and a translation."""
-    eye = np.eye(layer.ndim)
-    return (not np.allclose(layer.rotate, eye) or bool(np.any(layer.shear))
-            or not np.allclose(layer.affine.affine_matrix, np.eye(layer.ndim + 1)))
-
-
-def _run_job(backend, job: Job):
-    """Worker thread: cut each chunk's boxes, reconstruct them, make their layers and yield a
-    :class:`Chunk`; or a message: picks skipped (their box holds NaN or infinity, which the
-    client refuses for the whole request), or the backend's failure, after which it stops.
-    At most :data:`AHEAD` chunks ahead of the viewer; none once the run is cancelled. While it
-    waits for the viewer it yields None now and then: napari asks the workers of a closing
-    window (and every worker when the application quits, waiting for them) to quit, and a
-    generator worker sees that only between yields."""
-    if job.fill is None:
-        job.fill = core.fill_value(job.data)
-    for start in range(0, len(job.indices), job.batch_size):
-        while not job.ahead.acquire(timeout=0.1):
-            if job.cancelled.is_set():
-                return
-            yield None
-        if job.cancelled.is_set():
-            return
-        part = slice(start, start + job.batch_size)
-        indices, centres = job.indices[part], job.centres[part]
-        boxes = core.cut_boxes(job.data, centres, job.fill)
-        finite = np.isfinite(boxes.reshape(len(boxes), -1)).all(axis=1)
-        if not finite.all():
-            bad = [i for i, ok in zip(indices, finite, strict=True) if not ok]
-            yield (f"CryoLens: {len(bad)} pick(s) of {job.points_name!r} have NaN or infinity "
-                   f"in their box and were skipped: {core.listed(bad)}")
-            indices = [i for i, ok in zip(indices, finite, strict=True) if ok]
-            centres, boxes = centres[finite], boxes[finite]
-            if not indices:
-                job.ahead.release()  # no chunk for the viewer to show
-                continue
-        try:
-            arrays = backend.reconstruct(boxes, job.options)
-        except Exception as exc:  # noqa: BLE001 - shown to the user, not raised
-            where = getattr(backend, "url", "local engine")
-            yield core.describe_error(exc, where)
-            return
-        chunk = Chunk(indices, centres, arrays)
-        if not job.combined:
-            chunk.layers = list(_layers(job, chunk))
-        yield chunk
-
-
-def _layers(job: Job, chunk: Chunk):
-    """Each pick's Image layers, over its particle: its reconstruction (and its segments)."""
-    for row, (index, centre) in enumerate(zip(chunk.indices, chunk.centres, strict=True)):
-        translate = core.box_translate(centre, job.scale, job.translate)
-        meta = {"cryolens": {"pick": index, "picks": job.points_name,
-                             "centre_voxel": [int(c) for c in centre],
-                             "options": vars(job.options)}}
-        layers = []
-        for segment in (None, *core.SEGMENTS):
-            key = "reconstruction" if segment is None else f"{segment}_reconstruction"
-            if key in chunk.arrays and (segment is None or job.options.segments):
-                volume = chunk.arrays[key][row]
-                layers.append(Image(volume, name=core.layer_name(index, segment),
-                                    scale=job.scale, translate=translate,
-                                    colormap=COLORMAPS[segment],
-                                    contrast_limits=core.contrast_limits(volume),
-                                    blending="additive", opacity=0.8, metadata=meta))
-        yield layers
