@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SHARED
+from parity_helpers import REPO, SHARED
 
 from cryolens import checked, contract, formats
 from cryolens.checked import CheckedVolumes

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import spread_model
+from model_helpers import spread_model
 
 from cryolens.engine import Engine
 
