@@ -1,7 +1,7 @@
 # A newcomer's commands (each creates .venv on first use; `make help` lists them):
 #   make serve [CHECKPOINT=demo] [PORT=8023] [DEVICE=auto] [HOST=127.0.0.1]   what serving needs only
-#   make test           the whole suite (the command CI runs), on two pytest workers: 10.7 minutes at load 6.4 on 2 cores
-#   make test-quick     without the tests marked slow: 2.5 minutes at load 4 on 2 cores
+#   make test           the whole suite (the command CI runs), on two pytest workers: 4 minutes on 2 quiet cores
+#   make test-quick     without the tests marked slow: 1 minute on 2 quiet cores
 #   make install [TORCH=cpu] [NAPARI=0]   the full environment: test tools, Ray, napari (NAPARI=0: without napari)
 # PyTorch comes from PyPI unless TORCH names one of PyTorch's own package indexes: TORCH=cpu
 # (the CPU-only build, ~10x smaller on Linux) or a CUDA one such as TORCH=cu128. Tests and CI
