@@ -106,12 +106,18 @@ def test_picks_whose_box_holds_nan_are_skipped_and_named(make_napari_viewer, qtb
     assert "cryolens pick 1" not in names
 
 
-def test_batch_over_many_picks_finishes_and_colours_them(make_napari_viewer, qtbot, server):
-    rng = np.random.default_rng(3)
-    picks = rng.uniform(0, 1, (60, 3)) * (np.array(SHAPE) - 1)
+def _random_picks(make_napari_viewer, server, *, seed: int, count: int, batch: int):
+    """A viewer with ``count`` picks spread over the tomogram, its widget on ``server``."""
+    picks = np.random.default_rng(seed).uniform(0, 1, (count, 3)) * (np.array(SHAPE) - 1)
     viewer, widget, _, points = viewer_with_picks(make_napari_viewer, picks)
     widget.url.setText(server.url)
-    widget.batch_size.setValue(16)
+    widget.batch_size.setValue(batch)
+    return viewer, widget, points
+
+
+def test_batch_over_many_picks_finishes_and_colours_them(make_napari_viewer, qtbot, server):
+    viewer, widget, points = _random_picks(make_napari_viewer, server, seed=3, count=60,
+                                           batch=16)
     widget.colour.setChecked(True)
     run_and_wait(qtbot, widget, widget.reconstruct_all)
     assert widget.progress.value() == widget.progress.maximum() == 60
@@ -142,11 +148,7 @@ def test_all_picks_in_one_layer(make_napari_viewer, qtbot, server):
 
 
 def test_batch_can_be_cancelled(make_napari_viewer, qtbot, server):
-    rng = np.random.default_rng(4)
-    picks = rng.uniform(0, 1, (120, 3)) * (np.array(SHAPE) - 1)
-    viewer, widget, _, _ = viewer_with_picks(make_napari_viewer, picks)
-    widget.url.setText(server.url)
-    widget.batch_size.setValue(4)
+    viewer, widget, _ = _random_picks(make_napari_viewer, server, seed=4, count=120, batch=4)
     widget.reconstruct_all()
     qtbot.waitUntil(lambda: widget.progress.value() > 0, timeout=WAIT_MS)
     widget.cancel_button.click()
