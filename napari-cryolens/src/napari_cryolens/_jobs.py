@@ -77,14 +77,14 @@ def run_job(backend, job: Job):
             return
         part = slice(start, start + job.batch_size)
         indices, centres = job.indices[part], job.centres[part]
-        boxes = core.cut_boxes(job.data, centres, job.fill)
-        finite = np.isfinite(boxes.reshape(len(boxes), -1)).all(axis=1)
+        # checked here once: the client and the engine take them as they are
+        boxes, finite = core.checked_boxes(core.cut_boxes(job.data, centres, job.fill))
         if not finite.all():
             bad = [i for i, ok in zip(indices, finite, strict=True) if not ok]
             yield (f"CryoLens: {len(bad)} pick(s) of {job.points_name!r} have NaN or infinity "
                    f"in their box and were skipped: {core.listed(bad)}")
             indices = [i for i, ok in zip(indices, finite, strict=True) if ok]
-            centres, boxes = centres[finite], boxes[finite]
+            centres = centres[finite]
             if not indices:
                 job.ahead.release()  # no chunk for the viewer to show
                 continue

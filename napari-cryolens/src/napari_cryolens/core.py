@@ -181,8 +181,8 @@ class ServerBackend:
         try:
             from cryolens.client import CryoLensClient
         except ImportError as exc:
-            raise ImportError("napari-cryolens needs CryoLens's client: pip install --no-deps "
-                              "cryolens-server (numpy and httpx are already here)") from exc
+            raise ImportError("napari-cryolens needs CryoLens's client: pip install "
+                              "cryolens-client (its client/ folder)") from exc
 
         self.url = url
         self.client = CryoLensClient(url, **client_options)
