@@ -67,7 +67,7 @@ def build_parser(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="simulate only these structures, by name (default: all packaged ones)")
     t.add_argument("--families", nargs="+", default=d.families,
                    help="mix in new random instances of these procedural shape families every "
-                        "batch (cryolens.shapes; default: the real structures only)")
+                        "batch, from cryolens.shapes (default: the real structures only)")
     t.add_argument("--real-share", type=float, default=d.real_share,
                    help="share of each batch from the real structures when --families is given")
     t.add_argument("--snr-min", type=float, default=d.snr_min,
