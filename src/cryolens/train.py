@@ -47,6 +47,10 @@ class TrainSettings:
     curriculum_steps: int = 0
     start_angle: float = 45.0
     structures: list[str] | None = None  # names to simulate (default: all packaged structures)
+    # procedural shape families mixed in (cryolens.shapes), new instances every batch, making
+    # up 1 - real_share of each batch (cryolens.mix)
+    families: list[str] | None = None
+    real_share: float = 0.5
     # real particles to fine-tune on: a folder of MRC files, an .npy or an .h5 stack
     data: str | None = None
     init: str | None = None  # checkpoint to start from (fine-tuning)
@@ -268,8 +272,14 @@ def training_step(model: CryoLensVAE, batch: dict, settings: TrainSettings,
         losses["contrast"] = contrastive(enc.mu[:, : model.config.affinity_dims],
                                          batch["labels"], settings.temperature)
         total = total + settings.w_contrast * losses["contrast"]
-        if reference is not None:
+        if "pose_points" in batch:  # mixed batches carry each particle's points
+            x, w = batch["pose_points"], batch["pose_weights"]
+            ratio = _overlap(x @ pose_to_matrix(enc.pose).transpose(1, 2),
+                             x @ rot.transpose(1, 2), w, w) / _overlap(x, x, w, w)
+            losses["pose"] = (1 - ratio).mean()
+        elif reference is not None:
             losses["pose"] = reference.loss(pose_to_matrix(enc.pose), rot, batch["labels"])
+        if "pose" in losses:
             total = total + settings.w_pose * losses["pose"]
     losses["total"] = total
     return losses
@@ -349,6 +359,18 @@ def _save_step(out_dir: Path, done: int, model: CryoLensVAE, optimizer: torch.op
         old.with_suffix(".opt.pt").unlink(missing_ok=True)
 
 
+def _dataset(settings: TrainSettings, start_step: int, device: torch.device):
+    """The batches to train on, and the pose reference of the plain simulated stream."""
+    if settings.data:
+        return ParticleStack(load_particles(settings.data), settings, start_step), None
+    if settings.families:  # mixed batches carry their own pose points
+        from cryolens.mix import MixedStream
+
+        return MixedStream(settings, start_step), None
+    dataset = SimulatedStream(settings, start_step)
+    return dataset, PoseReference(dataset.structures(), VOXEL_SIZE_A, seed=settings.seed).to(device)
+
+
 def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True) -> Path:
     """Train (or resume) and return the path of the final checkpoint."""
     out_dir = Path(settings.out_dir)
@@ -373,12 +395,7 @@ def train(settings: TrainSettings, *, resume: bool = True, progress: bool = True
         warm = min(1.0, (step + 1) / 200)
         return settings.lr * warm * 0.5 * (1 + math.cos(math.pi * progress_at(step)))
 
-    reference = None
-    if settings.data:
-        dataset = ParticleStack(load_particles(settings.data), settings, start_step)
-    else:
-        dataset = SimulatedStream(settings, start_step)
-        reference = PoseReference(dataset.structures(), VOXEL_SIZE_A, seed=settings.seed).to(device)
+    dataset, reference = _dataset(settings, start_step, device)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=settings.workers,
         persistent_workers=settings.workers > 0, pin_memory=device.type == "cuda",

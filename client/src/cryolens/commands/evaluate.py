@@ -20,6 +20,12 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> None:
                    help="signal-to-noise ratios to evaluate at")
     e.add_argument("--per-structure", type=int, default=20,
                    help="held-out particles per structure and SNR")
+    e.add_argument("--leave-family-out", action="store_true",
+                   help="also score shapes and proteins never used in training, per shape "
+                        "family, against the best-sigma blur; writes generalisation.json")
+    e.add_argument("--per-group", type=int, default=16,
+                   help="with --leave-family-out: instances per shape family (each imaged "
+                        "twice) and particles per held-out protein")
     e.add_argument("--out", default="evaluation", help="folder for evaluation.json and slices.png")
     e.set_defaults(run=run)
 
@@ -36,4 +42,12 @@ def run(args: argparse.Namespace) -> int:
     write_report(out / "evaluation.json", reports)
     print(format_table(reports))
     print(f"wrote {out / 'evaluation.json'} and {out / 'slices.png'}")
+    if args.leave_family_out:
+        from cryolens.generalisation import evaluate_generalisation, format_generalisation, to_json
+
+        groups, embeddings = evaluate_generalisation(engine, snrs=args.snr,
+                                                     per_group=args.per_group)
+        (out / "generalisation.json").write_text(to_json(groups, embeddings) + "\n")
+        print(format_generalisation(groups, embeddings))
+        print(f"wrote {out / 'generalisation.json'}")
     return 0

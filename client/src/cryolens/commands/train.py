@@ -65,6 +65,11 @@ def build_parser(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="checkpoint to start from: name, path or URL (default: a new model)")
     t.add_argument("--structures", nargs="+", default=d.structures,
                    help="simulate only these structures, by name (default: all packaged ones)")
+    t.add_argument("--families", nargs="+", default=d.families,
+                   help="mix in new random instances of these procedural shape families every "
+                        "batch, from cryolens.shapes (default: the real structures only)")
+    t.add_argument("--real-share", type=float, default=d.real_share,
+                   help="share of each batch from the real structures when --families is given")
     t.add_argument("--snr-min", type=float, default=d.snr_min,
                    help="lowest signal-to-noise ratio of simulated particles")
     t.add_argument("--snr-max", type=float, default=d.snr_max,
