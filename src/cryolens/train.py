@@ -9,7 +9,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cryolens.engine import resolve_device, zscore
+from cryolens.mix import POSE_POINTS, MixedStream, SimulatedStream, StepStream, pose_points
 from cryolens.model import CryoLensConfig, CryoLensVAE
 from cryolens.model.rotation import pose_to_matrix
 from cryolens.synth import VOXEL_SIZE_A
@@ -82,68 +82,19 @@ class TrainSettings:
 
 
 # -- data -----------------------------------------------------------------------------------
-class SimulatedStream(torch.utils.data.IterableDataset):
-    """Endless simulated batches; batch ``s`` depends only on (seed, s), so runs resume exactly."""
-
-    def __init__(self, settings: TrainSettings, start_step: int) -> None:
-        self.settings = settings
-        self.start_step = start_step
-
-    def structures(self) -> list:
-        """The structures simulated, in label order."""
-        from cryolens.synth import load_structures
-
-        wanted = self.settings.structures
-        return [x for x in load_structures() if not wanted or x.name in wanted]
-
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        from cryolens.synth import ParticleSimulator
-
-        s = self.settings
-        rng = np.random.default_rng([s.seed, step])
-        snr = float(np.exp(rng.uniform(np.log(s.snr_min), np.log(s.snr_max))))
-        max_angle = None
-        if step < s.curriculum_steps:
-            max_angle = s.start_angle + (180.0 - s.start_angle) * step / s.curriculum_steps
-        sim = ParticleSimulator(self.structures(), snr=snr, max_angle=max_angle,
-                                tilt_range=s.tilt_range, max_shift=s.max_shift,
-                                seed=int(rng.integers(2**63)))
-        b = sim.sample(s.batch_size)
-        return {
-            "particles": torch.from_numpy(b.particles),
-            "target": torch.from_numpy(b.clean),
-            "rotations": torch.from_numpy(b.rotations),
-            "labels": torch.from_numpy(b.labels),
-        }
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        step = self.start_step + worker
-        while True:
-            yield self.batch(step)
-            step += n_workers
-
-
-class ParticleStack(torch.utils.data.IterableDataset):
+class ParticleStack(StepStream):
     """Your own particles, reconstructed as themselves (no labels, no known pose)."""
 
     def __init__(self, volumes: np.ndarray, settings: TrainSettings, start_step: int) -> None:
+        super().__init__(settings, start_step)
         self.volumes = volumes
-        self.settings = settings
-        self.start_step = start_step
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        step = self.start_step + worker
-        while True:
-            rng = np.random.default_rng([self.settings.seed, step])
-            pick = rng.integers(0, len(self.volumes), self.settings.batch_size)
-            # the same normalisation the engine applies at inference
-            batch = zscore(np.ascontiguousarray(self.volumes[pick], np.float32)).volumes
-            yield {"particles": torch.from_numpy(batch), "target": torch.from_numpy(batch)}
-            step += n_workers
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.settings.seed, step])
+        pick = rng.integers(0, len(self.volumes), self.settings.batch_size)
+        # the same normalisation the engine applies at inference
+        batch = zscore(np.ascontiguousarray(self.volumes[pick], np.float32)).volumes
+        return {"particles": torch.from_numpy(batch), "target": torch.from_numpy(batch)}
 
 
 def load_particles(path: str | os.PathLike) -> np.ndarray:
@@ -193,9 +144,6 @@ def contrastive(embedding: torch.Tensor, labels: torch.Tensor, temperature: floa
 
 #: Length scales (voxels) of the pose loss: a wide one for a smooth basin, a narrow one for detail.
 POSE_SCALES = (3.0, 1.0)
-#: Points per structure the pose loss compares.
-POSE_POINTS = 256
-
 
 class PoseReference:
     """Each structure as a few weighted points (voxel units), for the pose loss.
@@ -210,19 +158,10 @@ class PoseReference:
     """
 
     def __init__(self, structures, voxel_size: float, n_points: int = POSE_POINTS, seed: int = 0):
-        rng = np.random.default_rng(seed)
-        points, weights = [], []
-        for s in structures:
-            take = min(n_points, len(s.coords))
-            pick = rng.choice(len(s.coords), size=take, replace=False)
-            p = np.zeros((n_points, 3), np.float32)
-            w = np.zeros(n_points, np.float32)
-            p[:take] = s.coords[pick] / voxel_size
-            w[:take] = s.weights[pick] / s.weights[pick].sum()
-            points.append(p)
-            weights.append(w)
-        self.points = torch.from_numpy(np.stack(points))  # (S, K, 3) rows (x, y, z)
-        self.weights = torch.from_numpy(np.stack(weights))  # (S, K), sum 1
+        points, weights = pose_points(structures, np.random.default_rng(seed), n_points,
+                                      voxel_size)
+        self.points = torch.from_numpy(points)  # (S, K, 3) rows (x, y, z)
+        self.weights = torch.from_numpy(weights)  # (S, K), sum 1
         self.self_overlap = _overlap(self.points, self.points, self.weights, self.weights)
 
     def to(self, device) -> PoseReference:
@@ -364,8 +303,6 @@ def _dataset(settings: TrainSettings, start_step: int, device: torch.device):
     if settings.data:
         return ParticleStack(load_particles(settings.data), settings, start_step), None
     if settings.families:  # mixed batches carry their own pose points
-        from cryolens.mix import MixedStream
-
         return MixedStream(settings, start_step), None
     dataset = SimulatedStream(settings, start_step)
     return dataset, PoseReference(dataset.structures(), VOXEL_SIZE_A, seed=settings.seed).to(device)
