@@ -1,5 +1,6 @@
-"""The CPU engine on several threads: chunks side by side, the same numbers as on one thread,
-the caller's thread setting and an error in a chunk handled as on one thread."""
+"""The CPU engine's chunks: side by side on several threads with the same numbers as on one
+thread, the caller's thread setting kept, an error in a chunk handled as on one thread, and
+chunks of unequal sizes on every way of running a batch."""
 from __future__ import annotations
 
 import threading
@@ -90,3 +91,16 @@ def test_an_error_in_one_chunk_is_raised_and_the_engine_goes_on(engine, threads)
     finally:
         del engine.model.encode
     assert engine.features(volumes).embedding.shape == (8, 8)
+
+
+@pytest.mark.parametrize("exact_zscore", [True, False])
+def test_chunks_of_unequal_sizes_on_either_z_score(exact_zscore, threads):
+    """Seven particles in chunks of at most 3 make chunks of 2, 2 and 3 (the largest last),
+    through the numpy z-score and through the pipelined one with its reused buffers."""
+    torch.set_num_threads(1)
+    volumes = np.random.default_rng(5).standard_normal((7, 48, 48, 48)).astype(np.float32)
+    model = spread_model()
+    chunked = Engine(model, device="cpu", max_chunk=3, exact_zscore=exact_zscore)
+    whole = Engine(model, device="cpu", max_chunk=7, exact_zscore=exact_zscore)
+    np.testing.assert_allclose(chunked.reconstruct(volumes).reconstruction,
+                               whole.reconstruct(volumes).reconstruction, rtol=0, atol=1e-4)

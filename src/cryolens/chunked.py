@@ -192,7 +192,7 @@ class ChunkedRunner:
             copy_in = copy_out = compute = None
         n = len(host)
         chunks = list(self._chunks(n, n_render, n_outputs, pipelined=cuda, renders=renders))
-        size = chunks[0].stop - chunks[0].start
+        size = max(part.stop - part.start for part in chunks)  # they differ by one at most
         pin_in = self._staging("in", (2, size, *self.box_shape))
         source = torch.from_numpy(host) if host.flags.writeable else _readonly_tensor(host)
         outs: dict[str, np.ndarray] = {}
