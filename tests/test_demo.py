@@ -118,3 +118,28 @@ def test_server_serves_demo_with_no_network():
     assert "embedding" in out["/extract_features"] and "pose" in out["/extract_features"]
     assert "reconstruction" in out["/reconstruct"]
     assert "centers" in out["/extract_gaussian_splats"]
+
+
+@pytest.mark.slow  # simulates and reconstructs 224 particles
+def test_demo_generalisation_reproduces_the_model_card():
+    """``cryolens evaluate --leave-family-out`` on the held-out groups gives the figures recorded
+    next to the model card (demo_generalisation.json): its r per group and SNR, its embedding
+    checks (which read the held-out groups only) and its gap to the best blur."""
+    from cryolens.generalisation import HELD_OUT_GROUPS, evaluate_generalisation, summary
+
+    recorded = json.loads((DATA / "demo_generalisation.json").read_text())
+    groups, embeddings = evaluate_generalisation(Engine.from_checkpoint("demo", device="cpu"),
+                                                 groups=HELD_OUT_GROUPS)
+    theirs = {(g["group"], g["snr"]): g for g in recorded["groups"]}
+    for mine in groups:
+        row = theirs[mine.group, mine.snr]
+        assert mine.held_out and row["held_out"] and mine.n_particles == row["n_particles"]
+        assert abs(mine.model_r - row["model_r"]) < 2e-3, (mine.group, mine.snr)
+        assert abs(mine.blur_r - row["blur_r"]) < 1e-4 and mine.blur_sigma == row["blur_sigma"]
+    for mine, row in zip(embeddings, recorded["embeddings"], strict=True):
+        for key in ("nn_accuracy", "nn_accuracy_families", "five_shot_accuracy",
+                    "instance_retrieval"):  # one particle = 0.9 %
+            assert abs(getattr(mine, key) - row[key]) <= 1 / mine.n_particles + 1e-9, key
+    gap = summary(groups)
+    assert gap.keys() == recorded["held_out_gap"].keys()
+    assert all(abs(gap[k] - v) < 2e-3 for k, v in recorded["held_out_gap"].items())

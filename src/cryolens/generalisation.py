@@ -22,6 +22,7 @@ from cryolens.synth import ParticleBatch, ParticleSimulator, Structure
 
 __all__ = [
     "GENERALISATION_SEED",
+    "HELD_OUT_GROUPS",
     "GroupReport",
     "evaluate_generalisation",
     "evaluation_set",
@@ -35,6 +36,8 @@ GENERALISATION_SEED = 20261207
 SIGMA_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
 #: Group name of the real proteins kept out of training (``held_out_structures.npz``).
 PROTEINS = "held-out proteins"
+#: The groups never used in training: the held-out families, then the held-out proteins.
+HELD_OUT_GROUPS = (*HELD_OUT_FAMILIES, PROTEINS)
 #: Support particles per class of the few-shot check.
 SHOTS = 5
 
@@ -153,9 +156,9 @@ def evaluate_generalisation(engine: Engine, *, snrs=(5.0, 1.0), per_group: int =
         for group in groups:
             batch, instance = evaluation_set(group, snr, per_group, snr_index=k, seed=seed)
             recon = engine.reconstruct(batch.particles, use_predicted_pose=True)
-            r = pearson(recon.volume, batch.clean)
+            r = pearson(recon.reconstruction, batch.clean)
             blur_r, sigma = _best_blur(batch.particles, batch.clean)
-            held = group == PROTEINS or group in HELD_OUT_FAMILIES
+            held = group in HELD_OUT_GROUPS
             reports.append(GroupReport(group=group, held_out=held, snr=snr,
                                        n_particles=len(r), model_r=float(r.mean()),
                                        model_r_min=float(r.min()), blur_r=blur_r,

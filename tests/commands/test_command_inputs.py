@@ -120,3 +120,26 @@ def test_voxel_size_overrules_an_anisotropic_header(tmp_path, model, stack, caps
     assert _cli("embed", source, "-o", out, "-c", model, "--device", "cpu", "--quiet",
                 "--voxel-size", 10) == 0
     assert pd.read_parquet(out)["voxel_size"].tolist() == [10.0]
+
+
+def test_evaluate_leave_family_out_writes_every_group(tmp_path, capsys):
+    """``cryolens evaluate --leave-family-out`` end to end on the demo: every shape family and
+    the held-out proteins at each SNR, the held-out ones flagged, the gap to the blur written."""
+    import json
+
+    from cryolens.generalisation import HELD_OUT_GROUPS, PROTEINS
+    from cryolens.shapes import FAMILIES
+
+    out = tmp_path / "ev"
+    assert _cli("evaluate", "-c", "demo", "--device", "cpu", "--snr", 5, "--per-structure", 1,
+                "--leave-family-out", "--per-group", 6, "--out", out) == 0
+    report = json.loads((out / "generalisation.json").read_text())
+    rows = {r["group"]: r for r in report["groups"]}
+    assert list(rows) == [*FAMILIES, PROTEINS]
+    for group, row in rows.items():
+        assert row["held_out"] == (group in HELD_OUT_GROUPS) and row["snr"] == 5.0
+        assert row["n_particles"] == (18 if group == PROTEINS else 12)
+        assert -1 <= row["model_r_min"] <= row["model_r"] <= 1 and 0 < row["blur_r"] <= 1
+    assert set(report["held_out_gap"]) == {*HELD_OUT_GROUPS, "mean"}
+    assert [e["n_particles"] for e in report["embeddings"]] == [12 * 2 + 18]
+    assert "held-out model r - best blur r" in capsys.readouterr().out
