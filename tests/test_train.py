@@ -60,6 +60,31 @@ def test_same_seed_same_weights_and_resume_continues(tmp_path):
     assert steps[-1] == 9 and steps.count(5) == 1
 
 
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+
+@pytest.mark.skipif(max(_blas_threads(), default=1) < 2, reason="numpy's BLAS has one thread")
+def test_threads_bound_numpys_blas_while_the_simulator_runs(tmp_path, monkeypatch):
+    """``--threads 1`` holds the simulator's matrix products to one BLAS thread (two runs
+    side by side otherwise spin each other's threads), and gives the pool back afterwards."""
+    from cryolens.synth import ParticleSimulator
+
+    before, torch_threads, seen = _blas_threads(), torch.get_num_threads(), []
+    render = ParticleSimulator.render
+
+    def watched(self, *args, **kwargs):
+        seen.extend(_blas_threads())
+        return render(self, *args, **kwargs)
+
+    monkeypatch.setattr(ParticleSimulator, "render", watched)
+    train(_settings(tmp_path, steps=1, batch_size=2, threads=1), progress=False)
+    assert seen and set(seen) == {1}
+    assert _blas_threads() == before and torch.get_num_threads() == torch_threads
+
+
 @pytest.mark.slow
 def test_fine_tune_on_a_particle_stack(tmp_path):
     stack = np.random.default_rng(0).standard_normal((6, 48, 48, 48)).astype(np.float32)

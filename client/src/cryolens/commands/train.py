@@ -57,7 +57,8 @@ def build_parser(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="data-loading processes (keep 0 on a CPU-only machine: they compete "
                         "with training for the cores)")
     t.add_argument("--threads", type=positive_int, default=d.threads,
-                   help="torch CPU threads (default: PyTorch's choice, one per core)")
+                   help="CPU threads, for PyTorch and numpy's BLAS alike (default: their own "
+                        "choice, one per core)")
     t.add_argument("--data", default=d.data,
                    help="fine-tune on these particles: a folder of MRC files, an .npy or an "
                         ".h5 stack (default: simulated particles)")
