@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from cryolens.checkpoints import load_model
 from cryolens.engine import Engine
 from cryolens.evaluate import evaluate, gaussian_blur, nearest_neighbour_accuracy, pearson
-from cryolens.model.rotation import pose_to_matrix
+from cryolens.model.rotation import matrix_to_axis_angle, pose_to_matrix
 from cryolens.synth import Structure
-from cryolens.train import PoseReference, TrainSettings, _matrix_to_axis_angle, train
+from cryolens.train import PoseReference, TrainSettings, train
 
 TINY = {"latent_dims": 8, "affinity_dims": 6, "n_affinity": 24, "n_free": 8}
 #: Few points each, so simulating a batch takes milliseconds.
@@ -118,7 +118,7 @@ def test_pose_curriculum_widens_to_all_rotations(tmp_path):
 def test_matrix_to_axis_angle_round_trips():
     pose = torch.randn(64, 4, dtype=torch.float64)
     rot = pose_to_matrix(pose)
-    assert torch.allclose(pose_to_matrix(_matrix_to_axis_angle(rot)), rot, atol=1e-6)
+    assert torch.allclose(pose_to_matrix(matrix_to_axis_angle(rot)), rot, atol=1e-6)
 
 
 def _about_z(degrees: float) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 from cryolens.engine import resolve_device, zscore
 from cryolens.mix import POSE_POINTS, MixedStream, SimulatedStream, StepStream, pose_points
 from cryolens.model import CryoLensConfig, CryoLensVAE
-from cryolens.model.rotation import pose_to_matrix
+from cryolens.model.rotation import matrix_to_axis_angle, pose_to_matrix
 from cryolens.synth import VOXEL_SIZE_A
 
 #: The shipped demo model's shape: CryoLens's architecture, fewer latents and splats.
@@ -205,7 +205,7 @@ def training_step(model: CryoLensVAE, batch: dict, settings: TrainSettings,
     if simulated:
         rot = batch["rotations"]
         if settings.w_teacher > 0:
-            teacher = model.decoder(z, _matrix_to_axis_angle(rot), enc.global_weight)
+            teacher = model.decoder(z, matrix_to_axis_angle(rot), enc.global_weight)
             losses["teacher"] = nn.functional.mse_loss(teacher, target)
             total = total + settings.w_teacher * losses["teacher"]
         losses["contrast"] = contrastive(enc.mu[:, : model.config.affinity_dims],
@@ -222,23 +222,6 @@ def training_step(model: CryoLensVAE, batch: dict, settings: TrainSettings,
             total = total + settings.w_pose * losses["pose"]
     losses["total"] = total
     return losses
-
-
-def _matrix_to_axis_angle(rot: torch.Tensor) -> torch.Tensor:
-    """(B, 3, 3) rotations -> (B, 4) (angle, unit axis) in the pose head's convention."""
-    trace = rot[:, 0, 0] + rot[:, 1, 1] + rot[:, 2, 2]
-    w = torch.sqrt(torch.clamp(1 + trace, min=1e-12)) / 2
-    x = torch.sqrt(torch.clamp(1 + rot[:, 0, 0] - rot[:, 1, 1] - rot[:, 2, 2], min=0)) / 2
-    y = torch.sqrt(torch.clamp(1 - rot[:, 0, 0] + rot[:, 1, 1] - rot[:, 2, 2], min=0)) / 2
-    zq = torch.sqrt(torch.clamp(1 - rot[:, 0, 0] - rot[:, 1, 1] + rot[:, 2, 2], min=0)) / 2
-    x = torch.copysign(x, rot[:, 2, 1] - rot[:, 1, 2])
-    y = torch.copysign(y, rot[:, 0, 2] - rot[:, 2, 0])
-    zq = torch.copysign(zq, rot[:, 1, 0] - rot[:, 0, 1])
-    vec = torch.stack([x, y, zq], 1)
-    norm = torch.linalg.vector_norm(vec, dim=1, keepdim=True)
-    angle = 2 * torch.atan2(norm[:, 0], w)
-    axis = vec / torch.clamp(norm, min=1e-12)
-    return torch.cat([angle[:, None], axis], 1)
 
 
 # -- checkpoints ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Pose algebra: the encoder's axis-angle output to a quaternion and a rotation matrix.
+"""Pose algebra: the encoder's axis-angle output to a quaternion and a rotation matrix, and a
+rotation matrix back to axis-angle (training decodes in known poses).
 
 Conventions follow CryoLens exactly (spec.md c.4), including its epsilon on the axis norm.
 """
@@ -43,3 +44,20 @@ def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
 
 def pose_to_matrix(pose: torch.Tensor) -> torch.Tensor:
     return quaternion_to_matrix(axis_angle_to_quaternion(pose))
+
+
+def matrix_to_axis_angle(rot: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) rotations -> (B, 4) (angle, unit axis) in the pose head's convention."""
+    trace = rot[:, 0, 0] + rot[:, 1, 1] + rot[:, 2, 2]
+    w = torch.sqrt(torch.clamp(1 + trace, min=1e-12)) / 2
+    x = torch.sqrt(torch.clamp(1 + rot[:, 0, 0] - rot[:, 1, 1] - rot[:, 2, 2], min=0)) / 2
+    y = torch.sqrt(torch.clamp(1 - rot[:, 0, 0] + rot[:, 1, 1] - rot[:, 2, 2], min=0)) / 2
+    zq = torch.sqrt(torch.clamp(1 - rot[:, 0, 0] - rot[:, 1, 1] + rot[:, 2, 2], min=0)) / 2
+    x = torch.copysign(x, rot[:, 2, 1] - rot[:, 1, 2])
+    y = torch.copysign(y, rot[:, 0, 2] - rot[:, 2, 0])
+    zq = torch.copysign(zq, rot[:, 1, 0] - rot[:, 0, 1])
+    vec = torch.stack([x, y, zq], 1)
+    norm = torch.linalg.vector_norm(vec, dim=1, keepdim=True)
+    angle = 2 * torch.atan2(norm[:, 0], w)
+    axis = vec / torch.clamp(norm, min=1e-12)
+    return torch.cat([angle[:, None], axis], 1)
