@@ -15,8 +15,10 @@ The stages (``STAGES``; each starts from the one before, in a folder of its own 
 4. ``shapes`` (issue 30): half of each batch the 14 structures, half two views each of fresh
    random instances of the training shape families (``cryolens.shapes``); rings and helical
    filaments are held out for ``cryolens evaluate --leave-family-out``.
+5. ``shapes-again``: the same for another schedule (warm-up, cosine to zero), from the end of
+   the first: the shipped demo.
 
-Without ``--from-scratch`` only the last stage runs, from the stage-4 file of commit 173c602
+Without ``--from-scratch`` the two shape stages run, from the stage-4 file of commit 173c602
 (the demo before issue 30), which needs this checkout's git history. Each stage's learning
 rate anneals over its minutes of wall time (``--time-scale`` multiplies them), so another
 machine takes another number of steps: the recipe is reproducible, the weights not bit for bit.
@@ -48,14 +50,17 @@ class Stage:
     settings: dict = field(default_factory=dict)  # TrainSettings fields
 
 
+#: The shape-family stage's settings (run twice: a second schedule from the first's end).
+SHAPES = dict(batch_size=32, lr=4e-4, steps=100000, w_recon=1, w_teacher=0, w_pose=2,
+              real_share=0.5, families=list(TRAINING_FAMILIES))
 STAGES = (
     Stage("structures", 100, dict(batch_size=32, lr=1.5e-3, steps=20000)),
     Stage("pose", 40, dict(batch_size=32, lr=7e-4, steps=5000, w_recon=0, w_pose=3,
                            curriculum_steps=5000, start_angle=45)),
     Stage("predicted-pose", 65, dict(batch_size=32, lr=4e-4, steps=20000, w_recon=1,
                                      w_teacher=0, w_pose=2)),
-    Stage("shapes", 120, dict(batch_size=32, lr=4e-4, steps=100000, w_recon=1, w_teacher=0,
-                              w_pose=2, real_share=0.5, families=list(TRAINING_FAMILIES))),
+    Stage("shapes", 120, SHAPES),
+    Stage("shapes-again", 105, SHAPES),
 )
 
 
@@ -97,9 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=Path("runs/demo-recipe"))
     parser.add_argument("--from-scratch", action="store_true",
-                        help="run every stage from random weights (about 5.5 hours on one "
+                        help="run every stage from random weights (about 7.2 hours on one "
                              "core of the 2-core development machine)")
-    parser.add_argument("--init", help="start the last stage from this checkpoint instead "
+    parser.add_argument("--init", help="start the shape stages from this checkpoint instead "
                                        "of the stage-4 demo")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--threads", type=int, default=1,
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_scratch:
         stages, init = STAGES, None
     else:
-        stages, init = STAGES[-1:], args.init or str(stage4_file(args.out_dir))
+        stages, init = STAGES[-2:], args.init or str(stage4_file(args.out_dir))
     final = run_stages(stages, args.out_dir, init, device=args.device, threads=args.threads,
                        workers=args.workers, time_scale=args.time_scale,
                        stage_steps=args.stage_steps, progress=not args.quiet)

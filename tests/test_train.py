@@ -197,7 +197,7 @@ def test_particles_load_from_mrc_folder_npy_and_h5(tmp_path):
         load_particles(tmp_path / "s.txt")
 
 
-@pytest.mark.slow  # four stages of two steps each
+@pytest.mark.slow  # five stages of two steps each
 def test_the_demo_recipe_runs_every_stage_from_scratch(tmp_path):
     """``scripts/train_demo.py --from-scratch``, each stage cut to two steps: the stages chain
     (each starts from the one before), write a demo-shaped model and leave the package alone."""
@@ -215,11 +215,11 @@ def test_the_demo_recipe_runs_every_stage_from_scratch(tmp_path):
                            "--device", "cpu", "--out-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    stages = ["1-structures", "2-pose", "3-predicted-pose", "4-shapes"]
+    stages = ["1-structures", "2-pose", "3-predicted-pose", "4-shapes", "5-shapes-again"]
     assert sorted(p.name for p in tmp_path.iterdir()) == stages
     inits = [json.loads((tmp_path / s / "settings.json").read_text())["init"] for s in stages]
     assert inits == [None, *(str(tmp_path / s / "final.safetensors") for s in stages[:-1])]
-    assert [_log(tmp_path / s)[-1]["step"] for s in stages] == [2, 2, 2, 2]
+    assert [_log(tmp_path / s)[-1]["step"] for s in stages] == [2] * 5
     model, _ = load_model(tmp_path / stages[-1] / "final.safetensors")
-    assert model.config == DEMO_CONFIG and "4-shapes" in done.stdout
+    assert model.config == DEMO_CONFIG and "5-shapes-again" in done.stdout
     assert sha256_of(repo / "src" / "cryolens" / "data" / "demo.safetensors") == shipped
