@@ -223,3 +223,30 @@ def test_the_demo_recipe_runs_every_stage_from_scratch(tmp_path):
     model, _ = load_model(tmp_path / stages[-1] / "final.safetensors")
     assert model.config == DEMO_CONFIG and "5-shapes-again" in done.stdout
     assert sha256_of(repo / "src" / "cryolens" / "data" / "demo.safetensors") == shipped
+
+
+def test_a_widened_demo_decodes_as_before(tmp_path):
+    """``scripts/widen_demo.py``: more affinity latent dimensions, the same reconstructions and
+    the same old dimensions of the embedding (the new ones are read through zero columns)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cryolens.synth import ParticleSimulator
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "widen_demo.py"
+    out = tmp_path / "wide.safetensors"
+    done = subprocess.run([sys.executable, str(script), "demo", str(out), "--affinity-dims", "20"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    particles = ParticleSimulator(snr=5.0, seed=3).sample(3).particles
+    before = Engine.from_checkpoint("demo", device="cpu").reconstruct(particles,
+                                                                      use_predicted_pose=True)
+    after = Engine.from_checkpoint(str(out), device="cpu").reconstruct(particles,
+                                                                       use_predicted_pose=True)
+    assert after.features.embedding.shape == (3, 24)
+    np.testing.assert_array_equal(after.reconstruction, before.reconstruction)
+    old, new = before.features.embedding, after.features.embedding
+    np.testing.assert_array_equal(new[:, :12], old[:, :12])
+    np.testing.assert_array_equal(new[:, 20:], old[:, 12:])
+    assert np.abs(new[:, 12:20]).max() > 0  # the new dimensions carry the encoder's features
