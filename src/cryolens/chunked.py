@@ -282,6 +282,7 @@ class ChunkedRunner:
                 field="volumes",
             )
 
+
 class CpuPool:
     """``size`` threads, each running PyTorch with one thread of its own, for the chunks of a
     CPU batch (see the module's docstring); ``key`` is (size, the starting thread's nice).

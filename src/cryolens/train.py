@@ -145,6 +145,20 @@ def contrastive(embedding: torch.Tensor, labels: torch.Tensor, temperature: floa
 #: Length scales (voxels) of the pose loss: a wide one for a smooth basin, a narrow one for detail.
 POSE_SCALES = (3.0, 1.0)
 
+
+def pose_loss(points: torch.Tensor, weights: torch.Tensor, predicted: torch.Tensor,
+              true: torch.Tensor, self_overlap: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``1 - overlap(pred, true) / overlap(true, true)`` (see :class:`PoseReference`).
+
+    points: (B, K, 3) rows (x, y, z), voxels; weights: (B, K); predicted, true: (B, 3, 3)
+    rotations; ``self_overlap``: the points' own overlap where already known."""
+    if self_overlap is None:
+        self_overlap = _overlap(points, points, weights, weights)
+    a = points @ predicted.transpose(1, 2)  # rows (R x_i)^T
+    b = points @ true.transpose(1, 2)
+    return (1 - _overlap(a, b, weights, weights) / self_overlap).mean()
+
+
 class PoseReference:
     """Each structure as a few weighted points (voxel units), for the pose loss.
 
@@ -172,11 +186,8 @@ class PoseReference:
     def loss(self, predicted: torch.Tensor, true: torch.Tensor, labels: torch.Tensor
              ) -> torch.Tensor:
         """predicted, true: (B, 3, 3) rotations; labels: (B,) structure indices."""
-        x, w = self.points[labels], self.weights[labels]
-        a = x @ predicted.transpose(1, 2)  # rows (R x_i)^T
-        b = x @ true.transpose(1, 2)
-        ratio = _overlap(a, b, w, w) / self.self_overlap[labels]
-        return (1 - ratio).mean()
+        return pose_loss(self.points[labels], self.weights[labels], predicted, true,
+                         self.self_overlap[labels])
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
@@ -212,10 +223,8 @@ def training_step(model: CryoLensVAE, batch: dict, settings: TrainSettings,
                                          batch["labels"], settings.temperature)
         total = total + settings.w_contrast * losses["contrast"]
         if "pose_points" in batch:  # mixed batches carry each particle's points
-            x, w = batch["pose_points"], batch["pose_weights"]
-            ratio = _overlap(x @ pose_to_matrix(enc.pose).transpose(1, 2),
-                             x @ rot.transpose(1, 2), w, w) / _overlap(x, x, w, w)
-            losses["pose"] = (1 - ratio).mean()
+            losses["pose"] = pose_loss(batch["pose_points"], batch["pose_weights"],
+                                       pose_to_matrix(enc.pose), rot)
         elif reference is not None:
             losses["pose"] = reference.loss(pose_to_matrix(enc.pose), rot, batch["labels"])
         if "pose" in losses:
