@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from cryolens.checkpoints import load_model
-from cryolens.evaluate import gaussian_blur, pearson
-from cryolens.generalisation import PROTEINS, SIGMA_GRID, held_out_structures
+from cryolens.evaluate import pearson
+from cryolens.generalisation import PROTEINS, best_blur, held_out_structures
 from cryolens.model.decoder import Splats
 from cryolens.model.rotation import matrix_to_axis_angle
 from cryolens.shapes import FAMILIES, make_instance
@@ -124,8 +124,7 @@ def main() -> None:
         batch = particles(group, args.instances, args.snr)
         encoded, fitted = fit_latent(model, batch, args.steps)
         splats = fit_splats(model, batch, args.splat_steps, rng) if args.splat_steps else None
-        blur = max(float(pearson(gaussian_blur(batch.particles, s), batch.clean).mean())
-                   for s in SIGMA_GRID)
+        blur, _ = best_blur(batch.particles, batch.clean)
         cells = [f"{r.mean():.3f} ({r.min():.3f})" if r is not None else "-"
                  for r in (encoded, fitted, splats)]
         print(f"| {group} | {' | '.join(cells)} | {blur:.3f} |", flush=True)

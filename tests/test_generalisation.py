@@ -10,7 +10,7 @@ from cryolens.evaluate import gaussian_blur
 from cryolens.generalisation import (
     GENERALISATION_SEED,
     PROTEINS,
-    _best_blur,
+    best_blur,
     evaluation_set,
     few_shot_accuracy,
     fingerprint,
@@ -74,9 +74,9 @@ def test_best_blur_finds_the_sigma_that_undoes_the_noise_best():
     rng = np.random.default_rng(0)
     truth = gaussian_blur(rng.standard_normal((4, 24, 24, 24)).astype(np.float32), 3.0)
     noisy = truth + 0.3 * truth.std() * rng.standard_normal(truth.shape).astype(np.float32)
-    r, sigma = _best_blur(noisy, truth)
+    r, sigma = best_blur(noisy, truth)
     assert sigma >= 1.0 and r > 0.95
-    r_sharp, sigma_sharp = _best_blur(truth, truth)  # nothing to remove: the least blur wins
+    r_sharp, sigma_sharp = best_blur(truth, truth)  # nothing to remove: the least blur wins
     assert sigma_sharp == 0.5 and r_sharp > r
 
 

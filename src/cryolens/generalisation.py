@@ -24,6 +24,7 @@ __all__ = [
     "GENERALISATION_SEED",
     "HELD_OUT_GROUPS",
     "GroupReport",
+    "best_blur",
     "evaluate_generalisation",
     "evaluation_set",
     "format_generalisation",
@@ -112,7 +113,9 @@ def fingerprint(batch: ParticleBatch) -> str:
     return h.hexdigest()[:16]
 
 
-def _best_blur(particles: np.ndarray, clean: np.ndarray) -> tuple[float, float]:
+def best_blur(particles: np.ndarray, clean: np.ndarray) -> tuple[float, float]:
+    """The mean r with ``clean`` of ``particles`` blurred with the best sigma of
+    :data:`SIGMA_GRID`, and that sigma."""
     scores = [float(pearson(gaussian_blur(particles, s), clean).mean()) for s in SIGMA_GRID]
     best = int(np.argmax(scores))
     return scores[best], SIGMA_GRID[best]
@@ -157,7 +160,7 @@ def evaluate_generalisation(engine: Engine, *, snrs=(5.0, 1.0), per_group: int =
             batch, instance = evaluation_set(group, snr, per_group, snr_index=k, seed=seed)
             recon = engine.reconstruct(batch.particles, use_predicted_pose=True)
             r = pearson(recon.reconstruction, batch.clean)
-            blur_r, sigma = _best_blur(batch.particles, batch.clean)
+            blur_r, sigma = best_blur(batch.particles, batch.clean)
             held = group in HELD_OUT_GROUPS
             reports.append(GroupReport(group=group, held_out=held, snr=snr,
                                        n_particles=len(r), model_r=float(r.mean()),
