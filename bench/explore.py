@@ -2,7 +2,7 @@
 Chromium, a neighbours query, a UMAP layout (first time and cached), and the particle panel.
 
 Run: python bench/explore.py [--rows 1000000] [--dims 40] [--umap-rows 100000]
-     [--only map,neighbours,umap,panel] [--workdir DIR]
+     [--only map,umap,panel,clusters] [--workdir DIR]
 (needs Debian's chromium and the playwright package; UMAP needs umap-learn, the 'explore'
 extra; the panel simulates and embeds a small copick dataset with the demo model first).
 
@@ -15,7 +15,10 @@ Prints, each measured once on this machine (loaded or not: say so when you quote
   server with the layout cached beside the table, to the page drawn;
   panel: p50 and p95 over 20 rows of the panel's requests made one after another, as the page
   makes them (particle PNG, reconstruction PNG with the demo model, 8 neighbours), each row
-  read for the first time.
+  read for the first time;
+  clusters: seconds for POST /api/cluster's k-means (k 20, the table's families) over --rows x
+  --dims, and for HDBSCAN over 20,000 of them, in-process; and the share of rows whose cluster
+  holds mostly their own family.
 """
 from __future__ import annotations
 
@@ -181,18 +184,41 @@ def bench_panel(work: Path, rows: int = 20) -> None:
         server.stop()
 
 
+def bench_clusters(rows: int, dims: int) -> None:
+    from cryolens.explore.clusters import hdbscan, kmeans
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((FAMILIES, dims), dtype=np.float32) * 4
+    truth = rng.integers(0, FAMILIES, rows)
+    embeddings = centres[truth] + rng.standard_normal((rows, dims), dtype=np.float32)
+    for name, run, n in (("k-means k 20", lambda x: kmeans(x, FAMILIES), rows),
+                         ("HDBSCAN min 50", lambda x: hdbscan(x, 50), 20_000)):
+        started = time.perf_counter()
+        labels = run(embeddings[:n])
+        took = time.perf_counter() - started
+        majority = sum(np.bincount(truth[:n][labels == c]).max()
+                       for c in np.unique(labels[labels >= 0]))
+        print(f"clusters: {name} over {n} x {dims}: {took:.2f} s; {majority / n:.1%} of rows "
+              f"in a cluster mostly of their family")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dims", type=int, default=40)
     parser.add_argument("--umap-rows", type=int, default=100_000)
     parser.add_argument("--only", default="map,umap,panel",
-                        help="comma-separated parts: map (with neighbours), umap, panel")
+                        help="comma-separated parts: map (with neighbours), umap, panel, "
+                             "clusters")
     parser.add_argument("--workdir", default=None,
                         help="keep tables here between runs (default: a temporary folder)")
     args = parser.parse_args()
     stop_on_sigterm()
     parts = set(args.only.split(","))
+    if "clusters" in parts:
+        bench_clusters(args.rows, args.dims)
+    if not parts & {"map", "umap", "panel"}:
+        return 0
     if CHROMIUM is None and parts & {"map", "umap"}:
         sys.exit("chromium is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright

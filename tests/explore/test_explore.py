@@ -236,7 +236,6 @@ def test_umap_layout_is_cached_beside_the_table(table, tmp_path):
 
 
 def test_hdbscan_finds_the_families(client, table):
-    pytest.importorskip("sklearn", reason="scikit-learn is the optional 'explore' extra")
     got = client.post("/api/cluster", json={"method": "hdbscan", "min_cluster_size": 10})
     assert got.status_code == 200 and got.json()["name"] == "hdbscan_10"
     codes = np.frombuffer(client.get("/api/values/hdbscan_10").content, "<f4").astype(int)
@@ -245,16 +244,6 @@ def test_hdbscan_finds_the_families(client, table):
     for family in FAMILIES:  # each family is one cluster, bar a few rows called noise
         found = [categories[c] for c in codes[names == family] if categories[c] != "noise"]
         assert len(set(found)) == 1 and len(found) >= 20
-
-
-def test_hdbscan_without_scikit_learn_says_how_to_get_it(client):
-    import importlib.util
-
-    if importlib.util.find_spec("sklearn") is not None:
-        pytest.skip("scikit-learn is installed")
-    got = client.post("/api/cluster", json={"method": "hdbscan", "min_cluster_size": 10})
-    assert got.status_code == 422
-    assert "pip install 'cryolens-server[explore]'" in got.json()["detail"]
 
 
 def test_a_model_that_fails_is_a_502_naming_it(table):
@@ -329,3 +318,17 @@ def test_the_api_is_described_and_the_page_names_no_other_host(client):
     script = client.get("/static/explore.js").text
     assert "https://" not in script and "http://" not in script
     assert client.get("/static/vendor/regl-scatterplot.js").status_code == 200
+
+
+def test_kmeans_numbers_clusters_by_size_and_copes_with_repeated_rows():
+    from cryolens.explore.clusters import kmeans
+
+    rng = np.random.default_rng(3)
+    sizes = (50, 30, 20)
+    rows = np.concatenate([rng.normal(10.0 * i, 0.1, (n, 6)) for i, n in enumerate(sizes)])
+    labels = kmeans(rows.astype(np.float32), 3, seed=1)
+    assert [np.bincount(labels)[i] for i in range(3)] == list(sizes)
+    assert np.array_equal(labels, kmeans(rows.astype(np.float32), 3, seed=1))
+    repeated = np.repeat(np.eye(3, 6, dtype=np.float32), 4, axis=0)  # 3 distinct rows, k 5
+    labels = kmeans(repeated, 5)
+    assert labels.shape == (12,) and len(set(labels)) == 3 and labels.max() < 5

@@ -75,8 +75,9 @@ def _umap(embeddings: np.ndarray) -> np.ndarray:
     import umap
 
     neighbours = max(2, min(15, len(embeddings) - 1))
-    return umap.UMAP(n_neighbors=neighbours, random_state=0, low_memory=True).fit_transform(
-        embeddings)
+    # a fixed random_state makes UMAP run on one thread (n_jobs 1): the same map every time
+    return umap.UMAP(n_neighbors=neighbours, random_state=0, n_jobs=1,
+                     low_memory=True).fit_transform(embeddings)
 
 
 def _pacmap(embeddings: np.ndarray) -> np.ndarray:
