@@ -3,8 +3,10 @@
 Run: python bench/decoder_ceiling.py [--checkpoint demo] [--families ring filament rod worm]
          [--instances 6] [--steps 150] [--splat-steps 200] [--snr 5]
 
-For each shape family (``cryolens.shapes``; the held-out proteins with ``proteins``) it
-simulates particles and prints the mean Pearson r with the noise-free particle of:
+For each shape family (``cryolens.shapes``; the held-out proteins with ``proteins``) it takes
+particles of ``cryolens evaluate --leave-family-out``'s own set at that SNR (the first view of
+each instance; the held-out proteins in turn) and prints the mean Pearson r with the noise-free
+particle of:
 
 - ``encoded``: the decoder fed the encoder's mu, in the true pose (what the encoder gives it);
 - ``best latent``: the decoder fed a latent (and pose and global weight) fitted by Adam to the
@@ -29,25 +31,22 @@ import torch
 
 from cryolens.checkpoints import load_model
 from cryolens.evaluate import pearson
-from cryolens.generalisation import PROTEINS, best_blur, held_out_structures
+from cryolens.generalisation import PROTEINS, SNRS, best_blur, evaluation_set
 from cryolens.model.decoder import Splats
 from cryolens.model.rotation import matrix_to_axis_angle
-from cryolens.shapes import FAMILIES, make_instance
-from cryolens.synth import ParticleSimulator
-
-SEED = 11
+from cryolens.synth import ParticleBatch
 
 
-def particles(group: str, n: int, snr: float):
-    if group == "proteins":
-        structures = held_out_structures()
-        labels = np.arange(n) % len(structures)
-    else:
-        index = list(FAMILIES).index(group)
-        structures = [make_instance(group, np.random.default_rng([SEED, index, i]))
-                      for i in range(n)]
-        labels = np.arange(n)
-    return ParticleSimulator(structures, snr=snr, seed=[SEED, 5]).sample(n, labels=labels)
+def particles(group: str, n: int, snr: float) -> ParticleBatch:
+    """``n`` particles of the leave-family-out evaluation's own set at ``snr``: a family's
+    first view of its first ``n`` instances, or the held-out proteins in turn."""
+    name = PROTEINS if group == "proteins" else group
+    per_group = -(-n // 3) if name == PROTEINS else n
+    batch, _ = evaluation_set(name, snr, per_group, snr_index=SNRS.index(snr))
+    pick = (np.arange(n) % 3 * per_group + np.arange(n) // 3 if name == PROTEINS
+            else np.arange(n) * 2)
+    return ParticleBatch(batch.particles[pick], batch.clean[pick], batch.rotations[pick],
+                         batch.shifts[pick], batch.labels[pick], batch.names)
 
 
 def fit_latent(model, batch, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +109,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="Adam steps of the latent fit")
     parser.add_argument("--splat-steps", type=int, default=200,
                         help="Adam steps of the free-splat fit (0: skip it)")
-    parser.add_argument("--snr", type=float, default=5.0)
+    parser.add_argument("--snr", type=float, default=SNRS[0], choices=SNRS,
+                        help="an SNR of the evaluation (its particles are the evaluation's)")
     args = parser.parse_args()
     model, _ = load_model(args.checkpoint)
     model.eval().requires_grad_(False)

@@ -41,6 +41,8 @@ PROTEINS = "held-out proteins"
 HELD_OUT_GROUPS = (*HELD_OUT_FAMILIES, PROTEINS)
 #: Support particles per class of the few-shot check.
 SHOTS = 5
+#: The SNRs of the evaluation, in order (an SNR's position seeds its particles).
+SNRS = (5.0, 1.0)
 
 
 @dataclass
@@ -144,7 +146,7 @@ def few_shot_accuracy(embeddings: np.ndarray, labels: np.ndarray, shots: int = S
     return float((classes[d2.argmin(1)] == labels[~support]).mean())
 
 
-def evaluate_generalisation(engine: Engine, *, snrs=(5.0, 1.0), per_group: int = 16,
+def evaluate_generalisation(engine: Engine, *, snrs=SNRS, per_group: int = 16,
                             groups: tuple[str, ...] | None = None,
                             seed: int = GENERALISATION_SEED
                             ) -> tuple[list[GroupReport], list[EmbeddingReport]]:
