@@ -2,7 +2,7 @@
 body's size: the server's peak RSS (``VmHWM``, reset before the request through
 ``/proc/PID/clear_refs``) above its RSS just before, divided by the body's bytes.
 
-Run: python bench/body_memory.py [--mb 64] [--only statistics]
+Run: python bench/body_memory.py [--mb 64] [--stack 64] [--only statistics]
 
 Each case gets a fresh server (a small random model on the CPU), warmed by one small request
 to the same endpoint (one volume, so the model's own first-use allocations are not counted),
@@ -52,7 +52,7 @@ def mrc_body(volume: np.ndarray) -> bytes:
         return path.read_bytes()
 
 
-def cases(mb: float) -> list[tuple[str, str, dict, bytes]]:
+def cases(mb: float, n_stack: int = 64) -> list[tuple[str, str, dict, bytes]]:
     """(name, path, headers, body) for each measured request."""
     rng = np.random.default_rng(0)
     size = int(mb * 2**20)
@@ -71,11 +71,11 @@ def cases(mb: float) -> list[tuple[str, str, dict, bytes]]:
     empties = max(1, int(mb * 2**20 / 4.7))  # '[], ' each: the issue's 47 MiB for 10 million
     out.append((f"/batch_process JSON {empties} empty volumes (413)", "/batch_process", JSON,
                 b'{"input_volumes": [' + b", ".join([b"[]"] * empties) + b"]}"))
-    stack = rng.standard_normal((64, 48, 48, 48)).astype(np.float32)
+    stack = rng.standard_normal((n_stack, 48, 48, 48)).astype(np.float32)
     for dtype in ("u1", "<f4"):
         body = formats.write_npy((stack * 20 + 50).astype(dtype) if dtype == "u1" else stack)
         for path in ("/batch_process", "/extract_features"):  # .npz answers, as the client
-            out.append((f"{path} .npy 64 x 48^3 {np.dtype(dtype).name}", path,
+            out.append((f"{path} .npy {n_stack} x 48^3 {np.dtype(dtype).name}", path,
                         {**NPY, "Accept": formats.NPZ_MEDIA_TYPE}, body))
     return out
 
@@ -107,13 +107,16 @@ def measure(model: Path, path: str, headers: dict, body: bytes) -> tuple[int, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=64.0, help="size of the large bodies, MiB")
+    parser.add_argument("--stack", type=int, default=64,
+                        help="volumes in the model endpoints' stacks (at most 256, the server's "
+                             "--max-volumes)")
     parser.add_argument("--only", default="", help="only the cases whose name holds this")
     args = parser.parse_args()
     stop_on_sigterm()
     with tempfile.TemporaryDirectory() as folder:
         model = small_model_file(Path(folder) / "small.safetensors")
         print(f"{'request':52s} {'body MiB':>9s} {'status':>6s} {'peak RSS growth':>16s}")
-        for name, path, headers, body in cases(args.mb):
+        for name, path, headers, body in cases(args.mb, args.stack):
             if args.only in name:
                 status, ratio = measure(model, path, headers, body)
                 print(f"{name:52s} {len(body) / 2**20:9.1f} {status:6d} "

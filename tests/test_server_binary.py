@@ -109,6 +109,18 @@ def test_batch_process_binary_equals_json(server, volumes):
     assert one["embeddings"].shape == (1, 8) and "reconstructions" not in one
 
 
+@pytest.mark.parametrize("dtype", ["u1", "<i2", ">f4", "<f8", "<f2"])
+def test_a_stack_in_any_real_dtype_answers_as_its_float32_values(server, volumes, dtype):
+    """The server keeps a binary body in its own dtype and converts it a chunk at a time: the
+    answer is the one for the same values sent as float32."""
+    values = np.round(volumes * 20 + 100).astype(dtype)
+    answers = [npz(requests.post(server.url + "/batch_process", data=formats.write_npy(v),
+                                 headers={**NPY, **NPZ}))
+               for v in (values, values.astype(np.float32))]
+    for key in ("reconstructions", "embeddings", "poses", "global_weights"):
+        np.testing.assert_allclose(answers[0][key], answers[1][key], **TOL)
+
+
 def test_an_mrcs_upload_is_a_stack_by_its_file_name(server, volumes):
     """Two 48^3 particles written as one 48x48x96 map (ispg 1): a stack when the multipart file
     is named .mrcs, as the command line reads it; one wrong-shaped map otherwise."""

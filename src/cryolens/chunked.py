@@ -30,7 +30,7 @@ import torch
 
 from cryolens.devices import full_float32
 from cryolens.errors import InputError
-from cryolens.inputs import as_batch, host_array, host_batch, tensor_batch
+from cryolens.inputs import checked_batch, float32, host_array, host_batch, tensor_batch
 from cryolens.model.render import fused_precision
 from cryolens.zscore import zscore, zscore_tensor
 
@@ -114,8 +114,8 @@ class ChunkedRunner:
             if bad is None or bad.pop("stats"):
                 # Input that is not finite (checked there), or statistics beyond float32's
                 # range: again, z-scored on the host with numpy (float64 where needed).
-                outs, flags = self._run_exact(as_batch(volumes, self.box_shape), n_render,
-                                              n_outputs, step, renders)
+                outs, flags = self._run_exact(checked_batch(volumes, self.box_shape),
+                                              n_render, n_outputs, step, renders)
                 bad = _read_flags(flags)
         self._raise_if_not_finite(bad, outs)
         if place is not None:
@@ -123,14 +123,16 @@ class ChunkedRunner:
         return outs, place
 
     def _run_exact(self, batch: np.ndarray, n_render, n_outputs, step, renders=1):
-        norm = zscore(batch)
-        mean, std = torch.from_numpy(norm.mean), torch.from_numpy(norm.std)
+        """Checked host input, converted to float32 and z-scored with numpy a chunk at a time
+        (a batch of another dtype is never copied whole: the request's body and the outputs
+        are the only arrays the size of the batch)."""
         outs: dict[str, np.ndarray] = {}
         allocate = threading.Lock()
 
         def run(part: slice) -> None:
-            results = step(self._tensor(norm.volumes[part]), mean[part].to(self.device),
-                           std[part].to(self.device))
+            norm = zscore(float32(batch[part]))
+            results = step(self._tensor(norm.volumes), self._tensor(norm.mean),
+                           self._tensor(norm.std))
             for key, value in results.items():
                 with allocate:
                     if key not in outs:

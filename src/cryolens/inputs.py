@@ -54,18 +54,27 @@ def tensor_batch(volumes: torch.Tensor, box: tuple[int, ...]) -> torch.Tensor:
     return tensor
 
 
-def as_batch(volumes, box: tuple[int, ...]) -> np.ndarray:
-    """Checked (N, D, H, W) C-contiguous float32 numpy array of finite values. Volumes that
-    were checked where they came in (:class:`~cryolens.checked.CheckedVolumes`: the server's
-    body reader, the client) are not checked for finiteness again."""
+def checked_batch(volumes, box: tuple[int, ...]) -> np.ndarray:
+    """Checked (N, D, H, W) numpy array of real numbers each finite in float32, in the dtype
+    given (not converted: see :func:`float32`). Volumes that were checked where they came in
+    (:class:`~cryolens.checked.CheckedVolumes`: the server's body reader, the client) are not
+    checked for finiteness again."""
     if isinstance(volumes, torch.Tensor):
         volumes = host_array(tensor_batch(volumes, box))
     array = host_batch(volumes, box)
-    with np.errstate(over="ignore"):  # beyond float32 range becomes inf, refused below
-        array = np.ascontiguousarray(array, dtype=np.float32)
     if not isinstance(volumes, CheckedVolumes):
         CheckedVolumes.check(array)
     return array
+
+
+def float32(array: np.ndarray) -> np.ndarray:
+    """``array`` as C-contiguous float32 (no copy when it is one already)."""
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def as_batch(volumes, box: tuple[int, ...]) -> np.ndarray:
+    """:func:`checked_batch` as one C-contiguous float32 array."""
+    return float32(checked_batch(volumes, box))
 
 
 def switch(name: str, value: object) -> bool:

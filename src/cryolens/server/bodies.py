@@ -54,8 +54,9 @@ async def off_loop(request: Request, work: Callable[[], T], size: int | None = N
 
 @dataclass
 class Parsed:
-    """options: the validated options model; volumes: (N, D, H, W) float32, checked (every
-    value finite: the engine does not look again); stacked: the client sent a stack (answer
+    """options: the validated options model; volumes: (N, D, H, W) real numbers, checked (every
+    value finite in float32: the engine does not look again; float32 from JSON, the body's
+    dtype from ``.npy`` and MRC); stacked: the client sent a stack (answer
     with a leading N) rather than one volume; voxel_size: (x, y, z) angstrom from an MRC header,
     else None; field: where the volumes were in the request (the JSON field, or ``body`` for a
     binary body), for errors found later about them."""
@@ -118,14 +119,26 @@ async def binary_reader(request: Request) -> Callable[[], formats.Volumes]:
         raise UnsupportedMediaType(
             f"Content-Type {kind or '(none)'!r} is not read here; send one of "
             f"{', '.join(READABLE)}", field="content-type")
-    data = await request.body()
+    data = await whole_body(request)
     read = formats.read_npy if kind == formats.NPY_MEDIA_TYPE else formats.sniff
     return lambda: read(data, "body")
 
 
+async def whole_body(request: Request) -> bytearray:
+    """The body in one buffer that grows as its chunks arrive (the array read from it is a
+    view of it): ``request.body()`` keeps every chunk until it joins them, twice the body at
+    its peak."""
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+    return data
+
+
 def checked_stack(data: np.ndarray, field: str, box: tuple[int, ...], max_volumes: int
                   ) -> CheckedVolumes:
-    """(D, H, W) or (N, D, H, W) of ``box`` -> (N, D, H, W) float32, checked."""
+    """(D, H, W) or (N, D, H, W) of ``box`` -> (N, D, H, W), checked, in the body's own dtype:
+    the engine converts it to float32 a chunk at a time (a uint8 stack never costs four times
+    its body at once)."""
     shape = tuple(data.shape)
     stacked = len(shape) == 4
     if len(shape) not in (3, 4) or shape[-3:] != box:
@@ -137,9 +150,7 @@ def checked_stack(data: np.ndarray, field: str, box: tuple[int, ...], max_volume
     if stacked and shape[0] > max_volumes:
         raise PayloadTooLarge(f"{field} holds {shape[0]} volumes; at most {max_volumes} are "
                               f"accepted per request", field=field)
-    with np.errstate(over="ignore", invalid="ignore"):
-        volumes = np.ascontiguousarray(data, dtype=np.float32)
-    return CheckedVolumes.check(volumes, field=field, step=1)  # one volume's temporaries
+    return CheckedVolumes.check(data, field=field, step=1)  # one volume's temporaries
 
 
 async def _multipart_file(request: Request) -> tuple[bytes, str]:

@@ -1,12 +1,12 @@
 """A server-wide budget of request-body bytes being received and parsed at once.
 
-Each body costs memory while it is read and parsed (the bytes, then the float32 volumes and, a
-volume at a time, its Python objects). The budget caps the sum over all requests in flight. A
-request reserves its body as the bytes arrive (:meth:`ParseBudget.reserve_body`), not what it
-declares: a slow upload, or a chunked one of unknown size, holds only what it has sent, so two
-uploads trickling at the minimum rate cannot starve every other request. A chunk that does not
-fit waits up to ``wait_s`` for room and is otherwise answered 503 with ``Retry-After``; the
-reservation is returned when parsing ends.
+Each body costs memory while it is read and parsed (the bytes, then, for JSON, the float32
+volumes and, a volume at a time, its Python objects). The budget caps the sum over all requests
+in flight. A request reserves its body as the bytes arrive (:meth:`ParseBudget.reserve_body`),
+not what it declares: a slow upload, or a chunked one of unknown size, holds only what it has
+sent, so two uploads trickling at the minimum rate cannot starve every other request. A chunk
+that does not fit waits up to ``wait_s`` for room and is otherwise answered 503 with
+``Retry-After``; the reservation is returned when parsing ends.
 """
 from __future__ import annotations
 
