@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cryolens.embcolumns import METADATA_KEYS, embedding_columns
 from cryolens.errors import InputError
 from cryolens.io import RECORD_COLUMNS, ParticleRecord
 
 #: Output formats by suffix.
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"}
-#: The key-value metadata an embeddings table carries.
-METADATA_KEYS = ("cryolens", "checkpoint_name", "checkpoint_sha256")
 
 
 def _record_schema():
@@ -71,11 +70,6 @@ def batch_table(records: list[ParticleRecord], arrays: dict[str, np.ndarray]):
             columns.append(pa.array(log_var[:, k]))
             names.append(f"_log_var_{k}")
     return pa.Table.from_arrays(columns, names=names)
-
-
-def embedding_columns(names) -> list[str]:
-    found = [n for n in names if n.startswith("embedding_") and n[10:].isdigit()]
-    return sorted(found, key=lambda n: int(n[10:]))
 
 
 def write_parquet(table, out: Path, meta: dict) -> None:

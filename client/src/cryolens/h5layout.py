@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryolens.embtable import METADATA_KEYS, embedding_columns
+from cryolens.embcolumns import METADATA_KEYS, embedding_columns
 from cryolens.errors import InputError
 
 #: Datasets of a run's group in the HDF5 layout and the Parquet columns each becomes (an (N, 3)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryolens.embtable import embedding_columns
+from cryolens.embcolumns import embedding_columns
 from cryolens.errors import InputError
 from cryolens.explore.errors import UnknownColumn, UnknownRow
 
