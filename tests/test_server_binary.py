@@ -212,6 +212,20 @@ def test_unknown_media_type_and_bad_query_options(server, volumes):
     assert response.json()["detail"][0]["loc"] == ["query", "use_segmented_decoder"]
 
 
+def test_a_misspelt_or_repeated_query_option_is_a_422_naming_it(server, volumes):
+    body = formats.write_npy(volumes[0])
+    typo = requests.post(server.url + "/reconstruct?return_splat_dat=true", data=body,
+                         headers=NPY)
+    assert typo.status_code == 422 and typo.json()["field"] == "return_splat_dat"
+    assert "return_splat_data" in typo.json()["detail"]  # the options it could have meant
+    twice = requests.post(server.url + "/batch_process?batch_size=2&batch_size=3", data=body,
+                          headers=NPY)
+    assert twice.status_code == 422 and twice.json()["field"] == "batch_size"
+    as_json = requests.post(server.url + "/reconstruct",  # JSON ignores unknown fields, as
+                            json={"input_volume": volumes[0].tolist(), "extra": 1})  # the seed
+    assert as_json.status_code == 200
+
+
 def test_request_id_is_echoed_or_made(server):
     assert requests.get(server.url + "/health",
                         headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"

@@ -80,6 +80,26 @@ def validate_options(model: type[BaseModel], values: dict[str, Any], where: str)
             [{**err, "loc": (where, *err["loc"])} for err in exc.errors()]) from None
 
 
+def query_options(request: Request, model: type[BaseModel]) -> dict[str, str]:
+    """A binary body's options, from the query string. Unlike a JSON body's fields (ignored
+    when unknown, as the reference server ignores them), a name that is not an option, or an
+    option given twice, is a 422 naming it: a misspelt option would otherwise be dropped
+    without a word and the answer quietly lack what was asked for."""
+    items = request.query_params.multi_items()
+    names = [name for name, _ in items]
+    unknown = sorted(set(names) - set(model.model_fields))
+    if unknown:
+        known = ", ".join(model.model_fields) or "none"
+        raise InputError(f"unknown option{'s' * (len(unknown) > 1)} "
+                         f"{', '.join(map(repr, unknown))} in the query string; this endpoint's "
+                         f"options are: {known}", field=unknown[0])
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"option {repeated[0]!r} is given more than once in the query string",
+                         field=repeated[0])
+    return dict(items)
+
+
 async def read_volumes(request: Request, model: type[BaseModel], field: str, *,
                        box: tuple[int, ...], max_volumes: int, batch: bool) -> Parsed:
     """Options and volumes of a model endpoint. ``field`` is the JSON field holding the
@@ -96,7 +116,7 @@ async def read_volumes(request: Request, model: type[BaseModel], field: str, *,
             return Parsed(options, CheckedVolumes.from_checked(volumes, batch), batch, field=field)
 
         return await off_loop(request, parse_json)
-    options = validate_options(model, dict(request.query_params), "query")
+    options = validate_options(model, query_options(request, model), "query")
     read = await binary_reader(request)
 
     def parse_binary() -> Parsed:
