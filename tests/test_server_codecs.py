@@ -7,9 +7,12 @@ from __future__ import annotations
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from cryolens.errors import CryoLensError
-from cryolens.server import codecs, jsonscan
+from cryolens.server import codecs, jsonscan, jsonwriter
 
 BOX = (48, 48, 48)
 
@@ -153,6 +156,29 @@ def test_answers_written_row_by_row_are_orjsons_bytes(volume):
     assert codecs.dumps(payload) == whole
     batch = {"reconstructions": np.stack([volume, volume]), "n_volumes": 2}
     assert codecs.dumps(batch) == orjson.dumps(batch, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+_ARRAYS = hnp.arrays(
+    st.sampled_from([np.float32, np.float64, np.int64, np.uint8, np.bool_]),
+    hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=3),
+).flatmap(lambda a: st.sampled_from([a, a.T, a[..., ::-1]]) if a.ndim else st.just(a))
+_LEAVES = _ARRAYS | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, width=32) | \
+    st.text(max_size=5) | st.none() | st.lists(st.integers(0, 9), max_size=3)
+_ANSWERS = st.recursive(_LEAVES, lambda inner: st.dictionaries(
+    st.text(max_size=4) | st.integers(0, 5), inner, max_size=4), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), _ANSWERS, max_size=5))
+def test_any_answer_written_row_by_row_is_orjsons_bytes(answer):
+    """Whatever an answer holds (nested dicts, arrays of any dtype, shape and layout, with the
+    row-wise threshold at zero so every array of two or more dimensions goes row by row), the
+    bytes are one orjson.dumps of it."""
+    whole = orjson.dumps(answer, default=np.ascontiguousarray,
+                         option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jsonwriter, "ROW_WISE_BYTES", 0)
+        assert codecs.dumps(answer) == whole
 
 
 @pytest.mark.parametrize("path", ["single", "batch"])
