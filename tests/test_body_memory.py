@@ -11,8 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import urllib3
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
-from cryolens import formats
+from cryolens import formats, operations
 from cryolens.operations import STATISTICS_BLOCK, statistics
 
 #: What a request may cost the server beyond its RSS just before, per byte of body.
@@ -45,6 +48,27 @@ def test_statistics_of_a_fortran_array_and_of_huge_values_are_numpys():
     got = statistics(huge)
     assert np.isfinite(got["std"]) and got["std"] == pytest.approx(
         (huge / 1e300).std() * 1e300, rel=1e-12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(hnp.arrays(st.sampled_from(["u1", "<i2", ">i4", "<i8", "<f2", "<f4", ">f8"]),
+                  hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9),
+                  elements={"allow_nan": False, "allow_infinity": False}),
+       st.integers(1, 40), st.booleans())
+def test_statistics_merged_block_by_block_are_numpys(values, block, fortran):
+    """Any finite array, blocks of any size (the merge runs across many of them), C or Fortran
+    order: numpy's float64 mean, std, min and max, to float64 rounding of the largest value."""
+    values = np.asfortranarray(values) if fortran else values
+    wide = values.astype(np.float64)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(operations, "STATISTICS_BLOCK", block)
+        got = statistics(values)
+    scale = max(1.0, float(np.abs(wide).max()))
+    unit = wide / scale  # numpy's own squares overflow beyond ~1e154; these values' do not
+    assert got["mean"] == pytest.approx(unit.mean() * scale, rel=1e-9, abs=1e-12 * scale)
+    assert got["std"] == pytest.approx(unit.std() * scale, rel=1e-6, abs=1e-7 * scale)
+    assert (got["min"], got["max"]) == (wide.min(), wide.max())
+    assert got["shape"] == list(values.shape)
 
 
 # -- a real server ---------------------------------------------------------------------------
