@@ -121,6 +121,26 @@ def test_a_stack_in_any_real_dtype_answers_as_its_float32_values(server, volumes
         np.testing.assert_allclose(answers[0][key], answers[1][key], **TOL)
 
 
+def test_concurrent_stacks_of_different_dtypes_answer_as_each_alone(server, volumes):
+    """Requests in uint8, big-endian float32 and float64 at once (the worker may batch them
+    into one engine call, joining their stacks): each answer is the one it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stacks = [np.round(volumes[:2] * 20 + 100).astype("u1"), volumes[1:].astype(">f4"),
+              volumes.astype("<f8")]
+
+    def features(stack):
+        return npz(requests.post(server.url + "/extract_features",
+                                 data=formats.write_npy(stack), headers={**NPY, **NPZ}))
+
+    alone = [features(stack) for stack in stacks]
+    with ThreadPoolExecutor(len(stacks) * 2) as pool:
+        together = list(pool.map(features, stacks * 2))
+    for got, want in zip(together, alone * 2, strict=True):
+        np.testing.assert_allclose(got["embedding"], want["embedding"], **TOL)
+        np.testing.assert_allclose(got["pose"], want["pose"], **TOL)
+
+
 def test_an_mrcs_upload_is_a_stack_by_its_file_name(server, volumes):
     """Two 48^3 particles written as one 48x48x96 map (ispg 1): a stack when the multipart file
     is named .mrcs, as the command line reads it; one wrong-shaped map otherwise."""
