@@ -325,14 +325,3 @@ def test_edge_arrays_in_a_large_body_are_judged_as_alone(text, piece_bytes, monk
         assert np.array_equal(got, alone)
     else:
         assert got == alone
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.binary(max_size=40), max_size=8), st.integers(1, 16))
-def test_an_answer_sent_from_pieces_is_their_concatenation_in_full_messages(pieces, size):
-    from cryolens.server.responses import PiecesResponse, messages
-
-    sent = list(messages(PiecesResponse(pieces, "application/octet-stream").pieces, size))
-    assert b"".join(sent) == b"".join(pieces)
-    assert all(len(m) == size for m in sent[:-1]) and all(0 < len(m) <= size for m in sent)
-    assert all(type(m) is bytes for m in sent)  # Ray Serve pickles each message

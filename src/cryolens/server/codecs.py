@@ -28,13 +28,7 @@ from cryolens.server.jsonscan import (
     split_top_level_array,
     truncate,
 )
-from cryolens.server.jsonwriter import (
-    JSON_MEDIA_TYPE,
-    ROW_WISE_BYTES,
-    dumps,
-    is_json_content_type,
-    pieces,
-)
+from cryolens.server.jsonwriter import JSON_MEDIA_TYPE, ROW_WISE_BYTES, dumps, is_json_content_type
 
 T = TypeVar("T")
 
@@ -289,7 +283,6 @@ __all__ = [
     "is_json_content_type",
     "loads_json",
     "loads_object",
-    "pieces",
     "loads_with_raw_field",
     "loads_with_split_array",
     "names_key",

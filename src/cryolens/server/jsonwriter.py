@@ -18,21 +18,14 @@ _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
 def dumps(content: Any) -> bytes:
-    """JSON bytes, exactly ``orjson.dumps``'s: the pieces of :func:`pieces` joined."""
-    parts = pieces(content)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def pieces(content: Any) -> list[bytes]:
-    """``orjson.dumps(content)`` as pieces whose concatenation is it: the big arrays of a dict
-    (nested dicts too) are written a row (of a 2-D array: a plane of a volume) at a time, so
-    the writing thread yields the GIL between rows, and an answer can be sent from its pieces
-    without ever being joined whole."""
+    """JSON bytes, exactly ``orjson.dumps``'s; the big arrays of a dict (nested dicts too) are
+    written a row (of a 2-D array: a plane of a volume) at a time, so the writing thread yields
+    the GIL between rows, and the pieces are joined once."""
     if not isinstance(content, dict) or not _has_row_wise(content):
-        return [orjson.dumps(content, default=_default, option=_OPTIONS)]
+        return orjson.dumps(content, default=_default, option=_OPTIONS)
     parts: list[bytes] = []
     _write(content, parts)
-    return parts
+    return b"".join(parts)
 
 
 def _has_row_wise(content: dict) -> bool:

@@ -20,7 +20,7 @@ from cryolens.errors import Busy, InputError, NotReady
 from cryolens.operations import Result
 from cryolens.server import bodies, codecs, schemas
 from cryolens.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from cryolens.server.responses import ORJSONResponse, PiecesResponse, wants_npz
+from cryolens.server.responses import NPZResponse, ORJSONResponse, wants_npz
 from cryolens.server.settings import Settings
 
 T = TypeVar("T")
@@ -200,10 +200,8 @@ async def respond(request: Request, endpoint: Endpoint, payload: dict[str, Any])
     arrays = endpoint.flat(payload)
     size = sum(v.nbytes for v in arrays.values() if isinstance(v, np.ndarray))
     if wants_npz(request):
-        pieces = await bodies.off_loop(request, lambda: formats.npz_parts(arrays), size)
-        return PiecesResponse(pieces, formats.NPZ_MEDIA_TYPE)
-    pieces = await bodies.off_loop(request, lambda: codecs.pieces(payload), 8 * size)
-    return PiecesResponse(pieces, codecs.JSON_MEDIA_TYPE)
+        return NPZResponse(await bodies.off_loop(request, lambda: formats.write_npz(arrays), size))
+    return ORJSONResponse(await bodies.off_loop(request, lambda: codecs.dumps(payload), 8 * size))
 
 
 def _add_model_routes(app: FastAPI, settings: Settings) -> None:
