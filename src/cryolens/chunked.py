@@ -28,9 +28,10 @@ from concurrent.futures import wait as futures_wait
 import numpy as np
 import torch
 
+from cryolens.checked import float32
 from cryolens.devices import full_float32
 from cryolens.errors import InputError
-from cryolens.inputs import checked_batch, float32, host_array, host_batch, tensor_batch
+from cryolens.inputs import checked_batch, host_array, host_batch, tensor_batch
 from cryolens.model.render import fused_precision
 from cryolens.zscore import zscore, zscore_tensor
 

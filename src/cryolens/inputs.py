@@ -9,7 +9,7 @@ import numbers
 import numpy as np
 import torch
 
-from cryolens.checked import CheckedVolumes
+from cryolens.checked import CheckedVolumes, float32
 from cryolens.errors import InputError
 
 
@@ -65,11 +65,6 @@ def checked_batch(volumes, box: tuple[int, ...]) -> np.ndarray:
     if not isinstance(volumes, CheckedVolumes):
         CheckedVolumes.check(array)
     return array
-
-
-def float32(array: np.ndarray) -> np.ndarray:
-    """``array`` as C-contiguous float32 (no copy when it is one already)."""
-    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def as_batch(volumes, box: tuple[int, ...]) -> np.ndarray:

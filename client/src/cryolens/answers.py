@@ -73,11 +73,6 @@ def first_volume(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def float32(part: np.ndarray) -> np.ndarray:
-    """The volumes of one request as the server reads them: C-contiguous float32."""
-    return np.ascontiguousarray(part, dtype=np.float32)
-
-
 def check_rows(answer: dict[str, np.ndarray], volumes: int | None) -> None:
     """ValueError unless an answer's per-volume arrays fit the request: with ``volumes`` (a
     stack of that many was sent) each has that many rows, and ``n_volumes`` /

@@ -89,10 +89,16 @@ class CheckedVolumes:
 
     def float32(self) -> np.ndarray:
         """The volumes as C-contiguous float32 (no copy when they are already)."""
-        return np.ascontiguousarray(self.array, dtype=np.float32)
+        return float32(self.array)
 
     def __repr__(self) -> str:
         return f"CheckedVolumes({self.array.dtype} {self.array.shape}, stacked={self.stacked})"
+
+
+def float32(array: np.ndarray) -> np.ndarray:
+    """``array`` as C-contiguous float32 (no copy when it is one already): a request's
+    volumes as the client sends them, and a chunk as the engine computes on it."""
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def not_finite(stack: np.ndarray, step: int = CHECK_STEP) -> list[int]:
@@ -111,4 +117,4 @@ def not_finite(stack: np.ndarray, step: int = CHECK_STEP) -> list[int]:
 
 _MADE_HERE = object()
 
-__all__ = ["CHECK_STEP", "CheckedVolumes", "not_finite"]
+__all__ = ["CHECK_STEP", "CheckedVolumes", "float32", "not_finite"]

@@ -18,10 +18,9 @@ from cryolens.answers import (
     answer_error,
     check_rows,
     first_volume,
-    float32,
     with_leading_axis,
 )
-from cryolens.checked import CheckedVolumes
+from cryolens.checked import CheckedVolumes, float32
 from cryolens.contract import Endpoint
 from cryolens.errors import InputError
 from cryolens.wire import (
